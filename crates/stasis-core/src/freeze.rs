@@ -1,0 +1,157 @@
+//! Freezing every thread of a process with `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, and letting
+//! it go again.
+//!
+//! Seizing does not send `SIGSTOP`, so the program cannot tell it was stopped. Threads created
+//! while we freeze are caught by rescanning `/proc/PID/task` until the set is stable. A signal
+//! that was being delivered when a thread stopped is held and re-queued (or saved).
+
+use stasis_sys::inject::Injector;
+use stasis_sys::ptrace::{self, SIGINFO_SIZE};
+use stasis_sys::wait::{WaitStatus, wait_pid};
+use stasis_sys::{Errno, mem};
+
+use crate::error::{CoreError, CoreResult, SysContext};
+use crate::proc;
+
+/// One frozen thread.
+#[derive(Debug, Clone)]
+pub struct FrozenThread {
+    /// Thread id in the supervisor's view.
+    pub tid: i32,
+    /// A signal that was about to be delivered when the thread stopped (raw siginfo).
+    pub held_signal: Option<[u8; SIGINFO_SIZE]>,
+}
+
+/// A process whose threads are all in a ptrace stop, traced by the calling thread.
+#[derive(Debug)]
+pub struct Frozen {
+    /// Process id in the supervisor's view.
+    pub pid: i32,
+    /// Its threads, the main thread first.
+    pub threads: Vec<FrozenThread>,
+    released: bool,
+}
+
+/// Freezes every thread of `pid`.
+pub fn freeze(pid: i32) -> CoreResult<Frozen> {
+    let mut frozen = Frozen {
+        pid,
+        threads: Vec::new(),
+        released: false,
+    };
+    loop {
+        let tids = proc::tasks(pid).map_err(|_| CoreError::Vanished(pid))?;
+        let new: Vec<i32> = tids
+            .into_iter()
+            .filter(|t| !frozen.threads.iter().any(|f| f.tid == *t))
+            .collect();
+        if new.is_empty() {
+            break;
+        }
+        for tid in new {
+            match ptrace::seize(tid, 0) {
+                Ok(()) => {}
+                Err(e) if e.errno == Errno::ESRCH => continue,
+                Err(e) if e.errno == Errno::EPERM => {
+                    return Err(CoreError::Unsupported {
+                        pid,
+                        what: format!("thread {tid}"),
+                        why: "ptrace is refused (is another debugger or Stasis attached?)".into(),
+                    });
+                }
+                Err(e) => return Err(e).ctx(|| format!("freezing thread {tid} of process {pid}")),
+            }
+            ptrace::interrupt(tid).ctx(|| format!("interrupting thread {tid}"))?;
+            let mut held = None;
+            match wait_pid(tid, 0)
+                .ctx(|| format!("waiting for thread {tid} to stop"))?
+                .1
+            {
+                WaitStatus::Stopped { event, sig } => {
+                    if event == 0 && sig != libc::SIGTRAP {
+                        held = Some(
+                            ptrace::get_siginfo(tid)
+                                .ctx(|| format!("reading the signal held by thread {tid}"))?,
+                        );
+                    }
+                }
+                WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
+                    if tid == pid {
+                        return Err(CoreError::Vanished(pid));
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            frozen.threads.push(FrozenThread {
+                tid,
+                held_signal: held,
+            });
+        }
+    }
+    frozen.threads.sort_by_key(|t| (t.tid != pid, t.tid));
+    Ok(frozen)
+}
+
+/// Scratch memory below a thread's red zone, used for injected calls' arguments.
+pub fn stack_scratch(tid: i32) -> CoreResult<u64> {
+    let regs = ptrace::get_regs(tid).ctx(|| format!("reading registers of thread {tid}"))?;
+    Ok((regs.rsp - 1024) & !15)
+}
+
+impl Frozen {
+    /// Lets every thread run on, re-queueing held signals through `insn` (a `syscall`
+    /// instruction in the process).
+    pub fn thaw(mut self, insn: Option<u64>) -> CoreResult<()> {
+        self.released = true;
+        let tgid = proc::ns_pid(&format!("/proc/{}", self.pid)).unwrap_or(self.pid);
+        let mut first_err = None;
+        for t in &self.threads {
+            if let (Some(info), Some(insn)) = (t.held_signal, insn) {
+                let requeue = || -> CoreResult<()> {
+                    let ns_tid = proc::ns_pid(&format!("/proc/{}/task/{}", self.pid, t.tid))?;
+                    let scratch = stack_scratch(t.tid)?;
+                    mem::write(t.tid, scratch, &info).ctx(|| "writing a held signal".into())?;
+                    let sig = i32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+                    Injector::new(t.tid, insn)
+                        .call(
+                            "rt_tgsigqueueinfo",
+                            libc::SYS_rt_tgsigqueueinfo,
+                            &[tgid as u64, ns_tid as u64, sig as u64, scratch],
+                        )
+                        .ctx(|| format!("re-queueing signal {sig} of thread {}", t.tid))?;
+                    Ok(())
+                };
+                if let Err(e) = requeue() {
+                    first_err.get_or_insert(e);
+                }
+            }
+            if let Err(e) = ptrace::detach(t.tid, 0) {
+                if e.errno != Errno::ESRCH {
+                    first_err.get_or_insert(CoreError::Sys {
+                        context: format!("detaching thread {}", t.tid),
+                        source: e,
+                    });
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Kills the process while it is still frozen: not one more instruction of it runs.
+    pub fn kill(mut self) -> CoreResult<()> {
+        self.released = true;
+        stasis_sys::process::kill(self.pid, libc::SIGKILL)
+            .ctx(|| format!("killing process {}", self.pid))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.released {
+            for t in &self.threads {
+                let _ = ptrace::detach(t.tid, 0);
+            }
+        }
+    }
+}

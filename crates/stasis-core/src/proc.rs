@@ -1,0 +1,347 @@
+//! Parsers for the `/proc` files capture reads.
+
+use std::path::Path;
+
+use crate::error::{CoreResult, io_err};
+
+fn read(path: &str) -> CoreResult<String> {
+    std::fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// One line of `/proc/PID/smaps` (its header plus `VmFlags`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Start address.
+    pub start: u64,
+    /// End address.
+    pub end: u64,
+    /// `PROT_*`.
+    pub prot: i32,
+    /// Shared mapping.
+    pub shared: bool,
+    /// File offset.
+    pub offset: u64,
+    /// Device major:minor as printed.
+    pub dev: String,
+    /// Inode (0 for anonymous).
+    pub inode: u64,
+    /// Path or `[name]`, empty for anonymous.
+    pub path: String,
+    /// VmFlags two-letter codes.
+    pub flags: Vec<String>,
+}
+
+impl MapEntry {
+    /// Has the `VmFlags` code (e.g. `"gd"` for grows-down).
+    pub fn has_flag(&self, f: &str) -> bool {
+        self.flags.iter().any(|x| x == f)
+    }
+}
+
+fn parse_map_header(line: &str) -> Option<MapEntry> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?;
+    let offset = it.next()?;
+    let dev = it.next()?;
+    let inode = it.next()?;
+    let path = it.next().unwrap_or("").trim_start().to_owned();
+    let (s, e) = range.split_once('-')?;
+    let b = perms.as_bytes();
+    if b.len() < 4 {
+        return None;
+    }
+    let mut prot = 0;
+    if b[0] == b'r' {
+        prot |= libc::PROT_READ;
+    }
+    if b[1] == b'w' {
+        prot |= libc::PROT_WRITE;
+    }
+    if b[2] == b'x' {
+        prot |= libc::PROT_EXEC;
+    }
+    Some(MapEntry {
+        start: u64::from_str_radix(s, 16).ok()?,
+        end: u64::from_str_radix(e, 16).ok()?,
+        prot,
+        shared: b[3] == b's',
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev: dev.to_owned(),
+        inode: inode.parse().ok()?,
+        path,
+        flags: Vec::new(),
+    })
+}
+
+/// Reads `/proc/PID/smaps`.
+pub fn maps(pid: i32) -> CoreResult<Vec<MapEntry>> {
+    let text = read(&format!("/proc/{pid}/smaps"))?;
+    let mut out: Vec<MapEntry> = Vec::new();
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(last) = out.last_mut() {
+                last.flags = flags.split_whitespace().map(str::to_owned).collect();
+            }
+        } else if let Some(e) = parse_map_header(line) {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// Fields of `/proc/PID/stat` that capture needs.
+#[derive(Debug, Clone, Default)]
+pub struct Stat {
+    /// Parent pid (as seen in our namespace).
+    pub ppid: i32,
+    /// Memory layout fields.
+    pub start_code: u64,
+    #[allow(missing_docs)]
+    pub end_code: u64,
+    #[allow(missing_docs)]
+    pub start_stack: u64,
+    #[allow(missing_docs)]
+    pub start_data: u64,
+    #[allow(missing_docs)]
+    pub end_data: u64,
+    #[allow(missing_docs)]
+    pub start_brk: u64,
+    #[allow(missing_docs)]
+    pub arg_start: u64,
+    #[allow(missing_docs)]
+    pub arg_end: u64,
+    #[allow(missing_docs)]
+    pub env_start: u64,
+    #[allow(missing_docs)]
+    pub env_end: u64,
+}
+
+/// Reads `/proc/PID/stat`.
+pub fn stat(pid: i32) -> CoreResult<Stat> {
+    let path = format!("/proc/{pid}/stat");
+    let text = read(&path)?;
+    let rest = text.rsplit_once(") ").map(|x| x.1).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse::<i64>().map_or(0, |v| v as u64))
+        .collect();
+    let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    Ok(Stat {
+        ppid: i32::try_from(field(4)).unwrap_or(0),
+        start_code: field(26),
+        end_code: field(27),
+        start_stack: field(28),
+        start_data: field(45),
+        end_data: field(46),
+        start_brk: field(47),
+        arg_start: field(48),
+        arg_end: field(49),
+        env_start: field(50),
+        env_end: field(51),
+    })
+}
+
+/// A value from `/proc/PID/status` (or a task's status) by key.
+pub fn status_field(pid_path: &str, key: &str) -> CoreResult<String> {
+    let path = format!("{pid_path}/status");
+    let text = read(&path)?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(':')))
+        .unwrap_or("")
+        .trim()
+        .to_owned())
+}
+
+/// The innermost pid of a task (last `NSpid` entry): its id inside the job's namespace.
+pub fn ns_pid(pid_path: &str) -> CoreResult<i32> {
+    let v = status_field(pid_path, "NSpid")?;
+    Ok(v.split_whitespace()
+        .last()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Thread ids of a process, ascending, main thread first.
+pub fn tasks(pid: i32) -> CoreResult<Vec<i32>> {
+    let path = format!("/proc/{pid}/task");
+    let mut tids: Vec<i32> = std::fs::read_dir(&path)
+        .map_err(io_err(&path))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable_by_key(|&t| (t != pid, t));
+    Ok(tids)
+}
+
+/// One open descriptor as `/proc` shows it.
+#[derive(Debug, Clone)]
+pub struct FdEntry {
+    /// Number.
+    pub fd: i32,
+    /// Link target (`/path`, `pipe:[N]`, `socket:[N]`, `anon_inode:[x]`).
+    pub target: String,
+    /// `flags:` from fdinfo (octal; includes `O_CLOEXEC` for the descriptor flag).
+    pub flags: i32,
+    /// `pos:` from fdinfo.
+    pub pos: u64,
+}
+
+/// The descriptor table of a process.
+pub fn fds(pid: i32) -> CoreResult<Vec<FdEntry>> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let info_path = format!("/proc/{pid}/fdinfo/{fd}");
+        let Ok(info) = std::fs::read_to_string(&info_path) else {
+            continue;
+        };
+        let get = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(str::trim)
+                .unwrap_or("0")
+                .to_owned()
+        };
+        out.push(FdEntry {
+            fd,
+            target: target.to_string_lossy().into_owned(),
+            flags: i32::from_str_radix(&get("flags:"), 8).unwrap_or(0),
+            pos: get("pos:").parse().unwrap_or(0),
+        });
+    }
+    out.sort_by_key(|e| e.fd);
+    Ok(out)
+}
+
+/// `/proc/PID/auxv` as 64-bit words.
+pub fn auxv(pid: i32) -> CoreResult<Vec<u64>> {
+    let path = format!("/proc/{pid}/auxv");
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// `/proc/PID/cmdline` split at NULs.
+pub fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// A symlink under `/proc/PID` (`cwd`, `exe`).
+pub fn link(pid: i32, name: &str) -> CoreResult<String> {
+    let path = format!("/proc/{pid}/{name}");
+    Ok(std::fs::read_link(&path)
+        .map_err(io_err(&path))?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// One POSIX timer as listed in `/proc/PID/timers`.
+#[derive(Debug, Clone, Default)]
+pub struct TimerEntry {
+    /// Timer id.
+    pub id: i32,
+    /// Signal number.
+    pub signo: i32,
+    /// `sigev_value`.
+    pub value: u64,
+    /// `SIGEV_*`.
+    pub notify: i32,
+    /// Target thread id (our view) for `SIGEV_THREAD_ID`.
+    pub notify_tid: i32,
+    /// Clock id.
+    pub clock: i32,
+}
+
+/// Reads `/proc/PID/timers` (empty when the file is missing).
+pub fn timers(pid: i32) -> Vec<TimerEntry> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/timers")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<TimerEntry> = Vec::new();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        match k.trim() {
+            "ID" => out.push(TimerEntry {
+                id: v.parse().unwrap_or(0),
+                ..TimerEntry::default()
+            }),
+            "signal" => {
+                if let (Some(t), Some((s, val))) = (out.last_mut(), v.split_once('/')) {
+                    t.signo = s.parse().unwrap_or(0);
+                    t.value = u64::from_str_radix(val, 16).unwrap_or(0);
+                }
+            }
+            "notify" => {
+                if let (Some(t), Some((kind, target))) = (out.last_mut(), v.split_once('/')) {
+                    t.notify = match kind {
+                        "thread" => libc::SIGEV_THREAD_ID,
+                        "none" => libc::SIGEV_NONE,
+                        _ => libc::SIGEV_SIGNAL,
+                    };
+                    t.notify_tid = target
+                        .rsplit('.')
+                        .next()
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0);
+                }
+            }
+            "ClockID" => {
+                if let Some(t) = out.last_mut() {
+                    t.clock = v.parse().unwrap_or(0);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `/proc/PID/pagemap` entries for `[start, end)`, one u64 per page.
+pub fn pagemap(pid: i32, start: u64, end: u64) -> CoreResult<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let path = format!("/proc/{pid}/pagemap");
+    let f = std::fs::File::open(&path).map_err(io_err(&path))?;
+    let pages = usize::try_from((end - start) / 4096).unwrap_or(0);
+    let mut buf = vec![0u8; pages * 8];
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f
+            .read_at(&mut buf[done..], (start / 4096) * 8 + done as u64)
+            .map_err(io_err(&path))?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Whether `/proc/PID` still exists.
+pub fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}

@@ -1,0 +1,312 @@
+//! Generations: numbered directories of a job's images, written atomically.
+//!
+//! A generation is built in `.tmp-gen-<pid>-<nanos>` inside the job directory, synced, and
+//! renamed to `gen-NNNN` only when complete; the job directory is synced after the rename. A
+//! crash or error at any point leaves earlier generations untouched; leftovers of dead writers
+//! are removed the next time a generation is written.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{ImageError, ImageResult, io};
+use crate::manifest::{FORMAT_VERSION, Manifest};
+use crate::pack::{Compression, PACK_FILE, PackReader, PackWriter};
+
+/// Magic bytes at the start of a manifest file.
+pub const MANIFEST_MAGIC: &[u8; 8] = b"STASISMF";
+/// File name of the manifest inside a generation directory.
+pub const MANIFEST_FILE: &str = "manifest";
+/// Largest manifest body the reader accepts.
+pub const MAX_MANIFEST: u64 = 256 << 20;
+const MANIFEST_HEADER: usize = 24;
+
+/// Path of generation `n` in `job_dir`.
+pub fn generation_dir(job_dir: &Path, n: u32) -> PathBuf {
+    job_dir.join(format!("gen-{n:04}"))
+}
+
+/// Generation numbers present in `job_dir`, ascending (empty if it does not exist).
+pub fn list_generations(job_dir: &Path) -> Vec<u32> {
+    let mut gens: Vec<u32> = fs::read_dir(job_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("gen-")?.parse().ok())
+        .collect();
+    gens.sort_unstable();
+    gens
+}
+
+/// The directory of generation `n`, or of the newest one when `n` is `None`.
+pub fn resolve(job_dir: &Path, n: Option<u32>) -> ImageResult<PathBuf> {
+    let gens = list_generations(job_dir);
+    let pick = match n {
+        Some(n) if gens.contains(&n) => n,
+        Some(n) => {
+            return Err(ImageError::NoGeneration {
+                path: job_dir.to_owned(),
+                detail: format!("generation {n} not found; present: {gens:?}"),
+            });
+        }
+        None => *gens.last().ok_or_else(|| ImageError::NoGeneration {
+            path: job_dir.to_owned(),
+            detail: "no checkpoint has been taken".into(),
+        })?,
+    };
+    Ok(generation_dir(job_dir, pick))
+}
+
+/// Creates a directory (and its parents) private to its owner (mode 0700).
+pub fn create_private_dir(dir: &Path) -> ImageResult<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+/// A generation being written. Dropping it without [`GenerationWriter::finish`] removes it.
+#[derive(Debug)]
+pub struct GenerationWriter {
+    job_dir: PathBuf,
+    tmp: PathBuf,
+    pack: Option<PackWriter>,
+    done: bool,
+}
+
+impl GenerationWriter {
+    /// Starts a generation in `job_dir` (created 0700 if missing).
+    pub fn begin(job_dir: &Path, compression: Compression) -> ImageResult<Self> {
+        create_private_dir(job_dir)?;
+        fs::set_permissions(job_dir, fs::Permissions::from_mode(0o700)).map_err(io(job_dir))?;
+        remove_stale_temporaries(job_dir);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tmp = job_dir.join(format!(".tmp-gen-{}-{nanos}", std::process::id()));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io(&tmp))?;
+        let mut w = GenerationWriter {
+            job_dir: job_dir.to_owned(),
+            tmp,
+            pack: None,
+            done: false,
+        };
+        w.pack = Some(PackWriter::create(&w.tmp.join(PACK_FILE), compression)?);
+        Ok(w)
+    }
+
+    /// The page pack being written.
+    pub fn pack(&mut self) -> &mut PackWriter {
+        self.pack.as_mut().expect("pack is present until finish")
+    }
+
+    /// The temporary directory (for tests and fault injection).
+    pub fn temp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Writes the manifest, syncs everything and renames the generation into place. The
+    /// generation number is chosen here and stored in `manifest.job.generation`.
+    pub fn finish(mut self, manifest: &mut Manifest) -> ImageResult<(u32, PathBuf)> {
+        manifest.chunks = self
+            .pack
+            .take()
+            .expect("pack is present until finish")
+            .finish()?;
+        loop {
+            let n = list_generations(&self.job_dir).last().map_or(1, |g| g + 1);
+            manifest.job.generation = n;
+            write_manifest(&self.tmp.join(MANIFEST_FILE), manifest)?;
+            sync_dir(&self.tmp)?;
+            let dest = generation_dir(&self.job_dir, n);
+            match fs::rename(&self.tmp, &dest) {
+                Ok(()) => {
+                    self.done = true;
+                    sync_dir(&self.job_dir)?;
+                    return Ok((n, dest));
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc_enotempty) if libc_enotempty == 39 || libc_enotempty == 17) =>
+                {
+                    fs::remove_file(self.tmp.join(MANIFEST_FILE)).map_err(io(&self.tmp))?;
+                }
+                Err(e) => {
+                    return Err(ImageError::Io {
+                        path: dest,
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for GenerationWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn remove_stale_temporaries(job_dir: &Path) {
+    for entry in fs::read_dir(job_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(".tmp-gen-")) else {
+            continue;
+        };
+        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
+        let alive = pid
+            .is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> ImageResult<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// Writes a manifest file: header (magic, version, crc32c of the body, body length) + JSON.
+pub fn write_manifest(path: &Path, manifest: &Manifest) -> ImageResult<()> {
+    let body = serde_json::to_vec(manifest).map_err(|e| ImageError::InvalidManifest {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let mut out = Vec::with_capacity(body.len() + MANIFEST_HEADER);
+    out.extend_from_slice(MANIFEST_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(&out).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// Reads and checks a manifest file.
+pub fn read_manifest(path: &Path) -> ImageResult<Manifest> {
+    let mut f = fs::File::open(path).map_err(io(path))?;
+    let len = f.metadata().map_err(io(path))?.len();
+    let mut header = [0u8; MANIFEST_HEADER];
+    if len < MANIFEST_HEADER as u64 {
+        return Err(ImageError::Truncated {
+            path: path.to_owned(),
+            offset: len,
+            expected: MANIFEST_HEADER as u64 - len,
+        });
+    }
+    f.read_exact(&mut header).map_err(io(path))?;
+    if &header[..8] != MANIFEST_MAGIC {
+        return Err(ImageError::BadMagic {
+            path: path.to_owned(),
+            what: "manifest",
+        });
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(ImageError::UnsupportedVersion {
+            path: path.to_owned(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let crc = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    let body_len = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+    if body_len > MAX_MANIFEST {
+        return Err(ImageError::TooLarge {
+            path: path.to_owned(),
+            what: "manifest body",
+            offset: 16,
+            size: body_len,
+            limit: MAX_MANIFEST,
+        });
+    }
+    let have = len - MANIFEST_HEADER as u64;
+    if have < body_len {
+        return Err(ImageError::Truncated {
+            path: path.to_owned(),
+            offset: len,
+            expected: body_len - have,
+        });
+    }
+    let mut body = vec![0u8; usize::try_from(body_len).unwrap_or(0)];
+    f.read_exact(&mut body).map_err(io(path))?;
+    if crc32c::crc32c(&body) != crc {
+        return Err(ImageError::Corrupt {
+            path: path.to_owned(),
+            offset: MANIFEST_HEADER as u64,
+            what: "manifest crc32c".into(),
+        });
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&body).map_err(|e| ImageError::InvalidManifest {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    manifest
+        .validate()
+        .map_err(|message| ImageError::InvalidManifest {
+            path: path.to_owned(),
+            message,
+        })?;
+    Ok(manifest)
+}
+
+/// A generation opened for reading.
+#[derive(Debug)]
+pub struct OpenGeneration {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest, checked.
+    pub manifest: Manifest,
+    /// Its page pack.
+    pub pack: PackReader,
+}
+
+impl OpenGeneration {
+    /// Opens the generation in `dir`, checking the manifest and pack headers.
+    pub fn open(dir: &Path) -> ImageResult<Self> {
+        if !dir.is_dir() {
+            return Err(ImageError::NoGeneration {
+                path: dir.to_owned(),
+                detail: "not a directory".into(),
+            });
+        }
+        let manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
+        let pack = PackReader::open(&dir.join(PACK_FILE))?;
+        Ok(OpenGeneration {
+            dir: dir.to_owned(),
+            manifest,
+            pack,
+        })
+    }
+
+    /// Reads chunk `index`, checked.
+    pub fn chunk(&mut self, index: u32) -> ImageResult<Vec<u8>> {
+        let chunk = self
+            .manifest
+            .chunks
+            .get(index as usize)
+            .cloned()
+            .ok_or_else(|| ImageError::InvalidManifest {
+                path: self.dir.join(MANIFEST_FILE),
+                message: format!("chunk index {index} out of range"),
+            })?;
+        self.pack.read(&chunk)
+    }
+}

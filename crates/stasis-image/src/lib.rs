@@ -1,0 +1,19 @@
+//! The Stasis on-disk image format.
+//!
+//! A *generation* is one directory holding a checksummed, versioned manifest
+//! ([`manifest::Manifest`], the saved-state structs, kept apart from any runtime object) and a
+//! page pack of independently compressed chunks, each checked by a blake3 hash on every read.
+//! Generations are written under a temporary name and renamed into place only when complete
+//! and synced ([`generation`]). The format is documented in `docs/image-format.md`.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod generation;
+pub mod hex;
+pub mod manifest;
+pub mod pack;
+pub mod verify;
+
+pub use error::{ImageError, ImageResult};
+pub use generation::{GenerationWriter, OpenGeneration};
+pub use manifest::Manifest;

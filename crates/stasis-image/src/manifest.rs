@@ -1,0 +1,434 @@
+//! The manifest: saved state of every process of a job, as plain data.
+//!
+//! These structs are the on-disk state only; runtime objects live in `stasis-core`. Fields
+//! added later carry `#[serde(default)]` so that older manifests of the same major format
+//! version still read.
+
+use serde::{Deserialize, Serialize};
+
+/// Format version of the manifest and page pack written by this build.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One generation of one job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// Job-wide facts.
+    pub job: JobInfo,
+    /// Every process captured, parents before children.
+    pub processes: Vec<ProcessImage>,
+    /// Chunks of the page pack, referenced by index.
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Job-wide facts of a generation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobInfo {
+    /// Job name.
+    pub name: String,
+    /// Generation number.
+    pub generation: u32,
+    /// When the checkpoint was taken (Unix time, milliseconds).
+    pub created_unix_ms: u64,
+    /// How it was taken (`"checkpoint"`, `"checkpoint --kill"`, …).
+    pub reason: String,
+    /// The command line the job was started with.
+    pub command: Vec<String>,
+    /// Namespaces the job ran in.
+    pub namespaces: Namespaces,
+    /// `CLOCK_MONOTONIC` as the job saw it at the cut, in nanoseconds.
+    pub monotonic_ns: u64,
+    /// `CLOCK_BOOTTIME` as the job saw it at the cut, in nanoseconds.
+    pub boottime_ns: u64,
+    /// Kernel release of the machine that took it.
+    pub kernel: String,
+    /// Host name of the machine that took it.
+    pub host: String,
+    /// blake3 of the `[vdso]` the job ran with: a restore needs the same one.
+    pub vdso_blake3: String,
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+}
+
+/// Which namespaces the job ran in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Namespaces {
+    /// A user namespace owned by the supervisor.
+    pub user: bool,
+    /// A pid namespace (original pids restorable).
+    pub pid: bool,
+    /// A time namespace (monotonic clock kept continuous).
+    pub time: bool,
+}
+
+/// The saved state of one process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcessImage {
+    /// Pid inside the job's pid namespace.
+    pub pid: i32,
+    /// Parent pid inside the job's pid namespace (0: the supervisor).
+    pub ppid: i32,
+    /// `/proc/PID/exe` target.
+    pub exe: String,
+    /// Command line, for display.
+    pub cmdline: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// File-creation mask.
+    pub umask: u32,
+    /// Memory-layout fields for `PR_SET_MM_MAP`.
+    pub mm: MmFields,
+    /// Auxiliary vector as saved words.
+    pub auxv: Vec<u64>,
+    /// Resource limits.
+    pub rlimits: Vec<Rlimit>,
+    /// Dispositions of signals 1..=64 (all but SIGKILL and SIGSTOP).
+    pub sigactions: Vec<SigAction>,
+    /// Process-wide pending signals, each a raw 128-byte siginfo.
+    #[serde(with = "crate::hex::list")]
+    pub shared_pending: Vec<Vec<u8>>,
+    /// `ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`: interval and value, in microseconds.
+    pub itimers: Vec<Itimer>,
+    /// POSIX timers.
+    #[serde(default)]
+    pub posix_timers: Vec<PosixTimer>,
+    /// Capability sets (inheritable, permitted, effective).
+    pub caps: [u64; 3],
+    /// `personality(2)` value.
+    pub personality: u64,
+    /// Threads, the main thread first.
+    pub threads: Vec<ThreadImage>,
+    /// Memory mappings in address order.
+    pub vmas: Vec<Vma>,
+    /// Open file descriptions, referenced by descriptors.
+    pub files: Vec<OpenFile>,
+    /// The descriptor table.
+    pub fds: Vec<Fd>,
+}
+
+/// Memory-layout fields of `struct prctl_mm_map`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+/// One resource limit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rlimit {
+    /// `RLIMIT_*` number.
+    pub resource: u32,
+    /// Soft limit.
+    pub cur: u64,
+    /// Hard limit.
+    pub max: u64,
+}
+
+/// A kernel `struct sigaction` for one signal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigAction {
+    /// Signal number.
+    pub sig: i32,
+    /// Handler address (0 = default, 1 = ignore).
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// `sa_restorer`.
+    pub restorer: u64,
+    /// Mask blocked during the handler.
+    pub mask: u64,
+}
+
+/// An interval timer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Itimer {
+    /// Interval, microseconds.
+    pub interval_us: u64,
+    /// Time to next expiry, microseconds (0: disarmed).
+    pub value_us: u64,
+}
+
+/// A POSIX timer (`timer_create`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PosixTimer {
+    /// Timer id.
+    pub id: i32,
+    /// Clock id.
+    pub clock: i32,
+    /// `SIGEV_*` notify kind.
+    pub notify: i32,
+    /// Signal number.
+    pub signo: i32,
+    /// `sigev_value`.
+    pub value: u64,
+    /// Target thread for `SIGEV_THREAD_ID`.
+    pub notify_tid: i32,
+    /// Interval, nanoseconds.
+    pub interval_ns: u64,
+    /// Time to next expiry, nanoseconds (0: disarmed).
+    pub value_ns: u64,
+}
+
+/// The saved state of one thread.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ThreadImage {
+    /// Thread id inside the job's pid namespace.
+    pub tid: i32,
+    /// General registers (`user_regs_struct` as 27 words), as captured.
+    pub regs: Vec<u64>,
+    /// XSAVE area (`NT_X86_XSTATE`).
+    #[serde(with = "crate::hex")]
+    pub xstate: Vec<u8>,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// Per-thread pending signals, raw siginfo each.
+    #[serde(with = "crate::hex::list")]
+    pub pending: Vec<Vec<u8>>,
+    /// rseq registration.
+    pub rseq: Rseq,
+    /// Robust futex list head and length.
+    pub robust_list: (u64, u64),
+    /// `clear_child_tid` address.
+    pub clear_child_tid: u64,
+    /// Alternate signal stack: `ss_sp`, `ss_flags`, `ss_size`.
+    pub sigaltstack: (u64, i32, u64),
+    /// Thread name.
+    pub comm: String,
+}
+
+/// A thread's rseq registration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rseq {
+    /// Address of `struct rseq` (0: none).
+    pub ptr: u64,
+    /// Registered length.
+    pub len: u32,
+    /// Signature.
+    pub signature: u32,
+}
+
+/// What a mapping is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmaKind {
+    /// Anonymous memory.
+    Anon,
+    /// A mapping of a file.
+    File,
+    /// `[heap]`.
+    Heap,
+    /// `[stack]`.
+    Stack,
+    /// `[vdso]`.
+    Vdso,
+    /// `[vvar]`.
+    Vvar,
+    /// `[vvar_vclock]`.
+    VvarVclock,
+    /// `[vsyscall]` (fixed by the kernel, never restored).
+    Vsyscall,
+}
+
+/// One memory mapping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Vma {
+    /// Start address.
+    pub start: u64,
+    /// End address (exclusive).
+    pub end: u64,
+    /// `PROT_*` bits.
+    pub prot: i32,
+    /// `MAP_SHARED` (else private).
+    pub shared: bool,
+    /// Grows down (a stack).
+    pub growsdown: bool,
+    /// What it is.
+    pub kind: VmaKind,
+    /// The file mapped, for file mappings.
+    pub file: Option<FileId>,
+    /// File offset.
+    pub offset: u64,
+    /// Saved page runs (pages absent here are zero, or come from the file).
+    pub pages: Vec<PageRun>,
+}
+
+/// A contiguous run of saved pages, stored as one chunk of the pack.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageRun {
+    /// Address of the first byte.
+    pub addr: u64,
+    /// Chunk index in [`Manifest::chunks`]; its raw length is the run's length.
+    pub chunk: u32,
+}
+
+/// One chunk of the page pack.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// Offset of the chunk's frame in the pack file.
+    pub offset: u64,
+    /// Bytes stored in the pack (after compression).
+    pub stored_len: u32,
+    /// Bytes after decompression.
+    pub raw_len: u32,
+    /// Compressed with zstd.
+    pub zstd: bool,
+    /// blake3 of the raw bytes, hex.
+    pub blake3: String,
+}
+
+/// Identity of a file at checkpoint time, checked again at restore.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileId {
+    /// Path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Inode number (informational: it changes when a file is copied elsewhere).
+    pub ino: u64,
+    /// Regular file (size/mtime are checked) or device (not).
+    pub regular: bool,
+}
+
+/// An open file description, possibly shared by several descriptors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OpenFile {
+    /// A file or device opened by path.
+    Path {
+        /// The file.
+        file: FileId,
+        /// `O_*` status flags (access mode, `O_APPEND`, `O_NONBLOCK`, …).
+        flags: i32,
+        /// File offset.
+        pos: u64,
+    },
+    /// A terminal: on restart it is connected to the restart command's own stdio.
+    Terminal {
+        /// The terminal's path at checkpoint time.
+        path: String,
+        /// `O_*` status flags.
+        flags: i32,
+    },
+    /// One end of a pipe.
+    Pipe {
+        /// Pipe inode: both ends of one pipe share it.
+        inode: u64,
+        /// This is the write end.
+        write_end: bool,
+        /// `O_*` status flags.
+        flags: i32,
+        /// Capacity (`F_GETPIPE_SZ`).
+        capacity: u64,
+        /// Unread bytes, as chunks of the pack (stored once, with the read end).
+        data: Vec<u32>,
+    },
+}
+
+/// One descriptor of the table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fd {
+    /// Descriptor number.
+    pub fd: i32,
+    /// Index into [`ProcessImage::files`].
+    pub file: u32,
+    /// `FD_CLOEXEC`.
+    pub cloexec: bool,
+}
+
+impl Manifest {
+    /// Checks the cross-references a reader relies on: chunk indices, page runs inside their
+    /// mapping and page-aligned, register and descriptor tables well-formed.
+    pub fn validate(&self) -> Result<(), String> {
+        let nchunks = self.chunks.len();
+        for c in &self.chunks {
+            if c.raw_len > crate::pack::MAX_CHUNK || c.stored_len > crate::pack::MAX_CHUNK {
+                return Err(format!(
+                    "chunk at offset {} is larger than the format allows",
+                    c.offset
+                ));
+            }
+        }
+        if self.processes.is_empty() {
+            return Err("no processes".into());
+        }
+        for p in &self.processes {
+            if p.threads.is_empty() {
+                return Err(format!("process {} has no threads", p.pid));
+            }
+            for t in &p.threads {
+                if t.regs.len() != 27 {
+                    return Err(format!(
+                        "thread {} has {} register words, expected 27",
+                        t.tid,
+                        t.regs.len()
+                    ));
+                }
+            }
+            for v in &p.vmas {
+                if v.start >= v.end || v.start % 4096 != 0 || v.end % 4096 != 0 {
+                    return Err(format!(
+                        "process {}: bad mapping {:#x}-{:#x}",
+                        p.pid, v.start, v.end
+                    ));
+                }
+                for run in &v.pages {
+                    let chunk = self.chunks.get(run.chunk as usize).ok_or_else(|| {
+                        format!(
+                            "page run at {:#x} names chunk {} of {nchunks}",
+                            run.addr, run.chunk
+                        )
+                    })?;
+                    let end = run
+                        .addr
+                        .checked_add(u64::from(chunk.raw_len))
+                        .ok_or("page run overflows")?;
+                    if run.addr < v.start
+                        || end > v.end
+                        || run.addr % 4096 != 0
+                        || chunk.raw_len % 4096 != 0
+                    {
+                        return Err(format!(
+                            "process {}: page run {:#x}+{} outside mapping {:#x}-{:#x}",
+                            p.pid, run.addr, chunk.raw_len, v.start, v.end
+                        ));
+                    }
+                }
+            }
+            for fd in &p.fds {
+                if fd.fd < 0 || fd.file as usize >= p.files.len() {
+                    return Err(format!(
+                        "process {}: descriptor {} names file {} of {}",
+                        p.pid,
+                        fd.fd,
+                        fd.file,
+                        p.files.len()
+                    ));
+                }
+            }
+            for f in &p.files {
+                if let OpenFile::Pipe { data, .. } = f {
+                    if data.iter().any(|&c| c as usize >= nchunks) {
+                        return Err(format!(
+                            "process {}: pipe data names a missing chunk",
+                            p.pid
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

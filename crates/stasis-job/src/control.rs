@@ -1,0 +1,125 @@
+//! The control protocol between the CLI and a job's supervisor.
+//!
+//! One JSON request per connection on the job's unix socket, answered by one JSON response;
+//! each is a single line. The supervisor serves only peers with its own uid (`SO_PEERCRED`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{JobError, JobResult, io_err};
+use crate::namespaces::NamespaceSetup;
+
+/// Largest request or response line accepted.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// What the CLI asks of a supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Report the job's state.
+    Status,
+    /// Take a checkpoint; `kill` ends the job right after it.
+    Checkpoint {
+        /// End the job after the snapshot.
+        kill: bool,
+    },
+    /// End the job now.
+    Kill,
+}
+
+/// The job's state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobStatus {
+    /// Job name.
+    pub name: String,
+    /// `running` or `exited`.
+    pub state: String,
+    /// The supervisor's pid.
+    pub supervisor_pid: u32,
+    /// The program's pid as the host sees it.
+    pub pid: i32,
+    /// The program's pid inside the job.
+    pub job_pid: i32,
+    /// The command.
+    pub command: Vec<String>,
+    /// Where images go.
+    pub images: String,
+    /// Namespaces in use and what was refused.
+    pub namespaces: NamespaceSetup,
+    /// Generation this run was restarted from, if any.
+    pub restarted_from: Option<u32>,
+    /// Checkpoints taken by this supervisor.
+    pub checkpoints: u32,
+    /// Newest generation on disk.
+    pub latest_generation: Option<u32>,
+}
+
+/// What a checkpoint did and cost.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointReport {
+    /// Generation number written.
+    pub generation: u32,
+    /// Its directory.
+    pub path: String,
+    /// How long the job was frozen, milliseconds.
+    pub frozen_ms: f64,
+    /// Total time until the generation was durable, milliseconds.
+    pub total_ms: f64,
+    /// Bytes of page data captured (raw).
+    pub memory_bytes: u64,
+    /// Bytes written to the pack.
+    pub stored_bytes: u64,
+    /// The job was ended after the snapshot.
+    pub killed: bool,
+}
+
+/// A supervisor's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Status.
+    Status(JobStatus),
+    /// A checkpoint was written.
+    Checkpoint(CheckpointReport),
+    /// Done.
+    Ok,
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Reads one line-delimited JSON message.
+pub fn read_message<T: for<'de> Deserialize<'de>>(stream: &UnixStream) -> std::io::Result<T> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream).take(MAX_MESSAGE as u64);
+    reader.read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Writes one line-delimited JSON message.
+pub fn write_message<T: Serialize>(mut stream: &UnixStream, msg: &T) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    stream.write_all(&bytes)
+}
+
+use std::io::Read as _;
+
+/// Sends `req` to the supervisor of job `name` and returns its answer.
+pub fn request(name: &str, socket: &Path, req: &Request) -> JobResult<Response> {
+    let stream = UnixStream::connect(socket).map_err(|_| JobError::NotRunning {
+        name: name.to_owned(),
+        socket: socket.display().to_string(),
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3600)))
+        .map_err(io_err(socket.display().to_string()))?;
+    write_message(&stream, req).map_err(io_err(socket.display().to_string()))?;
+    read_message(&stream).map_err(io_err(socket.display().to_string()))
+}

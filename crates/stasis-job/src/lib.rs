@@ -1,0 +1,11 @@
+//! Stasis jobs: the supervisor that owns a job's namespaces and processes, the control
+//! protocol the CLI speaks to it, and where a job's images and sockets live.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod error;
+pub mod namespaces;
+pub mod paths;
+pub mod supervisor;
+
+pub use error::{JobError, JobResult};

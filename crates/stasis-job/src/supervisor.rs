@@ -1,0 +1,505 @@
+//! The supervisor: one process per job that owns its namespaces, is the parent of its
+//! program, takes checkpoints on request and restarts jobs from images.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use stasis_core::capture::capture_process;
+use stasis_core::freeze::freeze;
+use stasis_core::restore::{RestoreOptions, check_machine, clocks_now, restore_process};
+use stasis_image::generation::{list_generations, resolve};
+use stasis_image::manifest::{JobInfo, Manifest, Namespaces};
+use stasis_image::pack::Compression;
+use stasis_image::{GenerationWriter, OpenGeneration};
+use stasis_sys::process::{self, ExecSpec};
+use stasis_sys::wait::{WaitStatus, wait_pid};
+
+use crate::control::{
+    CheckpointReport, JobStatus, Request, Response, read_message, request, write_message,
+};
+use crate::error::{JobError, JobResult, io_err};
+use crate::namespaces::{self, NamespaceSetup};
+use crate::paths;
+
+/// Exit status of `run`/`restart` when the job was stopped by `checkpoint --kill`
+/// (`EX_TEMPFAIL`: the work is not done, restart it).
+pub const EXIT_CHECKPOINTED: i32 = 75;
+const SI_KERNEL: i32 = 0x80;
+
+/// Where and how a job keeps its images.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Job name.
+    pub name: String,
+    /// Root of the image directories; the job's are in `root/name`.
+    pub images_root: PathBuf,
+    /// Compression of page data.
+    pub compression: Compression,
+}
+
+/// How the job's program comes to be.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// Start a program.
+    Run {
+        /// Program and arguments.
+        command: Vec<String>,
+    },
+    /// Restart from a generation.
+    Restart {
+        /// Generation number, newest when `None`.
+        generation: Option<u32>,
+        /// Restore even if files changed.
+        force: bool,
+    },
+}
+
+/// A running supervisor.
+#[derive(Debug)]
+pub struct Supervisor {
+    spec: JobSpec,
+    job_dir: PathBuf,
+    socket: PathBuf,
+    listener: UnixListener,
+    signals: OwnedFd,
+    ns: NamespaceSetup,
+    init: Option<i32>,
+    pid: i32,
+    job_pid: i32,
+    command: Vec<String>,
+    time_offsets: (i64, i64),
+    restarted_from: Option<u32>,
+    checkpoints: u32,
+    killed_by_checkpoint: bool,
+    exit: Option<i32>,
+}
+
+fn resolve_program(program: &str) -> JobResult<PathBuf> {
+    let spawn_err = |reason: &str| JobError::Spawn {
+        program: program.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .ok_or_else(|| spawn_err("not found in PATH"))
+}
+
+fn cstring(s: &OsStr) -> JobResult<CString> {
+    CString::new(s.as_bytes()).map_err(|_| JobError::Spawn {
+        program: s.to_string_lossy().into_owned(),
+        reason: "contains a NUL byte".into(),
+    })
+}
+
+fn ensure_not_running(name: &str, socket: &Path) -> JobResult<()> {
+    if request(name, socket, &Request::Status).is_ok() {
+        return Err(JobError::AlreadyRunning(name.to_owned()));
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+fn bind(socket: &Path) -> JobResult<UnixListener> {
+    let listener = UnixListener::bind(socket).map_err(io_err(socket.display().to_string()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(socket.display().to_string()))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err(socket.display().to_string()))?;
+    Ok(listener)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
+}
+
+impl Supervisor {
+    /// Sets up the job: namespaces, init, then the program (started or restored), and the
+    /// control socket. Must be called while the process is single-threaded.
+    pub fn launch(spec: JobSpec, start: Start) -> JobResult<Self> {
+        paths::check_name(&spec.name)?;
+        paths::private_dir(&spec.images_root)?;
+        let job_dir = paths::job_dir(&spec.images_root, &spec.name);
+        paths::private_dir(&job_dir)?;
+        let socket = paths::socket_path(&spec.name)?;
+        ensure_not_running(&spec.name, &socket)?;
+        let signals = process::block_signals_to_fd(&[
+            libc::SIGCHLD,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+        ])
+        .map_err(|e| JobError::Remote(e.to_string()))?;
+
+        let (pid, ns, init, command, offsets, restarted_from) = match start {
+            Start::Run { command } => {
+                let program = command.first().ok_or_else(|| JobError::Spawn {
+                    program: String::new(),
+                    reason: "no program given".into(),
+                })?;
+                let path = resolve_program(program)?;
+                let exec = ExecSpec {
+                    path: cstring(path.as_os_str())?,
+                    argv: command
+                        .iter()
+                        .map(|a| cstring(OsStr::new(a)))
+                        .collect::<JobResult<_>>()?,
+                    envp: std::env::vars_os()
+                        .map(|(k, v)| {
+                            let mut kv = k.as_bytes().to_vec();
+                            kv.push(b'=');
+                            kv.extend_from_slice(v.as_bytes());
+                            CString::new(kv).unwrap_or_default()
+                        })
+                        .collect(),
+                };
+                let ns = namespaces::enter((0, 0));
+                let init = start_init(&ns)?;
+                let pid = process::spawn(&exec).map_err(|e| JobError::Spawn {
+                    program: program.clone(),
+                    reason: e.errno.desc().to_owned(),
+                })?;
+                (pid, ns, init, command, (0, 0), None)
+            }
+            Start::Restart { generation, force } => {
+                let dir = resolve(&job_dir, generation)?;
+                let mut image = OpenGeneration::open(&dir)?;
+                let job = image.manifest.job.clone();
+                if job.uid != process::uid() {
+                    return Err(JobError::Refused(format!(
+                        "{}: the image belongs to uid {}, not to you (uid {}); a process cannot be restored as another user",
+                        dir.display(),
+                        job.uid,
+                        process::uid()
+                    )));
+                }
+                check_machine(&job.vdso_blake3)?;
+                let (mono, boot) = clocks_now();
+                let offsets = (
+                    job.monotonic_ns as i64 - mono as i64,
+                    job.boottime_ns as i64 - boot as i64,
+                );
+                let ns = namespaces::enter(offsets);
+                let init = start_init(&ns)?;
+                let p = image.manifest.processes[0].clone();
+                let opts = RestoreOptions {
+                    force,
+                    set_pids: ns.pid,
+                };
+                let restored = restore_process(&mut image, &p, &opts)?;
+                let offsets = if ns.time { offsets } else { (0, 0) };
+                (
+                    restored.pid,
+                    ns,
+                    init,
+                    job.command,
+                    offsets,
+                    Some(job.generation),
+                )
+            }
+        };
+        let job_pid = stasis_core::proc::ns_pid(&format!("/proc/{pid}")).unwrap_or(pid);
+        let listener = bind(&socket)?;
+        Ok(Supervisor {
+            spec,
+            job_dir,
+            socket,
+            listener,
+            signals,
+            ns,
+            init,
+            pid,
+            job_pid,
+            command,
+            time_offsets: offsets,
+            restarted_from,
+            checkpoints: 0,
+            killed_by_checkpoint: false,
+            exit: None,
+        })
+    }
+
+    /// The job's current state.
+    pub fn status(&self) -> JobStatus {
+        JobStatus {
+            name: self.spec.name.clone(),
+            state: if self.exit.is_some() {
+                "exited".into()
+            } else {
+                "running".into()
+            },
+            supervisor_pid: std::process::id(),
+            pid: self.pid,
+            job_pid: self.job_pid,
+            command: self.command.clone(),
+            images: self.job_dir.display().to_string(),
+            namespaces: self.ns.clone(),
+            restarted_from: self.restarted_from,
+            checkpoints: self.checkpoints,
+            latest_generation: list_generations(&self.job_dir).last().copied(),
+        }
+    }
+
+    /// Serves control requests and signals until the program exits; returns its exit status
+    /// (128 + signal if killed, [`EXIT_CHECKPOINTED`] after `checkpoint --kill`).
+    pub fn serve(mut self) -> JobResult<i32> {
+        self.reap();
+        while self.exit.is_none() {
+            let mut fds = [
+                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(JobError::Remote(format!("poll: {e}"))),
+            }
+            self.handle_signals();
+            if self.exit.is_some() {
+                break;
+            }
+            while let Ok((stream, _)) = self.listener.accept() {
+                self.handle_client(&stream);
+            }
+            self.reap();
+        }
+        self.shutdown();
+        let code = self.exit.unwrap_or(0);
+        Ok(if self.killed_by_checkpoint {
+            EXIT_CHECKPOINTED
+        } else {
+            code
+        })
+    }
+
+    fn handle_signals(&mut self) {
+        while let Some((sig, _sender, code)) = process::read_signalfd(&self.signals) {
+            if sig == libc::SIGCHLD {
+                self.reap();
+            } else if code != SI_KERNEL {
+                let _ = process::kill(self.pid, sig);
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match wait_pid(-1, libc::WNOHANG) {
+                Ok((0, _)) | Err(_) => break,
+                Ok((pid, WaitStatus::Exited(c))) if pid == self.pid => self.exit = Some(c),
+                Ok((pid, WaitStatus::Signaled(s))) if pid == self.pid => self.exit = Some(128 + s),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(init) = self.init.take() {
+            let _ = process::kill(init, libc::SIGKILL);
+            let _ = wait_pid(init, 0);
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    fn handle_client(&mut self, stream: &UnixStream) {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials);
+        if !peer.is_ok_and(|c| c.uid() == process::uid()) {
+            let _ = write_message(
+                stream,
+                &Response::Error {
+                    message: "permission denied: only the job's owner may control it".into(),
+                },
+            );
+            return;
+        }
+        let response = match read_message::<Request>(stream) {
+            Ok(Request::Status) => Response::Status(self.status()),
+            Ok(Request::Checkpoint { kill }) => match self.checkpoint(kill) {
+                Ok(r) => Response::Checkpoint(r),
+                Err(e) => Response::Error {
+                    message: format!(
+                        "checkpoint of job {:?} failed, the job runs on: {e}",
+                        self.spec.name
+                    ),
+                },
+            },
+            Ok(Request::Kill) => {
+                let _ = process::kill(self.pid, libc::SIGKILL);
+                Response::Ok
+            }
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        };
+        let _ = write_message(stream, &response);
+    }
+
+    /// Takes a checkpoint of the whole job: freeze, capture, then resume (or end) the job;
+    /// the generation is renamed into place only once complete and synced.
+    pub fn checkpoint(&mut self, kill: bool) -> JobResult<CheckpointReport> {
+        if self.exit.is_some() {
+            return Err(JobError::Remote("the job has already exited".into()));
+        }
+        let t0 = Instant::now();
+        let frozen = freeze(self.pid)?;
+        let (mono, boot) = clocks_now();
+        let mut writer = match GenerationWriter::begin(&self.job_dir, self.spec.compression) {
+            Ok(w) => w,
+            Err(e) => {
+                frozen.thaw(None)?;
+                return Err(e.into());
+            }
+        };
+        let (image, vdso) = match capture_process(&frozen, 0, writer.pack()) {
+            Ok(x) => x,
+            Err(e) => {
+                drop(writer);
+                let _ = frozen.thaw(None);
+                return Err(e.into());
+            }
+        };
+        let insn = vdso.syscall_insn;
+        let mut frozen = Some(frozen);
+        let mut frozen_ms = 0.0;
+        if !kill {
+            frozen.take().map(|f| f.thaw(Some(insn))).transpose()?;
+            frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+        }
+        let mut manifest = Manifest {
+            job: JobInfo {
+                name: self.spec.name.clone(),
+                generation: 0,
+                created_unix_ms: now_ms(),
+                reason: if kill {
+                    "checkpoint --kill".into()
+                } else {
+                    "checkpoint".into()
+                },
+                command: self.command.clone(),
+                namespaces: Namespaces {
+                    user: self.ns.user,
+                    pid: self.ns.pid,
+                    time: self.ns.time,
+                },
+                monotonic_ns: u64::try_from(mono as i64 + self.time_offsets.0).unwrap_or(0),
+                boottime_ns: u64::try_from(boot as i64 + self.time_offsets.1).unwrap_or(0),
+                kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+                host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+                vdso_blake3: vdso.blake3,
+                uid: process::uid(),
+                gid: process::gid(),
+            },
+            processes: vec![image],
+            chunks: Vec::new(),
+        };
+        let stored_bytes = writer.pack().bytes_written();
+        let (generation, path) = match writer.finish(&mut manifest) {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(f) = frozen.take() {
+                    f.thaw(Some(insn))?;
+                }
+                return Err(e.into());
+            }
+        };
+        if let Some(f) = frozen.take() {
+            f.kill()?;
+            self.killed_by_checkpoint = true;
+            frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+        }
+        self.checkpoints += 1;
+        Ok(CheckpointReport {
+            generation,
+            path: path.display().to_string(),
+            frozen_ms,
+            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            memory_bytes: manifest.chunks.iter().map(|c| u64::from(c.raw_len)).sum(),
+            stored_bytes,
+            killed: kill,
+        })
+    }
+
+    /// The job's image directory.
+    pub fn job_dir(&self) -> &Path {
+        &self.job_dir
+    }
+}
+
+fn start_init(ns: &NamespaceSetup) -> JobResult<Option<i32>> {
+    if ns.pid {
+        let pid = process::spawn_init().map_err(|e| JobError::Spawn {
+            program: "stasis-init".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(pid))
+    } else {
+        process::set_child_subreaper().map_err(|e| JobError::Remote(e.to_string()))?;
+        Ok(None)
+    }
+}
+
+/// Forks a detached supervisor. Returns `Some(reader)` in the parent, which receives one line
+/// from the child (its status as JSON, or an error), and `None` in the child, whose standard
+/// input is `/dev/null` and whose output goes to `log`.
+pub fn detach(log: &Path) -> JobResult<Option<std::fs::File>> {
+    let (r, w) = nix::unistd::pipe().map_err(|e| JobError::Remote(format!("pipe: {e}")))?;
+    let in_child = process::daemon_fork().map_err(|e| JobError::Remote(e.to_string()))?;
+    if !in_child {
+        drop(w);
+        return Ok(Some(std::fs::File::from(r)));
+    }
+    drop(r);
+    let _ = process::setsid();
+    let null = std::fs::File::open("/dev/null").map_err(io_err("/dev/null"))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(log)
+        .map_err(io_err(log.display().to_string()))?;
+    let _ = nix::unistd::dup2_stdin(&null);
+    let _ = nix::unistd::dup2_stdout(&out);
+    let _ = nix::unistd::dup2_stderr(&out);
+    READY_FD.with(|c| *c.borrow_mut() = Some(w));
+    Ok(None)
+}
+
+thread_local! {
+    static READY_FD: std::cell::RefCell<Option<OwnedFd>> = const { std::cell::RefCell::new(None) };
+}
+
+/// In a detached supervisor: tells the waiting parent how the launch went.
+pub fn report_ready(line: &str) {
+    READY_FD.with(|c| {
+        if let Some(fd) = c.borrow_mut().take() {
+            let mut l = line.as_bytes().to_vec();
+            l.push(b'\n');
+            let _ = nix::unistd::write(&fd, &l);
+        }
+    });
+}

@@ -1,0 +1,115 @@
+//! Descriptor operations missing from `nix`: `tee` without consuming, pipe sizes, `dup` to a
+//! floor, `close_range`.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::error::{SysError, SysResult, check};
+
+/// Copies up to `len` bytes queued in pipe `from` into pipe `to` without consuming them.
+pub fn tee(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> SysResult<usize> {
+    // SAFETY: both descriptors are live for the call; tee takes no pointers.
+    let n = check(
+        unsafe {
+            libc::tee(
+                from.as_raw_fd(),
+                to.as_raw_fd(),
+                len,
+                libc::SPLICE_F_NONBLOCK,
+            )
+        } as libc::c_long,
+        "tee",
+        0,
+    )?;
+    Ok(n.unsigned_abs() as usize)
+}
+
+/// Bytes queued in a pipe or socket (`FIONREAD`).
+pub fn queued_bytes(fd: BorrowedFd<'_>) -> SysResult<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to a valid pointer.
+    check(
+        unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut n) }.into(),
+        "ioctl(FIONREAD)",
+        0,
+    )?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// `F_GETPIPE_SZ`.
+pub fn pipe_size(fd: BorrowedFd<'_>) -> SysResult<usize> {
+    // SAFETY: fcntl with an integer command on a live descriptor.
+    let n = check(
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) }.into(),
+        "fcntl(F_GETPIPE_SZ)",
+        0,
+    )?;
+    Ok(n.unsigned_abs() as usize)
+}
+
+/// `F_SETPIPE_SZ`.
+pub fn set_pipe_size(fd: BorrowedFd<'_>, size: usize) -> SysResult<()> {
+    // SAFETY: fcntl with integer arguments on a live descriptor.
+    check(
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) }.into(),
+        "fcntl(F_SETPIPE_SZ)",
+        0,
+    )
+    .map(drop)
+}
+
+/// Duplicates `fd` to the lowest free number at or above `floor` (not close-on-exec).
+pub fn dup_at_least(fd: BorrowedFd<'_>, floor: RawFd) -> SysResult<OwnedFd> {
+    // SAFETY: F_DUPFD returns a fresh descriptor that we then own.
+    let n = check(
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, floor) }.into(),
+        "fcntl(F_DUPFD)",
+        0,
+    )?;
+    // SAFETY: n is a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(n).unwrap_or(-1)) })
+}
+
+/// Duplicates descriptor number `fd` of this process (e.g. our own stdin) to the lowest free
+/// number at or above `floor`.
+pub fn dup_raw_at_least(fd: RawFd, floor: RawFd) -> SysResult<OwnedFd> {
+    // SAFETY: F_DUPFD on a plain number; the kernel rejects it if it is not open, and the
+    // returned descriptor is new and owned by us.
+    let n = check(
+        unsafe { libc::fcntl(fd, libc::F_DUPFD, floor) }.into(),
+        "fcntl(F_DUPFD)",
+        0,
+    )?;
+    // SAFETY: n is a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(n).unwrap_or(-1)) })
+}
+
+/// Descriptor status flags (`F_GETFL`).
+pub fn status_flags(fd: BorrowedFd<'_>) -> SysResult<i32> {
+    // SAFETY: fcntl with an integer command on a live descriptor.
+    let n = check(
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) }.into(),
+        "fcntl(F_GETFL)",
+        0,
+    )?;
+    Ok(i32::try_from(n).unwrap_or(0))
+}
+
+/// Sets descriptor status flags (`F_SETFL`: `O_APPEND`, `O_NONBLOCK`, …).
+pub fn set_status_flags(fd: BorrowedFd<'_>, flags: i32) -> SysResult<()> {
+    // SAFETY: fcntl with integer arguments on a live descriptor.
+    check(
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) }.into(),
+        "fcntl(F_SETFL)",
+        0,
+    )
+    .map(drop)
+}
+
+/// Returns an error built from an io error, for callers that mix std and raw calls.
+pub fn from_io(op: &'static str, e: &std::io::Error) -> SysError {
+    SysError::new(
+        op,
+        0,
+        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    )
+}

@@ -1,0 +1,85 @@
+//! Reading and writing another process's memory in bulk.
+
+use crate::error::{SysError, SysResult};
+
+/// Reads `buf.len()` bytes at `addr` of process `pid`; returns how many were read.
+pub fn read(pid: i32, addr: u64, buf: &mut [u8]) -> SysResult<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let local = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_len: buf.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: `local` points into `buf`, which is writable for `iov_len` bytes; the kernel
+        // checks the remote range itself.
+        let n =
+            unsafe { libc::process_vm_readv(pid, &raw const local, 1, &raw const remote, 1, 0) };
+        if n < 0 {
+            if done > 0 {
+                return Ok(done);
+            }
+            return Err(SysError::last("process_vm_readv", pid));
+        }
+        if n == 0 {
+            break;
+        }
+        done += n.unsigned_abs();
+    }
+    Ok(done)
+}
+
+/// Reads exactly `len` bytes at `addr`, failing on a short read.
+pub fn read_vec(pid: i32, addr: u64, len: usize) -> SysResult<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let n = read(pid, addr, &mut buf)?;
+    if n != len {
+        return Err(SysError::new(
+            "process_vm_readv (short)",
+            pid,
+            nix::errno::Errno::EFAULT,
+        ));
+    }
+    Ok(buf)
+}
+
+/// Writes all of `data` at `addr` of process `pid`.
+pub fn write(pid: i32, addr: u64, data: &[u8]) -> SysResult<()> {
+    let mut done = 0;
+    while done < data.len() {
+        let local = libc::iovec {
+            iov_base: data[done..].as_ptr() as *mut libc::c_void,
+            iov_len: data.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: data.len() - done,
+        };
+        // SAFETY: `local` points into `data`, readable for `iov_len` bytes; the kernel only
+        // reads from it. The remote range is checked by the kernel.
+        let n =
+            unsafe { libc::process_vm_writev(pid, &raw const local, 1, &raw const remote, 1, 0) };
+        if n <= 0 {
+            return Err(SysError::last("process_vm_writev", pid));
+        }
+        done += n.unsigned_abs();
+    }
+    Ok(())
+}
+
+/// The address and length of this process's own `[vdso]`, read from the auxiliary vector.
+pub fn own_vdso_base() -> u64 {
+    // SAFETY: getauxval has no preconditions.
+    unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) }
+}
+
+/// Copies `len` bytes of this process's own memory at `addr` (used for the vdso, which is
+/// always mapped readable).
+pub fn own_bytes(addr: u64, len: usize) -> Vec<u8> {
+    // SAFETY: callers pass the range of a mapping that is readable for the process lifetime
+    // (the vdso, as listed in /proc/self/maps).
+    unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
+}

@@ -1,0 +1,105 @@
+//! `stasis inspect`: describe a generation.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use stasis_image::generation::{MANIFEST_FILE, read_manifest, resolve};
+use stasis_image::manifest::{OpenFile, VmaKind};
+
+use crate::output::{bytes, emit};
+
+/// Arguments of `stasis inspect`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A generation directory, or a job's image directory (its newest generation is shown).
+    image_dir: PathBuf,
+}
+
+/// A generation directory from a generation or job directory.
+pub fn generation_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.join(MANIFEST_FILE).exists() {
+        Ok(dir.to_owned())
+    } else {
+        Ok(resolve(dir, None)?)
+    }
+}
+
+/// Runs the verb.
+pub fn run(a: Args, json: bool) -> Result<i32> {
+    let dir = generation_dir(&a.image_dir)?;
+    let m = read_manifest(&dir.join(MANIFEST_FILE))?;
+    emit(json, &m, || {
+        let j = &m.job;
+        let raw: u64 = m.chunks.iter().map(|c| u64::from(c.raw_len)).sum();
+        let stored: u64 = m.chunks.iter().map(|c| u64::from(c.stored_len)).sum();
+        let mut t = format!(
+            "generation {} of job {:?} ({})\n  taken:      {} ms since the epoch on host {} (kernel {})\n  command:    {}\n  namespaces: user={} pid={} time={}\n  memory:     {} in {} chunks, stored as {}",
+            j.generation,
+            j.name,
+            j.reason,
+            j.created_unix_ms,
+            j.host,
+            j.kernel,
+            j.command.join(" "),
+            j.namespaces.user,
+            j.namespaces.pid,
+            j.namespaces.time,
+            bytes(raw),
+            m.chunks.len(),
+            bytes(stored)
+        );
+        for p in &m.processes {
+            t.push_str(&format!(
+                "\n  process {} ({}): {} thread(s), cwd {}",
+                p.pid,
+                p.exe,
+                p.threads.len(),
+                p.cwd
+            ));
+            for v in &p.vmas {
+                let name = match (&v.file, v.kind) {
+                    (Some(f), _) => f.path.clone(),
+                    (None, VmaKind::Anon) => String::new(),
+                    (None, k) => format!("[{k:?}]").to_lowercase(),
+                };
+                let saved: usize = v
+                    .pages
+                    .iter()
+                    .map(|r| m.chunks[r.chunk as usize].raw_len as usize)
+                    .sum();
+                t.push_str(&format!(
+                    "\n    {:#014x}-{:#014x} prot={} {} saved={} {}",
+                    v.start,
+                    v.end,
+                    v.prot,
+                    if v.shared { "shared" } else { "private" },
+                    bytes(saved as u64),
+                    name
+                ));
+            }
+            for fd in &p.fds {
+                let what = match &p.files[fd.file as usize] {
+                    OpenFile::Path { file, pos, .. } => format!("{} @ {pos}", file.path),
+                    OpenFile::Terminal { path, .. } => format!("terminal ({path})"),
+                    OpenFile::Pipe {
+                        inode,
+                        write_end,
+                        data,
+                        ..
+                    } => format!(
+                        "pipe {inode} {} ({} chunks queued)",
+                        if *write_end { "write end" } else { "read end" },
+                        data.len()
+                    ),
+                };
+                t.push_str(&format!(
+                    "\n    fd {}: {what}{}",
+                    fd.fd,
+                    if fd.cloexec { " (cloexec)" } else { "" }
+                ));
+            }
+        }
+        t
+    });
+    Ok(0)
+}

@@ -1,0 +1,13 @@
+//! One module per verb.
+
+pub mod checkpoint;
+pub mod demo;
+pub mod inspect;
+pub mod kill;
+pub mod list;
+pub mod restart;
+pub mod run;
+pub mod sample;
+pub mod status;
+pub mod supervise;
+pub mod verify;

@@ -1,0 +1,37 @@
+//! `stasis restart`: bring a job back from its images.
+
+use anyhow::Result;
+use stasis_job::supervisor::Start;
+
+use super::supervise::{ImageArgs, launch};
+
+/// Arguments of `stasis restart`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Job name.
+    name: String,
+    #[command(flatten)]
+    images: ImageArgs,
+    /// Generation to restart from (default: the newest).
+    #[arg(long)]
+    generation: Option<u32>,
+    /// Return at once; the job runs on in the background.
+    #[arg(long)]
+    detach: bool,
+    /// Restore even if files the job had open changed since the checkpoint.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Runs the verb.
+pub fn run(a: Args, json: bool) -> Result<i32> {
+    launch(
+        a.images.spec(&a.name),
+        Start::Restart {
+            generation: a.generation,
+            force: a.force,
+        },
+        a.detach,
+        json,
+    )
+}

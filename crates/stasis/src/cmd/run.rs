@@ -1,0 +1,32 @@
+//! `stasis run`: start a program as a job.
+
+use anyhow::Result;
+use stasis_job::supervisor::Start;
+
+use super::supervise::{ImageArgs, launch};
+
+/// Arguments of `stasis run`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Job name (used by checkpoint, restart, status, kill).
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    images: ImageArgs,
+    /// Return at once; the job runs on in the background, its output in the image directory.
+    #[arg(long)]
+    detach: bool,
+    /// The program and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// Runs the verb.
+pub fn run(a: Args, json: bool) -> Result<i32> {
+    launch(
+        a.images.spec(&a.name),
+        Start::Run { command: a.command },
+        a.detach,
+        json,
+    )
+}

@@ -1,0 +1,51 @@
+//! `stasis status`: a running job's state.
+
+use anyhow::{Result, bail};
+use stasis_job::control::{Request, Response, request};
+use stasis_job::paths;
+
+use crate::output::emit;
+
+/// Arguments of `stasis status`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Job name.
+    name: String,
+}
+
+/// Runs the verb.
+pub fn run(a: Args, json: bool) -> Result<i32> {
+    let socket = paths::socket_path(&a.name)?;
+    match request(&a.name, &socket, &Request::Status)? {
+        Response::Status(s) => {
+            emit(json, &s, || {
+                let ns = &s.namespaces;
+                let mut t = format!(
+                    "job:          {}\nstate:        {}\npid:          {} ({} inside the job)\nsupervisor:   {}\ncommand:      {}\nimages:       {}\nnamespaces:   user={} pid={} time={}\ncheckpoints:  {} by this supervisor, newest generation {}",
+                    s.name,
+                    s.state,
+                    s.pid,
+                    s.job_pid,
+                    s.supervisor_pid,
+                    s.command.join(" "),
+                    s.images,
+                    ns.user,
+                    ns.pid,
+                    ns.time,
+                    s.checkpoints,
+                    s.latest_generation.map_or("none".into(), |g| g.to_string())
+                );
+                if let Some(g) = s.restarted_from {
+                    t.push_str(&format!("\nrestarted:    from generation {g}"));
+                }
+                for n in &ns.notes {
+                    t.push_str(&format!("\nnote:         {n}"));
+                }
+                t
+            });
+            Ok(0)
+        }
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    }
+}

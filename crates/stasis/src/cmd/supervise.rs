@@ -1,0 +1,108 @@
+//! Shared by `run` and `restart`: launch a supervisor in the foreground or detached.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use stasis_image::pack::Compression;
+use stasis_job::control::JobStatus;
+use stasis_job::paths;
+use stasis_job::supervisor::{EXIT_CHECKPOINTED, JobSpec, Start, Supervisor, detach, report_ready};
+
+use crate::output::emit;
+
+/// Image-location and compression flags shared by `run` and `restart`.
+#[derive(Debug, clap::Args)]
+pub struct ImageArgs {
+    /// Root directory of job images (default: $STASIS_IMAGES, else ~/.local/state/stasis/images).
+    #[arg(long, env = "STASIS_IMAGES")]
+    pub images: Option<PathBuf>,
+    /// Store page data uncompressed.
+    #[arg(long)]
+    pub no_compress: bool,
+}
+
+impl ImageArgs {
+    /// The job spec for `name`.
+    pub fn spec(&self, name: &str) -> JobSpec {
+        JobSpec {
+            name: name.to_owned(),
+            images_root: self
+                .images
+                .clone()
+                .unwrap_or_else(paths::default_images_root),
+            compression: if self.no_compress {
+                Compression::None
+            } else {
+                Compression::Zstd(1)
+            },
+        }
+    }
+}
+
+fn describe(s: &JobStatus, verb: &str) -> String {
+    let mut t = format!(
+        "stasis: job {:?} {verb}: pid {} (pid {} inside the job)",
+        s.name, s.pid, s.job_pid
+    );
+    for n in &s.namespaces.notes {
+        t.push_str(&format!("\nstasis: note: {n}"));
+    }
+    t
+}
+
+/// Launches the supervisor; returns the exit status to use.
+pub fn launch(spec: JobSpec, start: Start, detached: bool, json: bool) -> Result<i32> {
+    let verb = if matches!(start, Start::Run { .. }) {
+        "started"
+    } else {
+        "restarted"
+    };
+    let name = spec.name.clone();
+    if detached {
+        paths::check_name(&name)?;
+        paths::private_dir(&spec.images_root)?;
+        let job_dir = paths::job_dir(&spec.images_root, &name);
+        paths::private_dir(&job_dir)?;
+        let log = job_dir.join("output.log");
+        if let Some(reader) = detach(&log)? {
+            let mut line = String::new();
+            std::io::BufReader::new(reader).read_line(&mut line)?;
+            let v: serde_json::Value = serde_json::from_str(line.trim())
+                .context("the detached supervisor exited before reporting")?;
+            if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+                bail!("{err}");
+            }
+            let status: JobStatus = serde_json::from_value(v)?;
+            emit(json, &status, || {
+                format!(
+                    "{}\nstasis: output goes to {}",
+                    describe(&status, verb),
+                    log.display()
+                )
+            });
+            return Ok(0);
+        }
+        return match Supervisor::launch(spec, start) {
+            Ok(sup) => {
+                report_ready(&serde_json::to_string(&sup.status())?);
+                Ok(sup.serve()?)
+            }
+            Err(e) => {
+                report_ready(&serde_json::json!({ "error": format!("{e}") }).to_string());
+                Err(e.into())
+            }
+        };
+    }
+    let sup = Supervisor::launch(spec, start)?;
+    if !json {
+        eprintln!("{}", describe(&sup.status(), verb));
+    }
+    let code = sup.serve()?;
+    if code == EXIT_CHECKPOINTED && !json {
+        eprintln!(
+            "stasis: job {name:?} was checkpointed and stopped; resume it with: stasis restart {name}"
+        );
+    }
+    Ok(code)
+}
