@@ -469,6 +469,11 @@ fn capture_fds(pid: i32, pack: &mut PackWriter) -> CoreResult<(Vec<OpenFile>, Ve
                 capacity,
                 data,
             }
+        } else if e.target.starts_with("socket:") && e.fd <= 2 {
+            OpenFile::Stdio {
+                path: e.target.clone(),
+                flags,
+            }
         } else if e.target.starts_with("socket:") {
             return Err(unsupported("sockets are not supported yet"));
         } else if e.target.starts_with("anon_inode:") {
@@ -488,7 +493,7 @@ fn capture_fds(pid: i32, pack: &mut PackWriter) -> CoreResult<(Vec<OpenFile>, Ve
                 ));
             }
             if is_terminal(&e.target, &meta) {
-                OpenFile::Terminal {
+                OpenFile::Stdio {
                     path: e.target.clone(),
                     flags,
                 }
@@ -509,6 +514,29 @@ fn capture_fds(pid: i32, pack: &mut PackWriter) -> CoreResult<(Vec<OpenFile>, Ve
             file: u32::try_from(files.len() - 1).unwrap_or(0),
             cloexec,
         });
+    }
+    // A pipe with only one end in the process, at a standard descriptor, leads outside the
+    // job (e.g. `stasis run … | tee log`): it is reconnected to the restarting command's stdio.
+    for i in 0..files.len() {
+        if let OpenFile::Pipe { inode, flags, .. } = files[i] {
+            let both_ends = files
+                .iter()
+                .filter(|f| matches!(f, OpenFile::Pipe { inode: other, .. } if *other == inode))
+                .count()
+                > 1;
+            let lowest = fds
+                .iter()
+                .filter(|d| d.file as usize == i)
+                .map(|d| d.fd)
+                .min()
+                .unwrap_or(i32::MAX);
+            if !both_ends && lowest <= 2 {
+                files[i] = OpenFile::Stdio {
+                    path: format!("pipe:[{inode}]"),
+                    flags,
+                };
+            }
+        }
     }
     Ok((files, fds))
 }
@@ -554,7 +582,8 @@ pub fn capture_process(
             Ok((cur, max)) => rlimits.push(Rlimit { resource, cur, max }),
             Err(e) if e.errno == Errno::EINVAL => {}
             Err(e) => {
-                return Err(e).ctx(|| format!("reading resource limit {resource} of process {pid}"));
+                return Err(e)
+                    .ctx(|| format!("reading resource limit {resource} of process {pid}"));
             }
         }
     }

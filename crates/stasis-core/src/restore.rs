@@ -150,7 +150,7 @@ fn stage(image: &mut OpenGeneration, p: &ProcessImage) -> CoreResult<Staged> {
                 }
                 fd
             }
-            OpenFile::Terminal { flags, .. } => {
+            OpenFile::Stdio { flags, .. } => {
                 let lowest = p
                     .fds
                     .iter()
@@ -730,11 +730,19 @@ fn drop_caps(c: &mut Child, p: &ProcessImage) -> CoreResult<()> {
     Ok(())
 }
 
-/// Checks that every file the process had open or mapped is unchanged.
+/// Checks that every file the process had open for reading, or mapped, is unchanged. Files
+/// open only for writing (logs, output) need only exist: others may have appended to them.
 pub fn check_files(p: &ProcessImage) -> CoreResult<()> {
     for f in &p.files {
-        if let OpenFile::Path { file, .. } = f {
-            check_file(file)?;
+        if let OpenFile::Path { file, flags, .. } = f {
+            if flags & libc::O_ACCMODE == libc::O_WRONLY {
+                std::fs::metadata(&file.path).map_err(|e| CoreError::FileChanged {
+                    path: file.path.clone(),
+                    detail: format!("cannot be opened ({e})"),
+                })?;
+            } else {
+                check_file(file)?;
+            }
         }
     }
     for v in &p.vmas {

@@ -315,9 +315,11 @@ pub enum OpenFile {
         /// File offset.
         pos: u64,
     },
-    /// A terminal: on restart it is connected to the restart command's own stdio.
-    Terminal {
-        /// The terminal's path at checkpoint time.
+    /// A connection to the world outside the job through its standard streams: a terminal,
+    /// or a pipe or socket whose other end is outside the job. On restart it is connected to
+    /// the restart command's own stdin, stdout or stderr.
+    Stdio {
+        /// What it was at checkpoint time (`/dev/pts/3`, `pipe:[1234]`, …).
         path: String,
         /// `O_*` status flags.
         flags: i32,

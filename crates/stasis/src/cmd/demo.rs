@@ -98,10 +98,15 @@ pub fn run(a: Args, _json: bool) -> Result<i32> {
     );
     println!("$ stasis restart {name}");
     let out = stasis(&images, &["restart", &name])?;
-    let after = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("the restarted job failed");
+    }
+    let full = std::fs::read_to_string(&log).unwrap_or_default();
+    let after = full.get(before.len()..).unwrap_or("").to_owned();
+    println!("what the restarted job printed:");
+    print!("{after}");
     let answer_line = after
         .lines()
-        .chain(before.lines())
         .find(|l| l.contains("answer ="))
         .map(str::to_owned);
 

@@ -80,7 +80,9 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
             for fd in &p.fds {
                 let what = match &p.files[fd.file as usize] {
                     OpenFile::Path { file, pos, .. } => format!("{} @ {pos}", file.path),
-                    OpenFile::Terminal { path, .. } => format!("terminal ({path})"),
+                    OpenFile::Stdio { path, .. } => {
+                        format!("stdio of the restart command (was {path})")
+                    }
                     OpenFile::Pipe {
                         inode,
                         write_end,

@@ -1,0 +1,311 @@
+//! Shared harness of the integration tests: drives the real `stasis` binary on real programs
+//! (C sources in `tests/programs`, compiled with gcc at test time).
+//!
+//! Every test gets its own image root and runtime directory, and unique job names, so tests
+//! run in parallel and as any user (root or `nobody`).
+#![allow(dead_code, missing_docs)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The `stasis` binary under test.
+pub fn stasis_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_stasis"))
+}
+
+/// Root of the repository.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+static COMPILE: Mutex<()> = Mutex::new(());
+
+/// Compiles `tests/programs/NAME.c` (once per user and variant) and returns the binary.
+pub fn program(name: &str, static_link: bool) -> PathBuf {
+    let _guard = COMPILE.lock().unwrap_or_else(|e| e.into_inner());
+    let uid = nix_uid();
+    let dir = std::env::temp_dir().join(format!("stasis-test-programs-{uid}"));
+    std::fs::create_dir_all(&dir).expect("create program cache");
+    let src = repo().join("tests/programs").join(format!("{name}.c"));
+    let out = dir.join(if static_link {
+        format!("{name}-static")
+    } else {
+        name.to_owned()
+    });
+    let fresh = out.metadata().and_then(|o| o.modified()).ok()
+        >= src.metadata().and_then(|s| s.modified()).ok()
+        && out.exists();
+    if !fresh {
+        let mut cmd = Command::new("gcc");
+        cmd.args(["-O1", "-g", "-pthread", "-Wall", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .arg("-lm");
+        if static_link {
+            cmd.arg("-static");
+        }
+        let o = cmd.output().expect("gcc runs");
+        assert!(
+            o.status.success(),
+            "gcc failed for {name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    out
+}
+
+fn nix_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Uid:").map(|v| {
+                    v.split_whitespace()
+                        .next()
+                        .unwrap_or("0")
+                        .parse()
+                        .unwrap_or(0)
+                })
+            })
+        })
+        .unwrap_or(0)
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A test's private world: image root, runtime dir, work dir.
+pub struct Env {
+    pub root: tempfile::TempDir,
+    pub images: PathBuf,
+    pub runtime: PathBuf,
+    pub work: PathBuf,
+}
+
+/// A background `stasis run` or `stasis restart`.
+pub struct Job {
+    pub name: String,
+    pub child: Child,
+    /// Where the program's stdout goes (for a job started by `start`).
+    pub out: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let root = tempfile::Builder::new()
+            .prefix("stasis-test-")
+            .tempdir()
+            .expect("tempdir");
+        let images = root.path().join("images");
+        let runtime = root.path().join("run");
+        let work = root.path().join("work");
+        std::fs::create_dir_all(&runtime).expect("runtime dir");
+        std::fs::create_dir_all(&work).expect("work dir");
+        Env {
+            root,
+            images,
+            runtime,
+            work,
+        }
+    }
+
+    /// A job name unique to this test process.
+    pub fn name(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        )
+    }
+
+    /// `stasis` with this env's image and runtime directories.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(stasis_bin());
+        c.env("STASIS_IMAGES", &self.images)
+            .env("XDG_RUNTIME_DIR", &self.runtime)
+            .env_remove("STASIS_LOG");
+        c.current_dir(&self.work);
+        c
+    }
+
+    /// Runs `stasis ARGS` to completion.
+    pub fn stasis(&self, args: &[&str]) -> Output {
+        self.cmd()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("stasis runs")
+    }
+
+    /// Like [`Env::stasis`], asserting success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.stasis(args);
+        assert!(
+            o.status.success(),
+            "stasis {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Like [`Env::stasis`], asserting failure; returns stderr + stdout.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.stasis(args);
+        assert!(
+            !o.status.success(),
+            "stasis {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        )
+    }
+
+    /// Starts `stasis run --name NAME -- PROGRAM ARGS` in the background, the program's
+    /// stdout going to `work/NAME.out` (a regular file).
+    pub fn start(&self, name: &str, program: &Path, args: &[&str]) -> Job {
+        let out = self.work.join(format!("{name}.out"));
+        let err = self.work.join(format!("{name}.err"));
+        let child = self
+            .cmd()
+            .args(["run", "--name", name, "--"])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("out file"))
+            .stderr(File::create(&err).expect("err file"))
+            .spawn()
+            .expect("spawn stasis run");
+        Job {
+            name: name.to_owned(),
+            child,
+            out,
+        }
+    }
+
+    /// Starts `stasis restart NAME EXTRA…` in the background; the restart command's own
+    /// stdout goes to `work/NAME.restart.out`.
+    pub fn restart(&self, job: &Job, extra: &[&str]) -> Job {
+        let out = self.work.join(format!("{}.restart.out", job.name));
+        let err = self.work.join(format!("{}.restart.err", job.name));
+        let child = self
+            .cmd()
+            .args(["restart", &job.name])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("out file"))
+            .stderr(File::create(&err).expect("err file"))
+            .spawn()
+            .expect("spawn stasis restart");
+        Job {
+            name: job.name.clone(),
+            child,
+            out: job.out.clone(),
+        }
+    }
+
+    /// The program's output so far.
+    pub fn output(&self, job: &Job) -> String {
+        std::fs::read_to_string(&job.out).unwrap_or_default()
+    }
+
+    /// Waits until the program's output contains `needle`.
+    pub fn wait_output(&self, job: &Job, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.output(job).contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "timed out waiting for {needle:?} from {}; output:\n{}\nstasis stderr:\n{}",
+            job.name,
+            self.output(job),
+            self.stderr(job)
+        );
+    }
+
+    /// stderr of the `stasis run`/`restart` commands of this job.
+    pub fn stderr(&self, job: &Job) -> String {
+        let a = std::fs::read_to_string(self.work.join(format!("{}.err", job.name)))
+            .unwrap_or_default();
+        let b = std::fs::read_to_string(self.work.join(format!("{}.restart.err", job.name)))
+            .unwrap_or_default();
+        format!("{a}{b}")
+    }
+
+    /// Tells a waiting test program to go on (creates `work/go`).
+    pub fn go(&self) {
+        File::create(self.work.join("go")).expect("go file");
+    }
+
+    /// Removes the go file (before another round).
+    pub fn ungo(&self) {
+        let _ = std::fs::remove_file(self.work.join("go"));
+    }
+
+    /// `stasis checkpoint NAME [--kill] --json`, asserting success; returns the report.
+    pub fn checkpoint(&self, name: &str, kill: bool) -> serde_json::Value {
+        let mut args = vec!["--json", "checkpoint", name];
+        if kill {
+            args.push("--kill");
+        }
+        let out = self.ok(&args);
+        serde_json::from_str(out.trim()).expect("checkpoint prints JSON")
+    }
+
+    /// The job's image directory.
+    pub fn job_dir(&self, name: &str) -> PathBuf {
+        self.images.join(name)
+    }
+}
+
+impl Job {
+    /// Waits for the `stasis run`/`restart` command to exit; returns its exit code.
+    pub fn wait(&mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("job {} did not finish in time", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Exit status of `run`/`restart` after `checkpoint --kill`.
+pub const EXIT_CHECKPOINTED: i32 = 75;
+
+/// The lines of a program's report: `PASS x`, `FAIL x: why`, `DONE n`.
+pub fn assert_all_pass(output: &str) {
+    let fails: Vec<&str> = output.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(
+        fails.is_empty(),
+        "the program reported failures:\n{}\nfull output:\n{output}",
+        fails.join("\n")
+    );
+    assert!(
+        output.lines().any(|l| l == "DONE 0"),
+        "the program did not finish its checks:\n{output}"
+    );
+}
