@@ -139,6 +139,7 @@ impl Supervisor {
         paths::private_dir(&job_dir)?;
         let socket = paths::socket_path(&spec.name)?;
         ensure_not_running(&spec.name, &socket)?;
+        process::ignore_signal(libc::SIGXFSZ);
         let signals = process::block_signals_to_fd(&[
             libc::SIGCHLD,
             libc::SIGTERM,

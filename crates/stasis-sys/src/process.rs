@@ -340,3 +340,11 @@ pub fn setsid() -> SysResult<()> {
 pub fn daemon_fork() -> SysResult<bool> {
     Ok(clone3_fork(None)? == 0)
 }
+
+/// Ignores `sig` in this process (e.g. `SIGXFSZ`, so that writes past a file-size limit
+/// fail with `EFBIG` instead of killing us). Children started with [`spawn`] get the default
+/// disposition back.
+pub fn ignore_signal(sig: i32) {
+    // SAFETY: installing SIG_IGN has no memory-safety preconditions.
+    unsafe { libc::signal(sig, libc::SIG_IGN) };
+}

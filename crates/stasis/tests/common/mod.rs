@@ -12,14 +12,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// The `stasis` binary under test.
+/// The `stasis` binary under test (`$STASIS_TEST_BIN` overrides, for the unprivileged run).
 pub fn stasis_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_stasis"))
+    std::env::var_os("STASIS_TEST_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_stasis")), PathBuf::from)
 }
 
-/// Root of the repository.
+/// Root of the repository (`$STASIS_TEST_REPO` overrides, for the unprivileged run).
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    std::env::var_os("STASIS_TEST_REPO").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), PathBuf::from)
 }
 
 static COMPILE: Mutex<()> = Mutex::new(());

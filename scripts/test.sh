@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole test suite of Stasis.
+#
+# 1. As root, installs the Debian packages the tests need (gcc, static libc, python3,
+#    util-linux for setpriv/script).
+# 2. Checks formatting and lints, builds, and runs every test as the current user.
+# 3. As root, runs every integration test a second time as the unprivileged user nobody
+#    (setpriv --reuid=65534 --regid=65534 --clear-groups): Stasis must not depend on root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then
+    missing=()
+    for pkg in gcc libc6-dev python3 util-linux; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "==> installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+fi
+
+echo "==> cargo fmt --check, cargo clippy -D warnings"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "==> tests as $(id -un)"
+cargo test --workspace
+
+if [ "$(id -u)" = 0 ]; then
+    echo "==> integration tests again as the unprivileged user nobody"
+    # Copy what the tests need where nobody can read it, whatever the checkout's permissions.
+    stage=$(mktemp -d /tmp/stasis-nobody-XXXXXX)
+    chmod 755 "$stage"
+    mkdir -p "$stage/repo/tests" "$stage/bin"
+    cp -r tests/programs "$stage/repo/tests/"
+    cp target/debug/stasis "$stage/bin/stasis"
+    mapfile -t tests < <(cargo test -p stasis --tests --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["executable"])')
+    for t in "${tests[@]}"; do
+        cp "$t" "$stage/bin/"
+    done
+    chmod -R a+rX "$stage"
+    status=0
+    for t in "${tests[@]}"; do
+        name=$(basename "$t")
+        echo "--- $name (as nobody)"
+        setpriv --reuid=65534 --regid=65534 --clear-groups \
+            env -i PATH=/usr/bin:/bin HOME=/nonexistent TMPDIR=/tmp \
+            STASIS_TEST_BIN="$stage/bin/stasis" STASIS_TEST_REPO="$stage/repo" \
+            "$stage/bin/$name" || status=1
+    done
+    rm -rf "$stage"
+    exit $status
+fi
