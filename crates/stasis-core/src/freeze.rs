@@ -67,13 +67,11 @@ pub fn freeze(pid: i32) -> CoreResult<Frozen> {
                 .ctx(|| format!("waiting for thread {tid} to stop"))?
                 .1
             {
-                WaitStatus::Stopped { event, sig } => {
-                    if event == 0 && sig != libc::SIGTRAP {
-                        held = Some(
-                            ptrace::get_siginfo(tid)
-                                .ctx(|| format!("reading the signal held by thread {tid}"))?,
-                        );
-                    }
+                WaitStatus::Stopped { event: 0, sig } if sig != libc::SIGTRAP => {
+                    held = Some(
+                        ptrace::get_siginfo(tid)
+                            .ctx(|| format!("reading the signal held by thread {tid}"))?,
+                    );
                 }
                 WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
                     if tid == pid {
@@ -126,13 +124,13 @@ impl Frozen {
                     first_err.get_or_insert(e);
                 }
             }
-            if let Err(e) = ptrace::detach(t.tid, 0) {
-                if e.errno != Errno::ESRCH {
-                    first_err.get_or_insert(CoreError::Sys {
-                        context: format!("detaching thread {}", t.tid),
-                        source: e,
-                    });
-                }
+            if let Err(e) = ptrace::detach(t.tid, 0)
+                && e.errno != Errno::ESRCH
+            {
+                first_err.get_or_insert(CoreError::Sys {
+                    context: format!("detaching thread {}", t.tid),
+                    source: e,
+                });
             }
         }
         first_err.map_or(Ok(()), Err)

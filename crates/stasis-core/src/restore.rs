@@ -199,19 +199,17 @@ fn stage(image: &mut OpenGeneration, p: &ProcessImage) -> CoreResult<Staged> {
     }
     let mut maps = HashMap::new();
     for v in &p.vmas {
-        if let Some(id) = &v.file {
-            if !maps.contains_key(&id.path) {
-                let writable = v.shared && v.prot & libc::PROT_WRITE != 0;
-                let fd = open_path(
-                    &id.path,
-                    if writable {
-                        libc::O_RDWR
-                    } else {
-                        libc::O_RDONLY
-                    },
-                )?;
-                maps.insert(id.path.clone(), push(fd, &mut keep)?);
-            }
+        if let Some(id) = &v.file
+            && !maps.contains_key(&id.path)
+        {
+            let writable = v.shared && v.prot & libc::PROT_WRITE != 0;
+            let flags = if writable {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let fd = open_path(&id.path, flags)?;
+            maps.insert(id.path.clone(), push(fd, &mut keep)?);
         }
     }
     // The kernel refuses to replace the exe link while the old exe is still mapped; when the
@@ -603,11 +601,7 @@ fn create_threads(c: &mut Child, p: &ProcessImage, opts: &RestoreOptions) -> Cor
             libc::SYS_clone3,
             &[args, 88],
         )?;
-        let new = c
-            .inj
-            .new_threads
-            .pop()
-            .ok_or_else(|| CoreError::Vanished(t.tid))?;
+        let new = c.inj.new_threads.pop().ok_or(CoreError::Vanished(t.tid))?;
         loop {
             match wait_pid(new, 0).map_err(sys("waiting for a new thread"))?.1 {
                 WaitStatus::Stopped { .. } => break,

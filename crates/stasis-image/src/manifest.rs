@@ -421,13 +421,13 @@ impl Manifest {
                 }
             }
             for f in &p.files {
-                if let OpenFile::Pipe { data, .. } = f {
-                    if data.iter().any(|&c| c as usize >= nchunks) {
-                        return Err(format!(
-                            "process {}: pipe data names a missing chunk",
-                            p.pid
-                        ));
-                    }
+                if let OpenFile::Pipe { data, .. } = f
+                    && data.iter().any(|&c| c as usize >= nchunks)
+                {
+                    return Err(format!(
+                        "process {}: pipe data names a missing chunk",
+                        p.pid
+                    ));
                 }
             }
         }

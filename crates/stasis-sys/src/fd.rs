@@ -27,11 +27,8 @@ pub fn tee(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> SysResult<us
 pub fn queued_bytes(fd: BorrowedFd<'_>) -> SysResult<usize> {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int to a valid pointer.
-    check(
-        unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut n) }.into(),
-        "ioctl(FIONREAD)",
-        0,
-    )?;
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut n) }.into();
+    check(ret, "ioctl(FIONREAD)", 0)?;
     Ok(usize::try_from(n).unwrap_or(0))
 }
 

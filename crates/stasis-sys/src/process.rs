@@ -227,11 +227,8 @@ pub fn robust_list(tid: i32) -> SysResult<(u64, u64)> {
     let mut head: u64 = 0;
     let mut len: usize = 0;
     // SAFETY: both out-pointers are valid for writes of their types.
-    check(
-        unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &raw mut head, &raw mut len) },
-        "get_robust_list",
-        tid,
-    )?;
+    let ret = unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &raw mut head, &raw mut len) };
+    check(ret, "get_robust_list", tid)?;
     Ok((head, len as u64))
 }
 
@@ -247,11 +244,8 @@ pub fn prlimit(pid: i32, resource: u32, new: Option<(u64, u64)>) -> SysResult<(u
     };
     let newp = newlim.as_ref().map_or(std::ptr::null(), std::ptr::from_ref);
     // SAFETY: newp is null or points at a live rlimit64; old is writable.
-    check(
-        unsafe { libc::prlimit64(pid, resource as _, newp, &raw mut old) }.into(),
-        "prlimit",
-        pid,
-    )?;
+    let ret = unsafe { libc::prlimit64(pid, resource as _, newp, &raw mut old) }.into();
+    check(ret, "prlimit", pid)?;
     Ok((old.rlim_cur, old.rlim_max))
 }
 

@@ -14,12 +14,18 @@ use std::time::{Duration, Instant};
 
 /// The `stasis` binary under test (`$STASIS_TEST_BIN` overrides, for the unprivileged run).
 pub fn stasis_bin() -> PathBuf {
-    std::env::var_os("STASIS_TEST_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_stasis")), PathBuf::from)
+    std::env::var_os("STASIS_TEST_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_stasis")),
+        PathBuf::from,
+    )
 }
 
 /// Root of the repository (`$STASIS_TEST_REPO` overrides, for the unprivileged run).
 pub fn repo() -> PathBuf {
-    std::env::var_os("STASIS_TEST_REPO").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), PathBuf::from)
+    std::env::var_os("STASIS_TEST_REPO").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+        PathBuf::from,
+    )
 }
 
 static COMPILE: Mutex<()> = Mutex::new(());
