@@ -236,8 +236,13 @@ int main(int argc, char **argv) {
     sev.sigev_notify = SIGEV_SIGNAL;
     sev.sigev_signo = rt + 2;
     sev.sigev_value.sival_int = 0x5eed;
-    timer_t tid_a, tid_b;
+    timer_t tid_a, tid_b, dummy[3];
+    /* create and delete a few timers first so that the ids are not simply 0 and 1 */
+    for (int i = 0; i < 3; i++) timer_create(CLOCK_MONOTONIC, NULL, &dummy[i]);
+    for (int i = 0; i < 3; i++) timer_delete(dummy[i]);
     if (timer_create(CLOCK_MONOTONIC, &sev, &tid_a) != 0) report(0, "timer_create A: %s", strerror(errno));
+    for (int i = 0; i < 2; i++) timer_create(CLOCK_REALTIME, NULL, &dummy[i]);
+    for (int i = 0; i < 2; i++) timer_delete(dummy[i]);
     struct itimerspec its = {{0, 40000000}, {0, 40000000}};
     timer_settime(tid_a, 0, &its, NULL);
     struct sigevent sevn;
