@@ -137,10 +137,20 @@ impl Frozen {
     }
 
     /// Kills the process while it is still frozen: not one more instruction of it runs.
+    /// As its tracer we then collect every thread's exit, which releases the zombie to its
+    /// real parent (the caller itself reaps it here when it is the parent).
     pub fn kill(mut self) -> CoreResult<()> {
         self.released = true;
         stasis_sys::process::kill(self.pid, libc::SIGKILL)
-            .ctx(|| format!("killing process {}", self.pid))
+            .ctx(|| format!("killing process {}", self.pid))?;
+        for t in self.threads.iter().rev() {
+            while let Ok((_, st)) = wait_pid(t.tid, 0) {
+                if matches!(st, WaitStatus::Exited(_) | WaitStatus::Signaled(_)) {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -151,5 +161,80 @@ impl Drop for Frozen {
                 let _ = ptrace::detach(t.tid, 0);
             }
         }
+    }
+}
+
+/// Every process of a job, frozen.
+#[derive(Debug)]
+pub struct FrozenJob {
+    /// Frozen processes, parents before children.
+    pub processes: Vec<Frozen>,
+    /// Zombies of the job (cannot be traced; captured from `/proc`).
+    pub zombies: Vec<i32>,
+}
+
+/// Freezes every process below `supervisor` except its `init`: the whole job. Processes
+/// forked while freezing are caught by rescanning until the set is stable.
+pub fn freeze_job(supervisor: i32, init: Option<i32>, root: i32) -> CoreResult<FrozenJob> {
+    let mut job = FrozenJob {
+        processes: Vec::new(),
+        zombies: Vec::new(),
+    };
+    loop {
+        let known = |p: i32, job: &FrozenJob| {
+            job.processes.iter().any(|f| f.pid == p) || job.zombies.contains(&p)
+        };
+        let new: Vec<i32> = proc::descendants(supervisor)
+            .into_iter()
+            .filter(|&p| Some(p) != init && !known(p, &job))
+            .collect();
+        if new.is_empty() {
+            break;
+        }
+        for pid in new {
+            match proc::state(pid) {
+                Some(('Z', _)) => job.zombies.push(pid),
+                None => {}
+                Some(_) => match freeze(pid) {
+                    Ok(f) => job.processes.push(f),
+                    Err(CoreError::Vanished(p)) if p != root => {}
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    }
+    if !job.processes.iter().any(|f| f.pid == root) {
+        return Err(CoreError::Vanished(root));
+    }
+    // Parents before children: descendants() order, root first.
+    let order = proc::descendants(supervisor);
+    job.processes
+        .sort_by_key(|f| (f.pid != root, order.iter().position(|&p| p == f.pid)));
+    Ok(job)
+}
+
+impl FrozenJob {
+    /// Lets every process run on; `insns` gives each process's `syscall` instruction (for
+    /// re-queueing held signals).
+    pub fn thaw(self, insns: &std::collections::HashMap<i32, u64>) -> CoreResult<()> {
+        let mut first_err = None;
+        for f in self.processes {
+            let insn = insns.get(&f.pid).copied();
+            if let Err(e) = f.thaw(insn) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Kills every process while still frozen.
+    pub fn kill(self) -> CoreResult<()> {
+        let mut first_err = None;
+        for f in self.processes {
+            if let Err(e) = f.kill() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 }

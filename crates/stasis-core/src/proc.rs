@@ -345,3 +345,55 @@ pub fn pagemap(pid: i32, start: u64, end: u64) -> CoreResult<Vec<u64>> {
 pub fn alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Children of every thread of `pid` (from `/proc/PID/task/*/children`).
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Every descendant of `pid`, parents before children.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut queue = std::collections::VecDeque::from(children(pid));
+    while let Some(p) = queue.pop_front() {
+        if !out.contains(&p) {
+            out.push(p);
+            queue.extend(children(p));
+        }
+    }
+    out
+}
+
+/// Process state letter and raw exit status (`/proc/PID/stat` fields 3 and 52).
+pub fn state(pid: i32) -> Option<(char, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = text.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let exit = fields.get(52 - 3).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Some((state, exit))
+}
+
+/// The last entry of a `/proc/PID/status` id list (`NSpgid`, `NSsid`): the id in the
+/// innermost pid namespace, 0 when it lies outside it.
+pub fn ns_field(pid: i32, key: &str) -> i32 {
+    status_field(&format!("/proc/{pid}"), key)
+        .ok()
+        .and_then(|v| v.split_whitespace().last().and_then(|x| x.parse().ok()))
+        .unwrap_or(0)
+}

@@ -16,8 +16,28 @@ pub struct Manifest {
     pub job: JobInfo,
     /// Every process captured, parents before children.
     pub processes: Vec<ProcessImage>,
+    /// Open file descriptions of the whole job, referenced by descriptors (several
+    /// descriptors, in one or several processes, may share one).
+    pub files: Vec<OpenFile>,
+    /// Shared memory objects (shared anonymous memory, memfd, deleted files mapped shared),
+    /// referenced by mappings; one copy in the image however many processes map them.
+    #[serde(default)]
+    pub shared_memory: Vec<SharedMemory>,
     /// Chunks of the page pack, referenced by index.
     pub chunks: Vec<ChunkRef>,
+}
+
+/// A shared memory object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SharedMemory {
+    /// Its inode at checkpoint time (identity within the image).
+    pub inode: u64,
+    /// What `/proc` called it (`/dev/zero (deleted)`, `/memfd:x (deleted)`, …).
+    pub name: String,
+    /// Size in bytes (the furthest extent mapped).
+    pub size: u64,
+    /// Saved pages: `addr` is the offset in the object.
+    pub pages: Vec<PageRun>,
 }
 
 /// Job-wide facts of a generation.
@@ -63,12 +83,21 @@ pub struct Namespaces {
 }
 
 /// The saved state of one process.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ProcessImage {
     /// Pid inside the job's pid namespace.
     pub pid: i32,
-    /// Parent pid inside the job's pid namespace (0: the supervisor).
+    /// Parent pid inside the job's pid namespace (0: the supervisor, 1: the job's init).
     pub ppid: i32,
+    /// Process group inside the job's pid namespace (0: led from outside the job).
+    #[serde(default)]
+    pub pgid: i32,
+    /// Session inside the job's pid namespace (0: led from outside the job).
+    #[serde(default)]
+    pub sid: i32,
+    /// A zombie: its raw wait status. Zombies have no threads, memory or descriptors.
+    #[serde(default)]
+    pub zombie: Option<i32>,
     /// `/proc/PID/exe` target.
     pub exe: String,
     /// Command line, for display.
@@ -101,8 +130,6 @@ pub struct ProcessImage {
     pub threads: Vec<ThreadImage>,
     /// Memory mappings in address order.
     pub vmas: Vec<Vma>,
-    /// Open file descriptions, referenced by descriptors.
-    pub files: Vec<OpenFile>,
     /// The descriptor table.
     pub fds: Vec<Fd>,
 }
@@ -238,6 +265,8 @@ pub enum VmaKind {
     VvarVclock,
     /// `[vsyscall]` (fixed by the kernel, never restored).
     Vsyscall,
+    /// A shared memory object (see [`Vma::shmem`]).
+    Shmem,
 }
 
 /// One memory mapping.
@@ -261,6 +290,10 @@ pub struct Vma {
     pub offset: u64,
     /// Saved page runs (pages absent here are zero, or come from the file).
     pub pages: Vec<PageRun>,
+    /// For [`VmaKind::Shmem`]: index into [`Manifest::shared_memory`]; `offset` is the
+    /// offset in the object, and the pages are the object's.
+    #[serde(default)]
+    pub shmem: Option<u32>,
 }
 
 /// A contiguous run of saved pages, stored as one chunk of the pack.
@@ -344,7 +377,7 @@ pub enum OpenFile {
 pub struct Fd {
     /// Descriptor number.
     pub fd: i32,
-    /// Index into [`ProcessImage::files`].
+    /// Index into [`Manifest::files`].
     pub file: u32,
     /// `FD_CLOEXEC`.
     pub cloexec: bool,
@@ -366,8 +399,34 @@ impl Manifest {
         if self.processes.is_empty() {
             return Err("no processes".into());
         }
+        let run_len = |run: &PageRun| -> Result<u64, String> {
+            let chunk = self.chunks.get(run.chunk as usize).ok_or_else(|| {
+                format!(
+                    "page run at {:#x} names chunk {} of {nchunks}",
+                    run.addr, run.chunk
+                )
+            })?;
+            if !run.addr.is_multiple_of(4096) || !chunk.raw_len.is_multiple_of(4096) {
+                return Err(format!("page run at {:#x} is not page-aligned", run.addr));
+            }
+            Ok(u64::from(chunk.raw_len))
+        };
+        for (i, shm) in self.shared_memory.iter().enumerate() {
+            for run in &shm.pages {
+                let end = run
+                    .addr
+                    .checked_add(run_len(run)?)
+                    .ok_or("page run overflows")?;
+                if end > shm.size {
+                    return Err(format!(
+                        "shared memory object {i}: page run {:#x} beyond its size {}",
+                        run.addr, shm.size
+                    ));
+                }
+            }
+        }
         for p in &self.processes {
-            if p.threads.is_empty() {
+            if p.threads.is_empty() && p.zombie.is_none() {
                 return Err(format!("process {} has no threads", p.pid));
             }
             for t in &p.threads {
@@ -380,55 +439,55 @@ impl Manifest {
                 }
             }
             for v in &p.vmas {
-                if v.start >= v.end || v.start % 4096 != 0 || v.end % 4096 != 0 {
+                if v.start >= v.end || !v.start.is_multiple_of(4096) || !v.end.is_multiple_of(4096)
+                {
                     return Err(format!(
                         "process {}: bad mapping {:#x}-{:#x}",
                         p.pid, v.start, v.end
                     ));
                 }
+                if v.shmem
+                    .is_some_and(|s| s as usize >= self.shared_memory.len())
+                {
+                    return Err(format!(
+                        "process {}: mapping {:#x} names a missing shared memory object",
+                        p.pid, v.start
+                    ));
+                }
                 for run in &v.pages {
-                    let chunk = self.chunks.get(run.chunk as usize).ok_or_else(|| {
-                        format!(
-                            "page run at {:#x} names chunk {} of {nchunks}",
-                            run.addr, run.chunk
-                        )
-                    })?;
                     let end = run
                         .addr
-                        .checked_add(u64::from(chunk.raw_len))
+                        .checked_add(run_len(run)?)
                         .ok_or("page run overflows")?;
-                    if run.addr < v.start
-                        || end > v.end
-                        || run.addr % 4096 != 0
-                        || chunk.raw_len % 4096 != 0
-                    {
+                    if run.addr < v.start || end > v.end {
                         return Err(format!(
                             "process {}: page run {:#x}+{} outside mapping {:#x}-{:#x}",
-                            p.pid, run.addr, chunk.raw_len, v.start, v.end
+                            p.pid,
+                            run.addr,
+                            end - run.addr,
+                            v.start,
+                            v.end
                         ));
                     }
                 }
             }
             for fd in &p.fds {
-                if fd.fd < 0 || fd.file as usize >= p.files.len() {
+                if fd.fd < 0 || fd.file as usize >= self.files.len() {
                     return Err(format!(
                         "process {}: descriptor {} names file {} of {}",
                         p.pid,
                         fd.fd,
                         fd.file,
-                        p.files.len()
+                        self.files.len()
                     ));
                 }
             }
-            for f in &p.files {
-                if let OpenFile::Pipe { data, .. } = f
-                    && data.iter().any(|&c| c as usize >= nchunks)
-                {
-                    return Err(format!(
-                        "process {}: pipe data names a missing chunk",
-                        p.pid
-                    ));
-                }
+        }
+        for f in &self.files {
+            if let OpenFile::Pipe { data, .. } = f
+                && data.iter().any(|&c| c as usize >= nchunks)
+            {
+                return Err("pipe data names a missing chunk".into());
             }
         }
         Ok(())

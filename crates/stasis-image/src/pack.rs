@@ -104,6 +104,11 @@ impl PackWriter {
         Ok(u32::try_from(self.chunks.len() - 1).unwrap_or(u32::MAX))
     }
 
+    /// Raw length of chunk `index`, if it was written by this writer.
+    pub fn chunk_len(&self, index: u32) -> Option<u32> {
+        self.chunks.get(index as usize).map(|c| c.raw_len)
+    }
+
     /// Bytes written so far.
     pub fn bytes_written(&self) -> u64 {
         self.offset

@@ -71,10 +71,13 @@ fn manifest(chunk: u32) -> Manifest {
                     addr: 0x10000,
                     chunk,
                 }],
+                shmem: None,
             }],
-            files: vec![],
             fds: vec![],
+            ..ProcessImage::default()
         }],
+        files: vec![],
+        shared_memory: vec![],
         chunks: vec![],
     }
 }

@@ -111,14 +111,20 @@ pub fn write_message<T: Serialize>(mut stream: &UnixStream, msg: &T) -> std::io:
 
 use std::io::Read as _;
 
-/// Sends `req` to the supervisor of job `name` and returns its answer.
+/// Sends `req` to the supervisor of job `name` and returns its answer. A checkpoint may take
+/// long; any other request is answered within seconds or fails.
 pub fn request(name: &str, socket: &Path, req: &Request) -> JobResult<Response> {
     let stream = UnixStream::connect(socket).map_err(|_| JobError::NotRunning {
         name: name.to_owned(),
         socket: socket.display().to_string(),
     })?;
+    let timeout = if matches!(req, Request::Checkpoint { .. }) {
+        3600
+    } else {
+        10
+    };
     stream
-        .set_read_timeout(Some(Duration::from_secs(3600)))
+        .set_read_timeout(Some(Duration::from_secs(timeout)))
         .map_err(io_err(socket.display().to_string()))?;
     write_message(&stream, req).map_err(io_err(socket.display().to_string()))?;
     read_message(&stream).map_err(io_err(socket.display().to_string()))

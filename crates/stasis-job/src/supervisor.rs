@@ -1,6 +1,7 @@
 //! The supervisor: one process per job that owns its namespaces, is the parent of its
 //! program, takes checkpoints on request and restarts jobs from images.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -10,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use stasis_core::capture::capture_process;
-use stasis_core::freeze::freeze;
-use stasis_core::restore::{RestoreOptions, check_machine, clocks_now, restore_process};
+use stasis_core::capture::capture_job;
+use stasis_core::freeze::freeze_job;
+use stasis_core::restore::{RestoreOptions, check_machine, clocks_now, restore_job};
 use stasis_image::generation::{list_generations, resolve};
 use stasis_image::manifest::{JobInfo, Manifest, Namespaces};
 use stasis_image::pack::Compression;
@@ -69,7 +70,7 @@ pub struct Supervisor {
     listener: UnixListener,
     signals: OwnedFd,
     ns: NamespaceSetup,
-    init: Option<i32>,
+    init: Option<process::Init>,
     pid: i32,
     job_pid: i32,
     command: Vec<String>,
@@ -199,15 +200,14 @@ impl Supervisor {
                 );
                 let ns = namespaces::enter(offsets);
                 let init = start_init(&ns)?;
-                let p = image.manifest.processes[0].clone();
                 let opts = RestoreOptions {
                     force,
                     set_pids: ns.pid,
                 };
-                let restored = restore_process(&mut image, &p, &opts)?;
+                let restored = restore_job(&mut image, &opts)?;
                 let offsets = if ns.time { offsets } else { (0, 0) };
                 (
-                    restored.pid,
+                    restored.root,
                     ns,
                     init,
                     job.command,
@@ -312,8 +312,8 @@ impl Supervisor {
 
     fn shutdown(&mut self) {
         if let Some(init) = self.init.take() {
-            let _ = process::kill(init, libc::SIGKILL);
-            let _ = wait_pid(init, 0);
+            let _ = process::kill(init.pid, libc::SIGKILL);
+            let _ = wait_pid(init.pid, 0);
         }
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -360,28 +360,29 @@ impl Supervisor {
             return Err(JobError::Remote("the job has already exited".into()));
         }
         let t0 = Instant::now();
-        let frozen = freeze(self.pid)?;
+        let supervisor = i32::try_from(std::process::id()).unwrap_or(0);
+        let init = self.init.as_ref().map(|i| i.pid);
+        let frozen = freeze_job(supervisor, init, self.pid)?;
         let (mono, boot) = clocks_now();
         let mut writer = match GenerationWriter::begin(&self.job_dir, self.spec.compression) {
             Ok(w) => w,
             Err(e) => {
-                frozen.thaw(None)?;
+                frozen.thaw(&HashMap::new())?;
                 return Err(e.into());
             }
         };
-        let (image, vdso) = match capture_process(&frozen, 0, writer.pack()) {
+        let captured = match capture_job(&frozen, supervisor, init, writer.pack()) {
             Ok(x) => x,
             Err(e) => {
                 drop(writer);
-                let _ = frozen.thaw(None);
+                let _ = frozen.thaw(&HashMap::new());
                 return Err(e.into());
             }
         };
-        let insn = vdso.syscall_insn;
         let mut frozen = Some(frozen);
         let mut frozen_ms = 0.0;
         if !kill {
-            frozen.take().map(|f| f.thaw(Some(insn))).transpose()?;
+            frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
             frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
         }
         let mut manifest = Manifest {
@@ -410,11 +411,13 @@ impl Supervisor {
                     .unwrap_or_default()
                     .trim()
                     .to_owned(),
-                vdso_blake3: vdso.blake3,
+                vdso_blake3: captured.vdso_blake3,
                 uid: process::uid(),
                 gid: process::gid(),
             },
-            processes: vec![image],
+            processes: captured.processes,
+            files: captured.files,
+            shared_memory: captured.shared_memory,
             chunks: Vec::new(),
         };
         let stored_bytes = writer.pack().bytes_written();
@@ -422,14 +425,16 @@ impl Supervisor {
             Ok(x) => x,
             Err(e) => {
                 if let Some(f) = frozen.take() {
-                    f.thaw(Some(insn))?;
+                    f.thaw(&captured.insns)?;
                 }
                 return Err(e.into());
             }
         };
         if let Some(f) = frozen.take() {
+            // Killing collects the root's exit too (we are its parent and its tracer).
             f.kill()?;
             self.killed_by_checkpoint = true;
+            self.exit = Some(128 + libc::SIGKILL);
             frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
         }
         self.checkpoints += 1;
@@ -450,13 +455,13 @@ impl Supervisor {
     }
 }
 
-fn start_init(ns: &NamespaceSetup) -> JobResult<Option<i32>> {
+fn start_init(ns: &NamespaceSetup) -> JobResult<Option<process::Init>> {
     if ns.pid {
-        let pid = process::spawn_init().map_err(|e| JobError::Spawn {
+        let init = process::spawn_init().map_err(|e| JobError::Spawn {
             program: "stasis-init".into(),
             reason: e.to_string(),
         })?;
-        Ok(Some(pid))
+        Ok(Some(init))
     } else {
         process::set_child_subreaper().map_err(|e| JobError::Remote(e.to_string()))?;
         Ok(None)

@@ -14,7 +14,8 @@ use crate::wait::{WaitStatus, wait_pid};
 pub struct Injector {
     tid: i32,
     insn: u64,
-    /// Threads created by injected `clone` calls (auto-attached, not yet waited for).
+    /// Threads and processes created by injected `clone`/`clone3`/`fork` calls
+    /// (auto-attached, not yet waited for).
     pub new_threads: Vec<i32>,
     /// Signals that arrived while injecting and were held back; the caller re-queues them.
     pub deferred_signals: Vec<i32>,
@@ -73,7 +74,10 @@ impl Injector {
                 WaitStatus::Stopped {
                     sig: libc::SIGTRAP,
                     event,
-                } if event == libc::PTRACE_EVENT_CLONE => {
+                } if event == libc::PTRACE_EVENT_CLONE
+                    || event == libc::PTRACE_EVENT_FORK
+                    || event == libc::PTRACE_EVENT_VFORK =>
+                {
                     let child = ptrace::event_msg(self.tid)?;
                     self.new_threads.push(i32::try_from(child).unwrap_or(-1));
                     ptrace::singlestep(self.tid, 0)?;

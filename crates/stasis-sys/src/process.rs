@@ -117,14 +117,26 @@ pub fn spawn(spec: &ExecSpec) -> SysResult<i32> {
 
 extern "C" fn on_sigchld(_: libc::c_int) {}
 
-/// Forks the namespace's init: it reaps every child reparented to it and dies with its
-/// parent (`PR_SET_PDEATHSIG`), which takes the whole pid namespace down with it.
-pub fn spawn_init() -> SysResult<i32> {
+/// The job's init, as seen by the supervisor.
+#[derive(Debug)]
+pub struct Init {
+    /// Its pid in the supervisor's view.
+    pub pid: i32,
+    /// The supervisor's end of the lifeline: when it closes (the supervisor exits, however
+    /// it dies), init exits, which takes the whole pid namespace down.
+    pub lifeline: OwnedFd,
+}
+
+/// Forks the namespace's init: it reaps every child reparented to it, and exits when the
+/// supervisor's end of the lifeline pipe closes.
+pub fn spawn_init() -> SysResult<Init> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SysError::new("pipe2", 0, e))?;
     let pid = clone3_fork(None)?;
     if pid == 0 {
         // SAFETY: async-signal-safe calls only, with valid arguments; the loop never returns.
         unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::close(w.as_raw_fd());
             libc::prctl(libc::PR_SET_NAME, c"stasis-init".as_ptr());
             let mut all: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&raw mut all);
@@ -138,14 +150,24 @@ pub fn spawn_init() -> SysResult<i32> {
             let mut wait_mask: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&raw mut wait_mask);
             libc::sigdelset(&raw mut wait_mask, libc::SIGCHLD);
+            let mut pfd = libc::pollfd {
+                fd: r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             loop {
                 let mut status = 0;
                 while libc::waitpid(-1, &raw mut status, libc::WNOHANG | libc::__WALL) > 0 {}
-                libc::sigsuspend(&raw const wait_mask);
+                pfd.revents = 0;
+                let n = libc::ppoll(&raw mut pfd, 1, std::ptr::null(), &raw const wait_mask);
+                if n > 0 && pfd.revents != 0 {
+                    libc::_exit(0);
+                }
             }
         }
     }
-    Ok(pid)
+    drop(r);
+    Ok(Init { pid, lifeline: w })
 }
 
 /// A forked copy of this process that blocks in `read` forever, waiting to be seized and
@@ -210,16 +232,13 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, target_fd: i32, pid: i32) -> SysResult<Owned
     Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap_or(-1)) })
 }
 
-/// `kcmp(KCMP_FILE)`: whether two descriptors of one process share an open file description.
-pub fn same_file_description(pid: i32, fd1: i32, fd2: i32) -> SysResult<bool> {
+/// `kcmp(KCMP_FILE)`: whether descriptor `fd1` of `pid1` and `fd2` of `pid2` share one open
+/// file description.
+pub fn same_file_description(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> SysResult<bool> {
     const KCMP_FILE: i32 = 0;
     // SAFETY: plain syscall with integer arguments.
-    let r = check(
-        unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2) },
-        "kcmp",
-        pid,
-    )?;
-    Ok(r == 0)
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) };
+    Ok(check(r, "kcmp", pid1)? == 0)
 }
 
 /// `get_robust_list(tid)`: the robust futex list head and its length.

@@ -62,6 +62,8 @@ pub mod options {
     pub const EXITKILL: u64 = libc::PTRACE_O_EXITKILL as u64;
     /// Auto-attach threads and children created with `clone`.
     pub const TRACECLONE: u64 = libc::PTRACE_O_TRACECLONE as u64;
+    /// Auto-attach children created with `fork` (or `clone3` with `SIGCHLD`).
+    pub const TRACEFORK: u64 = libc::PTRACE_O_TRACEFORK as u64;
     /// Mark syscall stops with bit 0x80.
     pub const TRACESYSGOOD: u64 = libc::PTRACE_O_TRACESYSGOOD as u64;
 }

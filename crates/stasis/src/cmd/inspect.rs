@@ -78,7 +78,7 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                 ));
             }
             for fd in &p.fds {
-                let what = match &p.files[fd.file as usize] {
+                let what = match &m.files[fd.file as usize] {
                     OpenFile::Path { file, pos, .. } => format!("{} @ {pos}", file.path),
                     OpenFile::Stdio { path, .. } => {
                         format!("stdio of the restart command (was {path})")

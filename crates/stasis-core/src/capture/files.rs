@@ -1,0 +1,201 @@
+//! Capturing descriptors: open file descriptions shared across the job, pipes with their
+//! queued data, and connections to the outside world at stdio.
+
+use std::collections::HashSet;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+use stasis_image::manifest::{Fd, OpenFile};
+use stasis_image::pack::PackWriter;
+use stasis_sys::{fd as sysfd, process};
+
+use super::file_id;
+use crate::error::{CoreError, CoreResult, SysContext, io_err};
+use crate::proc;
+
+/// The job-wide table of open file descriptions being built.
+#[derive(Debug, Default)]
+pub struct FileTable {
+    /// Descriptions, in manifest order.
+    pub files: Vec<OpenFile>,
+    /// For each description, one (pid, fd) holding it and its `/proc` link target.
+    owners: Vec<(i32, i32, String)>,
+    /// Pipes whose queued data is already saved.
+    pipes_with_data: HashSet<u64>,
+    kcmp_refused: bool,
+}
+
+fn is_terminal(path: &str, meta: &std::fs::Metadata) -> bool {
+    let major = (meta.rdev() >> 8) & 0xfff;
+    meta.file_type().is_char_device()
+        && (path.starts_with("/dev/pts/")
+            || path.starts_with("/dev/tty")
+            || path == "/dev/console"
+            || (136..=143).contains(&major))
+}
+
+fn pipe_data(pid: i32, ours: &OwnedFd, fd: i32, pack: &mut PackWriter) -> CoreResult<Vec<u32>> {
+    let queued = sysfd::queued_bytes(ours.as_fd())
+        .ctx(|| format!("reading the queue of pipe {fd} of process {pid}"))?;
+    if queued == 0 {
+        return Ok(Vec::new());
+    }
+    let capacity = sysfd::pipe_size(ours.as_fd()).ctx(|| "reading a pipe's size".into())?;
+    let (r, w) = nix::unistd::pipe().map_err(|e| CoreError::Sys {
+        context: "creating a pipe".into(),
+        source: stasis_sys::SysError::new("pipe", 0, e),
+    })?;
+    sysfd::set_pipe_size(w.as_fd(), capacity.max(queued)).ctx(|| "sizing a copy pipe".into())?;
+    // tee(2) copies without consuming: the job finds its data untouched.
+    let n = sysfd::tee(ours.as_fd(), w.as_fd(), queued)
+        .ctx(|| format!("copying the data queued in pipe {fd} of process {pid}"))?;
+    drop(w);
+    let mut data = Vec::with_capacity(n);
+    std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut data)
+        .map_err(io_err("pipe copy"))?;
+    data.chunks(1 << 20)
+        .map(|piece| Ok(pack.add(piece)?))
+        .collect()
+}
+
+impl FileTable {
+    /// The description `fd` of `pid` shares with one already in the table, if any.
+    fn shared_with(&mut self, pid: i32, fd: i32, target: &str) -> Option<u32> {
+        if self.kcmp_refused {
+            return None;
+        }
+        for (i, (opid, ofd, otarget)) in self.owners.iter().enumerate() {
+            if otarget != target {
+                continue;
+            }
+            match process::same_file_description(*opid, pid, *ofd, fd) {
+                Ok(true) => return u32::try_from(i).ok(),
+                Ok(false) => {}
+                Err(_) => {
+                    self.kcmp_refused = true;
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// Captures the descriptor table of one process.
+    pub fn capture_process(&mut self, pid: i32, pack: &mut PackWriter) -> CoreResult<Vec<Fd>> {
+        let entries = proc::fds(pid)?;
+        let pidfd =
+            process::pidfd_open(pid).ctx(|| format!("opening a pidfd for process {pid}"))?;
+        let mut fds = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let cloexec = e.flags & libc::O_CLOEXEC != 0;
+            let flags = e.flags & !libc::O_CLOEXEC;
+            if let Some(file) = self.shared_with(pid, e.fd, &e.target) {
+                fds.push(Fd {
+                    fd: e.fd,
+                    file,
+                    cloexec,
+                });
+                continue;
+            }
+            let unsupported = |why: &str| CoreError::Unsupported {
+                pid,
+                what: format!("descriptor {} ({})", e.fd, e.target),
+                why: why.into(),
+            };
+            let file = if let Some(inode) = e
+                .target
+                .strip_prefix("pipe:[")
+                .and_then(|s| s.strip_suffix(']'))
+            {
+                let inode: u64 = inode.parse().unwrap_or(0);
+                let write_end = flags & libc::O_ACCMODE == libc::O_WRONLY;
+                let ours = process::pidfd_getfd(&pidfd, e.fd, pid)
+                    .ctx(|| format!("fetching pipe descriptor {} of process {pid}", e.fd))?;
+                let capacity = sysfd::pipe_size(ours.as_fd()).unwrap_or(65536) as u64;
+                let data = if !write_end && self.pipes_with_data.insert(inode) {
+                    pipe_data(pid, &ours, e.fd, pack)?
+                } else {
+                    Vec::new()
+                };
+                OpenFile::Pipe {
+                    inode,
+                    write_end,
+                    flags,
+                    capacity,
+                    data,
+                }
+            } else if e.target.starts_with("socket:") && e.fd <= 2 {
+                OpenFile::Stdio {
+                    path: e.target.clone(),
+                    flags,
+                }
+            } else if e.target.starts_with("socket:") {
+                return Err(unsupported("sockets are not supported yet"));
+            } else if e.target.starts_with("anon_inode:") {
+                return Err(unsupported(
+                    "this kind of descriptor (eventfd, epoll, timerfd, signalfd, io_uring, …) is not supported yet",
+                ));
+            } else if e.target.ends_with(" (deleted)") {
+                return Err(unsupported(
+                    "the file was deleted while open; unlinked files are not supported yet",
+                ));
+            } else if e.target.starts_with('/') {
+                let link = format!("/proc/{pid}/fd/{}", e.fd);
+                let meta = std::fs::metadata(&link).map_err(io_err(&link))?;
+                if meta.file_type().is_fifo() || meta.file_type().is_socket() {
+                    return Err(unsupported(
+                        "named pipes and socket files are not supported yet",
+                    ));
+                }
+                if is_terminal(&e.target, &meta) {
+                    OpenFile::Stdio {
+                        path: e.target.clone(),
+                        flags,
+                    }
+                } else {
+                    OpenFile::Path {
+                        file: file_id(&e.target, &meta),
+                        flags,
+                        pos: e.pos,
+                    }
+                }
+            } else {
+                return Err(unsupported("unknown descriptor kind"));
+            };
+            self.files.push(file);
+            self.owners.push((pid, e.fd, e.target.clone()));
+            fds.push(Fd {
+                fd: e.fd,
+                file: u32::try_from(self.files.len() - 1).unwrap_or(0),
+                cloexec,
+            });
+        }
+        Ok(fds)
+    }
+
+    /// Finishes the table: a pipe with only one end in the job, held at a standard
+    /// descriptor, leads outside the job (e.g. `stasis run … | tee log`) and is reconnected
+    /// to the restarting command's stdio.
+    pub fn finish(mut self, processes: &[stasis_image::manifest::ProcessImage]) -> Vec<OpenFile> {
+        for i in 0..self.files.len() {
+            if let OpenFile::Pipe { inode, flags, .. } = self.files[i] {
+                let ends = self
+                    .files
+                    .iter()
+                    .filter(|f| matches!(f, OpenFile::Pipe { inode: other, .. } if *other == inode))
+                    .count();
+                let at_stdio = processes
+                    .iter()
+                    .flat_map(|p| &p.fds)
+                    .any(|d| d.file as usize == i && d.fd <= 2);
+                if ends == 1 && at_stdio {
+                    self.files[i] = OpenFile::Stdio {
+                        path: format!("pipe:[{inode}]"),
+                        flags,
+                    };
+                }
+            }
+        }
+        self.files
+    }
+}

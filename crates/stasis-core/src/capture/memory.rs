@@ -1,0 +1,260 @@
+//! Capturing memory: mappings, their saved pages, and shared memory objects.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use stasis_image::manifest::{PageRun, SharedMemory, Vma, VmaKind};
+use stasis_image::pack::PackWriter;
+use stasis_sys::inject::find_syscall_insn;
+use stasis_sys::mem;
+
+use super::file_id;
+use crate::error::{CoreError, CoreResult, SysContext, io_err};
+use crate::proc::{self, MapEntry};
+
+const PAGE: u64 = 4096;
+/// Pages per chunk of saved memory (1 MiB).
+const RUN_PAGES: usize = 256;
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// Where the `syscall` instruction used for injection lives, and the vdso's identity.
+#[derive(Debug, Clone)]
+pub struct VdsoInfo {
+    /// Address of a `syscall` instruction inside the process's `[vdso]`.
+    pub syscall_insn: u64,
+    /// blake3 of the vdso contents.
+    pub blake3: String,
+}
+
+/// Finds the process's vdso and a `syscall` instruction in it.
+pub fn vdso_info(pid: i32, maps: &[MapEntry]) -> CoreResult<VdsoInfo> {
+    let no = |why: &str| CoreError::Unsupported {
+        pid,
+        what: "the address space".into(),
+        why: why.into(),
+    };
+    let vdso = maps
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .ok_or_else(|| no("it has no [vdso] mapping"))?;
+    let len = usize::try_from(vdso.end - vdso.start).unwrap_or(0);
+    let bytes =
+        mem::read_vec(pid, vdso.start, len).ctx(|| format!("reading the vdso of process {pid}"))?;
+    let off =
+        find_syscall_insn(&bytes).ok_or_else(|| no("no syscall instruction found in its vdso"))?;
+    Ok(VdsoInfo {
+        syscall_insn: vdso.start + off as u64,
+        blake3: blake3::hash(&bytes).to_hex().to_string(),
+    })
+}
+
+/// Classifies a mapping by its `/proc` name; `Err` for mappings Stasis cannot save yet.
+pub fn vma_kind(pid: i32, m: &MapEntry) -> CoreResult<VmaKind> {
+    let unsupported = |why: &str| CoreError::Unsupported {
+        pid,
+        what: format!("mapping {:#x}-{:#x} {}", m.start, m.end, m.path),
+        why: why.into(),
+    };
+    Ok(match m.path.as_str() {
+        "" => VmaKind::Anon,
+        "[heap]" => VmaKind::Heap,
+        "[stack]" => VmaKind::Stack,
+        "[vdso]" => VmaKind::Vdso,
+        "[vvar]" => VmaKind::Vvar,
+        "[vvar_vclock]" => VmaKind::VvarVclock,
+        "[vsyscall]" => VmaKind::Vsyscall,
+        p if p.starts_with("[anon:") => VmaKind::Anon,
+        p if p.starts_with("/SYSV") => {
+            return Err(unsupported("SysV shared memory is not supported yet"));
+        }
+        p if m.shared && (p.starts_with("[anon_shmem:") || p.ends_with(" (deleted)")) => {
+            VmaKind::Shmem
+        }
+        p if p.ends_with(" (deleted)") => {
+            return Err(unsupported(
+                "a private mapping of a deleted file cannot be restored (its unmodified pages are gone with the file)",
+            ));
+        }
+        p if p.starts_with('/') && m.inode != 0 => VmaKind::File,
+        _ => {
+            return Err(unsupported(
+                "special mappings of this kind are not supported",
+            ));
+        }
+    })
+}
+
+/// Reads memory, falling back to `/proc/PID/mem` for ranges `process_vm_readv` refuses
+/// (e.g. `PROT_NONE` pages that hold data).
+fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> CoreResult<()> {
+    if mem::read(pid, addr, buf).is_ok_and(|n| n == buf.len()) {
+        return Ok(());
+    }
+    let path = format!("/proc/{pid}/mem");
+    let f = std::fs::File::open(&path).map_err(io_err(&path))?;
+    f.read_exact_at(buf, addr)
+        .map_err(io_err(format!("{path} at {addr:#x}")))
+}
+
+/// Saves the wanted pages of `[start, end)`: pages are read in runs, zero pages dropped, and
+/// each non-zero run stored as a chunk. `base` maps an address to the run's recorded address
+/// (the address itself, or an offset in a shared memory object); `skip` leaves out pages
+/// already saved (by recorded address).
+fn save_pages(
+    pid: i32,
+    m: &MapEntry,
+    wanted: impl Fn(u64) -> bool,
+    base: impl Fn(u64) -> u64,
+    skip: impl Fn(u64) -> bool,
+    pack: &mut PackWriter,
+) -> CoreResult<Vec<PageRun>> {
+    let pagemap = proc::pagemap(pid, m.start, m.end)?;
+    let want = |i: usize| wanted(pagemap[i]) && !skip(base(m.start + i as u64 * PAGE));
+    let mut runs = Vec::new();
+    let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
+    let mut i = 0;
+    while i < pagemap.len() {
+        if !want(i) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < pagemap.len() && i - start < RUN_PAGES && want(i) {
+            i += 1;
+        }
+        let addr = m.start + start as u64 * PAGE;
+        let data = &mut buf[..(i - start) * PAGE as usize];
+        read_memory(pid, addr, data)?;
+        let zero: Vec<bool> = data
+            .chunks(PAGE as usize)
+            .map(|p| p.iter().all(|&b| b == 0))
+            .collect();
+        let mut p = 0;
+        while p < zero.len() {
+            if zero[p] {
+                p += 1;
+                continue;
+            }
+            let s = p;
+            while p < zero.len() && !zero[p] {
+                p += 1;
+            }
+            let chunk = pack.add(&data[s * PAGE as usize..p * PAGE as usize])?;
+            runs.push(PageRun {
+                addr: base(addr + s as u64 * PAGE),
+                chunk,
+            });
+        }
+    }
+    Ok(runs)
+}
+
+/// Shared memory objects of a job, by inode; each page is saved once however many
+/// processes map it.
+#[derive(Debug, Default)]
+pub struct SharedObjects {
+    /// The objects, in manifest order.
+    pub objects: Vec<SharedMemory>,
+    index: HashMap<u64, usize>,
+    saved: Vec<HashSet<u64>>,
+}
+
+impl SharedObjects {
+    fn capture(&mut self, pid: i32, m: &MapEntry, pack: &mut PackWriter) -> CoreResult<u32> {
+        let i = match self.index.get(&m.inode) {
+            Some(&i) => i,
+            None => {
+                self.objects.push(SharedMemory {
+                    inode: m.inode,
+                    name: m.path.clone(),
+                    size: 0,
+                    pages: Vec::new(),
+                });
+                self.saved.push(HashSet::new());
+                self.index.insert(m.inode, self.objects.len() - 1);
+                self.objects.len() - 1
+            }
+        };
+        let obj = &mut self.objects[i];
+        obj.size = obj.size.max(m.offset + (m.end - m.start));
+        let saved = &mut self.saved[i];
+        let runs = save_pages(
+            pid,
+            m,
+            |e| e & (PM_PRESENT | PM_SWAPPED) != 0,
+            |a| m.offset + (a - m.start),
+            |off| saved.contains(&off),
+            pack,
+        )?;
+        for r in &runs {
+            let len = u64::from(pack.chunk_len(r.chunk).unwrap_or(0));
+            saved.extend((r.addr..r.addr + len).step_by(PAGE as usize));
+        }
+        obj.pages.extend(runs);
+        Ok(u32::try_from(i).unwrap_or(u32::MAX))
+    }
+}
+
+/// Captures every mapping of a process.
+pub fn capture_vmas(
+    pid: i32,
+    maps: &[MapEntry],
+    shared: &mut SharedObjects,
+    pack: &mut PackWriter,
+) -> CoreResult<Vec<Vma>> {
+    let mut out = Vec::with_capacity(maps.len());
+    for m in maps {
+        let kind = vma_kind(pid, m)?;
+        let mut file = None;
+        let mut shmem = None;
+        let pages = match kind {
+            VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => Vec::new(),
+            VmaKind::Shmem => {
+                shmem = Some(shared.capture(pid, m, pack)?);
+                Vec::new()
+            }
+            VmaKind::File => {
+                let meta = std::fs::metadata(&m.path).map_err(io_err(&m.path))?;
+                if meta.ino() != m.inode {
+                    return Err(CoreError::Unsupported {
+                        pid,
+                        what: format!("mapping of {}", m.path),
+                        why: "the file was replaced after it was mapped".into(),
+                    });
+                }
+                file = Some(file_id(&m.path, &meta));
+                if m.shared {
+                    Vec::new()
+                } else {
+                    // Private pages written by the process (present, no longer the file's).
+                    let wanted =
+                        |e: u64| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
+                    save_pages(pid, m, wanted, |a| a, |_| false, pack)?
+                }
+            }
+            VmaKind::Anon | VmaKind::Heap | VmaKind::Stack => save_pages(
+                pid,
+                m,
+                |e| e & (PM_PRESENT | PM_SWAPPED) != 0,
+                |a| a,
+                |_| false,
+                pack,
+            )?,
+        };
+        out.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.prot,
+            shared: m.shared,
+            growsdown: m.has_flag("gd"),
+            kind,
+            file,
+            offset: m.offset,
+            pages,
+            shmem,
+        });
+    }
+    Ok(out)
+}

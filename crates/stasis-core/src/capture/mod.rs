@@ -1,0 +1,101 @@
+//! Capturing a frozen job: every process, the open file descriptions and shared memory they
+//! share, and the page data, in one cut.
+
+mod files;
+mod memory;
+mod process;
+mod threads;
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+
+use stasis_image::manifest::{FileId, OpenFile, ProcessImage, SharedMemory};
+use stasis_image::pack::PackWriter;
+
+pub use memory::{VdsoInfo, vdso_info, vma_kind};
+pub use process::{JobTables, capture_process, capture_zombie};
+
+use crate::error::{CoreError, CoreResult};
+use crate::freeze::FrozenJob;
+use crate::proc;
+
+/// Identity of a file as saved in the image.
+pub(crate) fn file_id(path: &str, meta: &std::fs::Metadata) -> FileId {
+    FileId {
+        path: path.to_owned(),
+        size: meta.len(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ino: meta.ino(),
+        regular: meta.file_type().is_file(),
+    }
+}
+
+/// A captured job, ready to be written into a manifest.
+#[derive(Debug)]
+pub struct CapturedJob {
+    /// Processes, parents before children (zombies last).
+    pub processes: Vec<ProcessImage>,
+    /// Open file descriptions.
+    pub files: Vec<OpenFile>,
+    /// Shared memory objects.
+    pub shared_memory: Vec<SharedMemory>,
+    /// The vdso the job runs with.
+    pub vdso_blake3: String,
+    /// Each frozen process's `syscall` instruction (host pid → address), for thawing.
+    pub insns: HashMap<i32, u64>,
+}
+
+/// The parent of host process `pid` as the job sees it: 0 for the supervisor, 1 for the
+/// job's init, else its pid in the job's namespace.
+fn job_ppid(pid: i32, supervisor: i32, init: Option<i32>) -> CoreResult<i32> {
+    let host = proc::stat(pid)?.ppid;
+    if host == supervisor {
+        Ok(0)
+    } else if Some(host) == init {
+        Ok(1)
+    } else {
+        proc::ns_pid(&format!("/proc/{host}"))
+    }
+}
+
+/// Captures every process of a frozen job into `pack`.
+pub fn capture_job(
+    job: &FrozenJob,
+    supervisor: i32,
+    init: Option<i32>,
+    pack: &mut PackWriter,
+) -> CoreResult<CapturedJob> {
+    let mut tables = JobTables {
+        pack,
+        files: files::FileTable::default(),
+        shared: memory::SharedObjects::default(),
+    };
+    let mut processes = Vec::with_capacity(job.processes.len() + job.zombies.len());
+    let mut insns = HashMap::new();
+    let mut vdso_blake3 = None;
+    for f in &job.processes {
+        let ppid = job_ppid(f.pid, supervisor, init)?;
+        let (image, vdso) = capture_process(f, ppid, &mut tables)?;
+        if vdso_blake3.as_ref().is_some_and(|b| *b != vdso.blake3) {
+            return Err(CoreError::Unsupported {
+                pid: f.pid,
+                what: "its vdso".into(),
+                why: "processes of one job run with different vdsos".into(),
+            });
+        }
+        vdso_blake3 = Some(vdso.blake3);
+        insns.insert(f.pid, vdso.syscall_insn);
+        processes.push(image);
+    }
+    for &z in &job.zombies {
+        processes.push(capture_zombie(z, job_ppid(z, supervisor, init)?)?);
+    }
+    let files = tables.files.finish(&processes);
+    Ok(CapturedJob {
+        processes,
+        files,
+        shared_memory: tables.shared.objects,
+        vdso_blake3: vdso_blake3.unwrap_or_default(),
+        insns,
+    })
+}

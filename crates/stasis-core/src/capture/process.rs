@@ -1,0 +1,134 @@
+//! Capturing one frozen process into its saved state.
+
+use stasis_image::manifest::{MmFields, ProcessImage, Rlimit};
+use stasis_image::pack::PackWriter;
+use stasis_sys::inject::Injector;
+use stasis_sys::{Errno, process, ptrace};
+
+use super::files::FileTable;
+use super::memory::{SharedObjects, VdsoInfo, capture_vmas, vdso_info};
+use super::threads::{capture_sigactions, capture_thread, capture_timers};
+use crate::error::{CoreResult, SysContext};
+use crate::freeze::{Frozen, stack_scratch};
+use crate::proc;
+
+const NUM_RLIMITS: u32 = 16;
+
+fn hex_field(pid_path: &str, key: &str) -> CoreResult<u64> {
+    Ok(u64::from_str_radix(&proc::status_field(pid_path, key)?, 16).unwrap_or(0))
+}
+
+/// Job-wide tables filled while capturing the processes of one job.
+#[derive(Debug)]
+pub struct JobTables<'a> {
+    /// Page pack being written.
+    pub pack: &'a mut PackWriter,
+    /// Open file descriptions.
+    pub files: FileTable,
+    /// Shared memory objects.
+    pub shared: SharedObjects,
+}
+
+/// Captures one frozen process: threads, memory, descriptors and process-wide state.
+/// `ppid` is its parent's pid in the job's namespace.
+pub fn capture_process(
+    frozen: &Frozen,
+    ppid: i32,
+    tables: &mut JobTables<'_>,
+) -> CoreResult<(ProcessImage, VdsoInfo)> {
+    let pid = frozen.pid;
+    let pid_path = format!("/proc/{pid}");
+    let maps = proc::maps(pid)?;
+    let vdso = vdso_info(pid, &maps)?;
+    let threads = frozen
+        .threads
+        .iter()
+        .map(|t| capture_thread(pid, t, vdso.syscall_insn))
+        .collect::<CoreResult<Vec<_>>>()?;
+
+    let main = frozen.threads[0].tid;
+    let scratch = stack_scratch(main)?;
+    let mut inj = Injector::new(main, vdso.syscall_insn);
+    let sigactions = capture_sigactions(&mut inj, scratch)?;
+    let brk = inj
+        .call("brk", libc::SYS_brk, &[0])
+        .ctx(|| format!("reading the program break of process {pid}"))?;
+    let (itimers, posix_timers) = capture_timers(pid, &mut inj, scratch)?;
+    let shared_pending = ptrace::peek_siginfo(main, true)
+        .ctx(|| format!("reading shared pending signals of process {pid}"))?
+        .iter()
+        .map(|s| s.to_vec())
+        .collect();
+
+    let mut rlimits = Vec::new();
+    for resource in 0..NUM_RLIMITS {
+        match process::prlimit(pid, resource, None) {
+            Ok((cur, max)) => rlimits.push(Rlimit { resource, cur, max }),
+            Err(e) if e.errno == Errno::EINVAL => {}
+            Err(e) => {
+                return Err(e)
+                    .ctx(|| format!("reading resource limit {resource} of process {pid}"));
+            }
+        }
+    }
+    let st = proc::stat(pid)?;
+    let personality = std::fs::read_to_string(format!("{pid_path}/personality"))
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+        .unwrap_or(0);
+    let fds = tables.files.capture_process(pid, tables.pack)?;
+    let vmas = capture_vmas(pid, &maps, &mut tables.shared, tables.pack)?;
+    let image = ProcessImage {
+        pid: proc::ns_pid(&pid_path)?,
+        ppid,
+        pgid: proc::ns_field(pid, "NSpgid"),
+        sid: proc::ns_field(pid, "NSsid"),
+        zombie: None,
+        exe: proc::link(pid, "exe")?,
+        cmdline: proc::cmdline(pid),
+        cwd: proc::link(pid, "cwd")?,
+        umask: u32::from_str_radix(&proc::status_field(&pid_path, "Umask")?, 8).unwrap_or(0o022),
+        mm: MmFields {
+            start_code: st.start_code,
+            end_code: st.end_code,
+            start_data: st.start_data,
+            end_data: st.end_data,
+            start_brk: st.start_brk,
+            brk,
+            start_stack: st.start_stack,
+            arg_start: st.arg_start,
+            arg_end: st.arg_end,
+            env_start: st.env_start,
+            env_end: st.env_end,
+        },
+        auxv: proc::auxv(pid)?,
+        rlimits,
+        sigactions,
+        shared_pending,
+        itimers,
+        posix_timers,
+        caps: [
+            hex_field(&pid_path, "CapInh")?,
+            hex_field(&pid_path, "CapPrm")?,
+            hex_field(&pid_path, "CapEff")?,
+        ],
+        personality,
+        threads,
+        vmas,
+        fds,
+    };
+    Ok((image, vdso))
+}
+
+/// The saved state of a zombie: identity, parent and exit status only.
+pub fn capture_zombie(pid: i32, ppid: i32) -> CoreResult<ProcessImage> {
+    let status = proc::state(pid).map_or(0, |s| s.1);
+    Ok(ProcessImage {
+        pid: proc::ns_pid(&format!("/proc/{pid}"))?,
+        ppid,
+        pgid: proc::ns_field(pid, "NSpgid"),
+        sid: proc::ns_field(pid, "NSsid"),
+        zombie: Some(status),
+        ..ProcessImage::default()
+    })
+}

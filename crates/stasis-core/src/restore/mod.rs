@@ -1,0 +1,273 @@
+//! Restoring a job by remote control.
+//!
+//! The restorer stages every descriptor the job needs ([`stage`]), creates all processes
+//! parked and traced with their original pids and parents ([`tree`]), rebuilds each one by
+//! injected system calls — address space ([`memory`]), descriptors, process-wide state,
+//! threads and signals ([`state`]) — and only then loads every thread's registers and lets
+//! the whole job run at once.
+
+mod child;
+mod memory;
+mod stage;
+mod state;
+mod tree;
+
+use std::os::unix::fs::MetadataExt;
+
+use stasis_image::OpenGeneration;
+use stasis_image::manifest::{FileId, Manifest, OpenFile, ProcessImage};
+use stasis_sys::inject::{Injector, find_syscall_insn};
+use stasis_sys::{mem, process, ptrace};
+
+use crate::error::{CoreError, CoreResult, SysContext};
+use crate::{proc, regs};
+use child::{Child, sys};
+use stage::Staged;
+
+const SCRATCH_LEN: u64 = 16 * 4096;
+const RSEQ_FLAG_UNREGISTER: u64 = 1;
+
+/// How to restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Restore even if files changed since the checkpoint.
+    pub force: bool,
+    /// Ask for the saved pids (the caller created a pid namespace for its children).
+    pub set_pids: bool,
+}
+
+/// A restored, running job.
+#[derive(Debug)]
+pub struct RestoredJob {
+    /// The root process's pid in the caller's view (a child of the caller).
+    pub root: i32,
+    /// Processes restored (zombies included).
+    pub processes: usize,
+}
+
+/// Checks that this machine can run the image: the same vdso.
+pub fn check_machine(vdso_blake3: &str) -> CoreResult<()> {
+    let (base, len) = own_vdso()?;
+    let ours = blake3::hash(&mem::own_bytes(base, len))
+        .to_hex()
+        .to_string();
+    if ours != vdso_blake3 {
+        return Err(CoreError::Incompatible(
+            "this kernel's vdso differs from the one the job ran with (another kernel version or build); restore on a machine running the same kernel".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn own_vdso() -> CoreResult<(u64, usize)> {
+    let maps = proc::maps(std::process::id() as i32)?;
+    let v = maps
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .ok_or_else(|| CoreError::Incompatible("this process has no vdso".into()))?;
+    Ok((v.start, usize::try_from(v.end - v.start).unwrap_or(0)))
+}
+
+/// Checks that a file is still the one saved (size and mtime for regular files).
+pub fn check_file(id: &FileId) -> CoreResult<()> {
+    let meta = std::fs::metadata(&id.path).map_err(|e| CoreError::FileChanged {
+        path: id.path.clone(),
+        detail: format!("cannot be opened ({e})"),
+    })?;
+    if id.regular {
+        let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+        if meta.len() != id.size || mtime != id.mtime_ns {
+            return Err(CoreError::FileChanged {
+                path: id.path.clone(),
+                detail: format!(
+                    "changed since the checkpoint (size {} -> {}, mtime changed: {})",
+                    id.size,
+                    meta.len(),
+                    mtime != id.mtime_ns
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every file the job had open for reading, or mapped, is unchanged. Files open
+/// only for writing (logs, output) need only exist: others may have appended to them.
+pub fn check_files(m: &Manifest) -> CoreResult<()> {
+    for f in &m.files {
+        if let OpenFile::Path { file, flags, .. } = f {
+            if flags & libc::O_ACCMODE == libc::O_WRONLY {
+                std::fs::metadata(&file.path).map_err(|e| CoreError::FileChanged {
+                    path: file.path.clone(),
+                    detail: format!("cannot be opened ({e})"),
+                })?;
+            } else {
+                check_file(file)?;
+            }
+        }
+    }
+    for id in m
+        .processes
+        .iter()
+        .flat_map(|p| &p.vmas)
+        .filter(|v| v.shmem.is_none())
+        .filter_map(|v| v.file.as_ref())
+    {
+        check_file(id)?;
+    }
+    Ok(())
+}
+
+/// The current monotonic and boot-time clocks of the caller, in nanoseconds.
+pub fn clocks_now() -> (u64, u64) {
+    (
+        process::clock_ns(libc::CLOCK_MONOTONIC),
+        process::clock_ns(libc::CLOCK_BOOTTIME),
+    )
+}
+
+/// Refuses a CPU lacking XSAVE features the image's threads use.
+fn check_cpu(probe: i32, m: &Manifest) -> CoreResult<()> {
+    let current = regs::xstate_features(
+        &ptrace::get_xstate(probe).map_err(sys("reading this CPU's extended state"))?,
+    )
+    .unwrap_or(0);
+    for t in m.processes.iter().flat_map(|p| &p.threads) {
+        let saved = regs::xstate_features(&t.xstate).unwrap_or(0);
+        if saved & !current != 0 {
+            return Err(CoreError::Incompatible(format!(
+                "the image uses CPU state features {saved:#x} but this CPU offers only {current:#x}; restore on a CPU with the same features"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A rebuilt process waiting to be released: its threads (restorer's view) and their state.
+struct Rebuilt {
+    tids: Vec<i32>,
+}
+
+fn rebuild(
+    c: &mut Child,
+    image: &mut OpenGeneration,
+    p: &ProcessImage,
+    st: &Staged,
+    vdso_off: u64,
+    opts: &RestoreOptions,
+) -> CoreResult<Rebuilt> {
+    let rseq = ptrace::get_rseq(c.pid).map_err(sys("reading the inherited rseq registration"))?;
+    if rseq.abi_pointer != 0 {
+        c.call(
+            "unregistering the inherited rseq area",
+            libc::SYS_rseq,
+            &[
+                rseq.abi_pointer,
+                u64::from(rseq.len),
+                RSEQ_FLAG_UNREGISTER,
+                u64::from(rseq.signature),
+            ],
+        )?;
+    }
+    memory::teardown_and_move_specials(c, p, vdso_off)?;
+    let scratch = memory::free_area(&p.vmas, &[], SCRATCH_LEN)?;
+    let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
+    c.call(
+        "mapping scratch memory",
+        libc::SYS_mmap,
+        &[
+            scratch,
+            SCRATCH_LEN,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            anon,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    c.scratch = scratch;
+    memory::map_memory(c, image, p, st)?;
+    memory::set_mm(c, p, st.exes.get(&p.exe).copied().unwrap_or(-1))?;
+    state::install_fds(c, p, st)?;
+    state::restore_process_state(c, p)?;
+    let tids = state::create_threads(c, p, opts)?;
+    let insn = c.inj.insn();
+    let mut injs: Vec<Injector> = Vec::new();
+    for (host, t) in tids.iter().zip(&p.threads) {
+        injs.push(state::restore_thread_state(c, *host, t, insn)?);
+    }
+    state::restore_posix_timers(c, p, &std::collections::HashMap::new())?;
+    state::queue_signals(c, p, &mut injs)?;
+    state::drop_caps(c, p)?;
+    c.call(
+        "unmapping scratch memory",
+        libc::SYS_munmap,
+        &[scratch, SCRATCH_LEN],
+    )?;
+    Ok(Rebuilt { tids })
+}
+
+fn release(p: &ProcessImage, r: &Rebuilt) -> CoreResult<()> {
+    for (host, t) in r.tids.iter().zip(&p.threads) {
+        ptrace::set_xstate(*host, &t.xstate)
+            .ctx(|| format!("restoring extended state of thread {}", t.tid))?;
+        let saved = ptrace::regs_from_words(&t.regs)
+            .ok_or_else(|| CoreError::Incompatible("bad register record".into()))?;
+        ptrace::set_regs(*host, &regs::for_restore(&saved))
+            .ctx(|| format!("restoring registers of thread {}", t.tid))?;
+    }
+    Ok(())
+}
+
+/// Restores every process of generation `image` as descendants of the caller and lets the
+/// job run. The caller must be single-threaded while this runs, and reaps the root.
+pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreResult<RestoredJob> {
+    let m = image.manifest.clone();
+    if !opts.force {
+        check_files(&m)?;
+    }
+    let (vdso_base, vdso_len) = own_vdso()?;
+    let vdso_off = find_syscall_insn(&mem::own_bytes(vdso_base, vdso_len)).ok_or_else(|| {
+        CoreError::Incompatible("no syscall instruction in this kernel's vdso".into())
+    })? as u64;
+    let staged = stage::stage(image, &m)?;
+    let mut tree = tree::create(&m, opts, vdso_base + vdso_off)?;
+    let result = (|| -> CoreResult<Vec<(usize, Rebuilt)>> {
+        if let Some(probe) = tree.children.iter().flatten().next() {
+            check_cpu(probe.pid, &m)?;
+        }
+        let mut rebuilt = Vec::new();
+        for (i, p) in m.processes.iter().enumerate() {
+            if let Some(c) = tree.children[i].as_mut() {
+                rebuilt.push((i, rebuild(c, image, p, &staged, vdso_off, opts)?));
+            }
+        }
+        for (i, r) in &rebuilt {
+            release(&m.processes[*i], r)?;
+        }
+        Ok(rebuilt)
+    })();
+    let rebuilt = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tree.kill_all();
+            return Err(e);
+        }
+    };
+    // Let the whole job run at once, children's threads first.
+    for (_, r) in rebuilt.iter().rev() {
+        for &tid in r.tids.iter().rev() {
+            ptrace::detach(tid, 0).ctx(|| format!("releasing thread {tid}"))?;
+        }
+    }
+    let root = tree
+        .children
+        .first()
+        .and_then(|c| c.as_ref())
+        .map(|c| c.pid)
+        .ok_or(CoreError::Vanished(0))?;
+    drop(staged);
+    Ok(RestoredJob {
+        root,
+        processes: m.processes.len(),
+    })
+}

@@ -1,0 +1,193 @@
+//! Staging: everything the restored processes will hold open is prepared in the restorer
+//! first, at high descriptor numbers, and inherited by the processes it forks.
+//!
+//! Files are opened with their saved flags and offset; pipes are created, sized and
+//! refilled; stdio connections are duplicated from the restorer's own stdin/stdout/stderr;
+//! shared memory objects become memfds filled with their saved pages. Open file
+//! descriptions shared by several descriptors — in one process or several — are staged once,
+//! so they stay shared.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use nix::fcntl::OFlag;
+use stasis_image::OpenGeneration;
+use stasis_image::manifest::{Manifest, OpenFile};
+use stasis_sys::{SysError, fd as sysfd};
+
+use super::child::sys;
+use crate::error::{CoreError, CoreResult};
+
+/// Descriptors staged in the restorer.
+#[derive(Debug)]
+pub(super) struct Staged {
+    /// Descriptor number of each entry of `Manifest::files`.
+    pub files: Vec<RawFd>,
+    /// Descriptor number of each mapped file, by path.
+    pub maps: HashMap<String, RawFd>,
+    /// Descriptor number of each process's executable (−1: leave the exe link alone).
+    pub exes: HashMap<String, RawFd>,
+    /// Descriptor number of each shared memory object.
+    pub shmem: Vec<RawFd>,
+    /// Lowest staged number: every process closes everything at or above it at the end.
+    pub base: RawFd,
+    keep: Vec<OwnedFd>,
+}
+
+fn open_path(path: &str, flags: i32) -> CoreResult<OwnedFd> {
+    let flags = OFlag::from_bits_retain(
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC),
+    ) | OFlag::O_NOCTTY;
+    nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty()).map_err(|e| {
+        CoreError::FileChanged {
+            path: path.to_owned(),
+            detail: format!("cannot be opened ({e})"),
+        }
+    })
+}
+
+fn errno(context: &'static str) -> impl FnOnce(nix::errno::Errno) -> CoreError {
+    move |e| sys(context)(SysError::new(context, 0, e))
+}
+
+impl Staged {
+    fn push(&mut self, fd: OwnedFd) -> CoreResult<RawFd> {
+        let high =
+            sysfd::dup_at_least(fd.as_fd(), self.base).map_err(sys("staging a descriptor"))?;
+        let n = high.as_raw_fd();
+        self.keep.push(high);
+        Ok(n)
+    }
+}
+
+/// Stages every descriptor, mapped file, executable and shared memory object of `m`.
+pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Staged> {
+    let max_fd = m
+        .processes
+        .iter()
+        .flat_map(|p| &p.fds)
+        .map(|f| f.fd)
+        .max()
+        .unwrap_or(2);
+    let mut st = Staged {
+        files: Vec::new(),
+        maps: HashMap::new(),
+        exes: HashMap::new(),
+        shmem: Vec::new(),
+        base: (max_fd + 1).max(256),
+        keep: Vec::new(),
+    };
+    let mut pipes: HashMap<u64, (OwnedFd, OwnedFd)> = HashMap::new();
+    for (index, f) in m.files.iter().enumerate() {
+        let fd = match f {
+            OpenFile::Path { file, flags, pos } => {
+                let fd = open_path(&file.path, *flags)?;
+                if file.regular || *pos != 0 {
+                    let _ = nix::unistd::lseek(
+                        fd.as_fd(),
+                        i64::try_from(*pos).unwrap_or(0),
+                        nix::unistd::Whence::SeekSet,
+                    );
+                }
+                fd
+            }
+            OpenFile::Stdio { flags, .. } => {
+                let lowest = m
+                    .processes
+                    .iter()
+                    .flat_map(|p| &p.fds)
+                    .filter(|d| d.file as usize == index)
+                    .map(|d| d.fd)
+                    .min()
+                    .unwrap_or(0);
+                let ours = if (0..=2).contains(&lowest) {
+                    lowest
+                } else if flags & libc::O_ACCMODE == libc::O_RDONLY {
+                    0
+                } else {
+                    1
+                };
+                sysfd::dup_raw_at_least(ours, st.base)
+                    .map_err(sys("duplicating the restart command's stdio"))?
+            }
+            OpenFile::Pipe {
+                inode,
+                write_end,
+                flags,
+                capacity,
+                data,
+            } => {
+                if !pipes.contains_key(inode) {
+                    let (r, w) = nix::unistd::pipe().map_err(errno("pipe"))?;
+                    sysfd::set_pipe_size(w.as_fd(), usize::try_from(*capacity).unwrap_or(65536))
+                        .map_err(sys("sizing a pipe"))?;
+                    pipes.insert(*inode, (r, w));
+                }
+                let (r, w) = &pipes[inode];
+                for &chunk in data {
+                    let bytes = image.chunk(chunk)?;
+                    nix::unistd::write(w, &bytes).map_err(errno("refilling a pipe"))?;
+                }
+                let end = if *write_end { w } else { r };
+                let dup =
+                    sysfd::dup_at_least(end.as_fd(), st.base).map_err(sys("staging a pipe"))?;
+                sysfd::set_status_flags(dup.as_fd(), flags & (libc::O_NONBLOCK | libc::O_DIRECT))
+                    .map_err(sys("setting pipe flags"))?;
+                dup
+            }
+        };
+        let n = st.push(fd)?;
+        st.files.push(n);
+    }
+    for p in &m.processes {
+        for v in &p.vmas {
+            if let Some(id) = &v.file
+                && v.shmem.is_none()
+                && !st.maps.contains_key(&id.path)
+            {
+                let writable = v.shared && v.prot & libc::PROT_WRITE != 0;
+                let fd = open_path(
+                    &id.path,
+                    if writable {
+                        libc::O_RDWR
+                    } else {
+                        libc::O_RDONLY
+                    },
+                )?;
+                let n = st.push(fd)?;
+                st.maps.insert(id.path.clone(), n);
+            }
+        }
+        if p.zombie.is_none() && !st.exes.contains_key(&p.exe) {
+            // The kernel refuses to replace the exe link while the old exe is still mapped;
+            // when the restorer runs the image's own binary the link is already right.
+            let same = std::fs::read_link("/proc/self/exe")
+                .is_ok_and(|own| own.as_os_str() == std::ffi::OsStr::new(&p.exe));
+            let n = if same {
+                -1
+            } else {
+                st.push(open_path(&p.exe, libc::O_RDONLY)?)?
+            };
+            st.exes.insert(p.exe.clone(), n);
+        }
+    }
+    for (i, obj) in m.shared_memory.iter().enumerate() {
+        let fd = nix::sys::memfd::memfd_create(c"stasis-shmem", nix::sys::memfd::MFdFlags::empty())
+            .map_err(errno("memfd_create"))?;
+        nix::unistd::ftruncate(&fd, i64::try_from(obj.size).unwrap_or(0))
+            .map_err(errno("sizing shared memory"))?;
+        let file = std::fs::File::from(fd);
+        for run in &obj.pages {
+            let bytes = image.chunk(run.chunk)?;
+            std::os::unix::fs::FileExt::write_all_at(&file, &bytes, run.addr).map_err(|e| {
+                CoreError::Io {
+                    path: format!("shared memory object {i}"),
+                    source: e,
+                }
+            })?;
+        }
+        let n = st.push(OwnedFd::from(file))?;
+        st.shmem.push(n);
+    }
+    Ok(st)
+}
