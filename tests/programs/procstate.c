@@ -6,7 +6,7 @@
  * SIGUSR1 from raise, process-wide SIGUSR2 from kill, two queued SIGRTMIN+3 with values,
  * a thread-directed SIGRTMIN+1 with a value), a periodic ITIMER_REAL, two POSIX timers
  * (periodic SIGEV_SIGNAL on CLOCK_MONOTONIC and an armed SIGEV_NONE one), cwd, umask,
- * rlimits, comm, and records /proc/self/{exe,cmdline,environ,auxv,stat}, AT_RANDOM, brk,
+ * rlimits, personality, comm, and records /proc/self/{exe,cmdline,environ,auxv,stat}, AT_RANDOM, brk,
  * pid and ppid. After WORKDIR/go exists it compares everything, prints PASS/FAIL lines and
  * "DONE <failures>".
  */
@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/auxv.h>
+#include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -272,6 +273,8 @@ int main(int argc, char **argv) {
     rl.rlim_cur = rl.rlim_cur / 2;
     setrlimit(RLIMIT_MSGQUEUE, &rl);
     for (int r = 0; r < RLIM_NLIMITS; r++) getrlimit(r, &rlim0[r]);
+    personality(PER_LINUX | ADDR_NO_RANDOMIZE);
+    int pers0 = personality(0xffffffff);
     prctl(PR_SET_NAME, "stasis-procst");
     prctl(PR_GET_NAME, comm0);
 
@@ -430,6 +433,8 @@ int main(int argc, char **argv) {
     }
     report(!bad && rlim0[RLIMIT_NOFILE].rlim_cur == 200 && rlim0[RLIMIT_CORE].rlim_cur == 0,
            "rlimits: %d of %d differ %s", bad, RLIM_NLIMITS, first);
+    int pers1 = personality(0xffffffff);
+    report(pers1 == pers0 && (pers0 & ADDR_NO_RANDOMIZE), "personality %#x (was %#x)", pers1, pers0);
     char comm1[17] = "", comm_proc[64] = "";
     prctl(PR_GET_NAME, comm1);
     size_t cl = read_file("/proc/self/comm", comm_proc, sizeof comm_proc - 1);

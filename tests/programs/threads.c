@@ -1,8 +1,8 @@
 /* threads: a multi-threaded, self-checking program for checkpoint/restart.
  *
  * Usage: threads WORKDIR
- * Starts six threads besides the main one, each with its own TLS values, signal mask and
- * sigaltstack, and records per thread (before printing READY): tid, fs base, robust list
+ * Starts six threads besides the main one, each with its own name, TLS values, signal mask
+ * and sigaltstack, and records per thread (before printing READY): tid, fs base, robust list
  * head, rseq registration, the alternate stack, the mask. Then the threads sit in:
  *   fpu     - a tight asm loop that keeps distinct values in general registers and in
  *             ymm0-15 (or zmm0-31 and k1-k7 with AVX-512), with a non-default rounding
@@ -11,12 +11,16 @@
  *   condwait- pthread_cond_wait on a predicate the main thread sets after "go";
  *   reader  - read() on a pipe whose write end the main thread writes after "go";
  *   futex   - a raw FUTEX_WAIT that must only return once woken (never EINTR);
- *   poller  - polling a flag every 10 ms, with no alternate stack.
+ *   poller  - polling a flag every 10 ms, with no alternate stack and a thread-directed
+ *             signal pending (the handler must then run in the poller, with its value).
+ * Before READY the main thread waits until /proc shows the four blocking threads inside their
+ * syscalls, and queues a signal with a value to the poller, which blocks it.
  * After WORKDIR/go exists, every thread checks its own state against the recorded values
  * and prints PASS/FAIL lines; the main thread joins them all (with a timeout: joining
  * depends on clear-child-tid), then prints "DONE <failures>".
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fenv.h>
 #include <linux/futex.h>
@@ -30,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/rseq.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -90,6 +95,7 @@ struct tstate {
     void *robust_head;
     size_t robust_len;
     int rseq_probe_errno; /* errno of re-registering glibc's rseq area: EBUSY if registered */
+    char comm[16];
 };
 
 static struct tstate states[NTHREADS];
@@ -150,6 +156,11 @@ static void setup_thread(struct tstate *st, int idx, const char *name, int with_
     }
     sigaltstack(NULL, &st->alt);
 
+    char comm[16];
+    snprintf(comm, sizeof comm, "thr-%s", name);
+    prctl(PR_SET_NAME, comm);
+    prctl(PR_GET_NAME, st->comm);
+
     st->tid = gettid();
     st->fsbase = get_fsbase();
     st->tcb_self = read_tcb_self();
@@ -182,6 +193,12 @@ static void check_thread(struct tstate *st) {
     report(tls_val == want && strcmp(tls_buf, wbuf) == 0 && (void *)&tls_val == st->tls_addr,
            "%s TLS: value %#lx (want %#lx), buf '%s', at %p (was %p)", n, tls_val, want, tls_buf,
            (void *)&tls_val, st->tls_addr);
+
+    char comm[17] = "", want_comm[17];
+    prctl(PR_GET_NAME, comm);
+    snprintf(want_comm, sizeof want_comm, "thr-%s", n);
+    report(strcmp(comm, st->comm) == 0 && strcmp(comm, want_comm) == 0, "%s comm '%s' (was '%s')", n, comm,
+           st->comm);
 
     unsigned long fs = get_fsbase();
     void *self = read_tcb_self();
@@ -226,6 +243,49 @@ static void check_thread(struct tstate *st) {
                "context switch (sentinel 4294963213), sched_getcpu %d",
                n, e, EBUSY, cpu, gc);
     }
+}
+
+/* ---------- a thread-directed pending signal ---------- */
+
+#define PENDING_SIG (SIGRTMIN + 10) /* blocked only in the poller (idx 6) */
+static volatile pid_t pending_handled_tid;
+static volatile int pending_handled_val, pending_handled_count;
+static void pending_handler(int sig, siginfo_t *si, void *uc) {
+    (void)sig;
+    (void)uc;
+    pending_handled_tid = gettid();
+    pending_handled_val = si->si_value.sival_int;
+    pending_handled_count++;
+}
+
+/* The syscall a thread (by its tid as the process sees it) is in, from
+ * /proc/self/task/T/syscall, matched through the NSpid line of the task's status (the
+ * mounted /proc may belong to an outer pid namespace). -1 if running or not found. */
+static long thread_syscall(pid_t tid) {
+    DIR *d = opendir("/proc/self/task");
+    struct dirent *e;
+    long nr = -2;
+    while (d && (e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char p[300], buf[1024];
+        snprintf(p, sizeof p, "/proc/self/task/%s/status", e->d_name);
+        FILE *f = fopen(p, "r");
+        pid_t last = -1;
+        while (f && fgets(buf, sizeof buf, f))
+            if (strncmp(buf, "NSpid:", 6) == 0) {
+                char *q = buf + 6, *end;
+                for (long v; (v = strtol(q, &end, 10)), end != q; q = end) last = (pid_t)v;
+            }
+        if (f) fclose(f);
+        if (last != tid) continue;
+        snprintf(p, sizeof p, "/proc/self/task/%s/syscall", e->d_name);
+        f = fopen(p, "r");
+        if (f && fgets(buf, sizeof buf, f)) nr = (buf[0] >= '0' && buf[0] <= '9') ? atol(buf) : -1;
+        if (f) fclose(f);
+        break;
+    }
+    if (d) closedir(d);
+    return nr;
 }
 
 /* ---------- fpu thread ---------- */
@@ -471,6 +531,20 @@ static void *poller_thread(void *arg) {
     setup_thread(st, (int)(long)arg, "poller", 0);
     pthread_barrier_wait(&barrier);
     wait_go_flag();
+    sigset_t pend;
+    sigpending(&pend);
+    int was_pending = sigismember(&pend, PENDING_SIG) == 1;
+    int handled_early = pending_handled_count;
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, PENDING_SIG);
+    pthread_sigmask(SIG_UNBLOCK, &one, NULL);
+    report(was_pending && !handled_early && pending_handled_count == 1 && pending_handled_tid == st->tid &&
+               pending_handled_val == 6060,
+           "poller thread-directed pending signal: pending %d, handled before unblock %d, then handled %d time(s) "
+           "by tid %d (poller %d) with value %d (want 6060)",
+           was_pending, handled_early, pending_handled_count, pending_handled_tid, st->tid, pending_handled_val);
+    pthread_sigmask(SIG_BLOCK, &one, NULL);
     check_thread(st);
     return NULL;
 }
@@ -482,6 +556,11 @@ int main(int argc, char **argv) {
     snprintf(gopath, sizeof gopath, "%s/go", argv[1]);
     if (pipe(pipefd) != 0) return 3;
     pthread_barrier_init(&barrier, NULL, NTHREADS);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = pending_handler;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(PENDING_SIG, &sa, NULL);
     void *(*fns[NTHREADS])(void *) = {NULL, fpu_thread, sleeper_thread, cond_thread,
                                       reader_thread, futex_thread, poller_thread};
     pthread_t th[NTHREADS];
@@ -489,7 +568,25 @@ int main(int argc, char **argv) {
         if (pthread_create(&th[i], NULL, fns[i], (void *)i) != 0) return 4;
     setup_thread(&states[0], 0, "main", 1);
     pthread_barrier_wait(&barrier);
-    sleep_ms(200); /* let every thread enter its blocking call */
+    pthread_sigqueue(th[6], PENDING_SIG, (union sigval){.sival_int = 6060});
+    /* wait until every thread is in its blocking call (or 3 s) */
+    struct { int idx; long nr[2]; } blockers[] = {
+        {2, {35, 230}} /* (clock_)nanosleep */, {3, {202, 202}} /* futex */, {4, {0, 0}} /* read */,
+        {5, {202, 202}} /* futex */};
+    int nblk = sizeof blockers / sizeof *blockers, blocked = 0;
+    long seen_nr[4] = {0};
+    for (int tries = 0; tries < 300 && blocked < nblk; tries++) {
+        sleep_ms(10);
+        blocked = 0;
+        for (int k = 0; k < nblk; k++) {
+            seen_nr[k] = thread_syscall(states[blockers[k].idx].tid);
+            blocked += seen_nr[k] == blockers[k].nr[0] || seen_nr[k] == blockers[k].nr[1];
+        }
+    }
+    if (blocked < nblk)
+        report(0, "setup: threads not in their blocking syscalls before READY: sleeper %ld, condwait %ld, "
+                  "reader %ld, futex %ld", seen_nr[0], seen_nr[1], seen_nr[2], seen_nr[3]);
+    sleep_ms(50);
     rounds_at_ready = fc.rounds;
     int main_pkey_rights = pkey >= 0 ? pkey_get(pkey) : -1;
     pid_t pid = getpid();
@@ -510,6 +607,11 @@ int main(int argc, char **argv) {
     syscall(SYS_futex, &futex_word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 
     report(getpid() == pid, "main getpid %d (was %d)", getpid(), pid);
+    sigset_t mpend;
+    sigpending(&mpend);
+    report(!sigismember(&mpend, PENDING_SIG) && (pending_handled_count == 0 || pending_handled_tid == states[6].tid),
+           "main does not see the poller's pending signal (pending %d, handled by %d)", sigismember(&mpend, PENDING_SIG),
+           pending_handled_tid);
     report(fegetround() == FE_TONEAREST, "main rounding mode is still the default (fpu thread's is its own)");
     if (pkey >= 0)
         report(pkey_get(pkey) == main_pkey_rights && main_pkey_rights != (int)pkey_rights_set,

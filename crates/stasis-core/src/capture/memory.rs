@@ -180,10 +180,12 @@ impl SharedObjects {
         let obj = &mut self.objects[i];
         obj.size = obj.size.max(m.offset + (m.end - m.start));
         let saved = &mut self.saved[i];
+        // Every page of the object, whether or not this process faulted it in: another
+        // process (perhaps gone) may have written it. Zero pages are dropped anyway.
         let runs = save_pages(
             pid,
             m,
-            |e| e & (PM_PRESENT | PM_SWAPPED) != 0,
+            |_| true,
             |a| m.offset + (a - m.start),
             |off| saved.contains(&off),
             pack,

@@ -38,6 +38,7 @@ pub fn capture_process(
 ) -> CoreResult<(ProcessImage, VdsoInfo)> {
     let pid = frozen.pid;
     let pid_path = format!("/proc/{pid}");
+    let t_start = std::time::Instant::now();
     let maps = proc::maps(pid)?;
     let vdso = vdso_info(pid, &maps)?;
     let threads = frozen
@@ -76,8 +77,17 @@ pub fn capture_process(
         .ok()
         .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
         .unwrap_or(0);
+    let t_state = std::time::Instant::now();
     let fds = tables.files.capture_process(pid, tables.pack)?;
+    let t_fds = std::time::Instant::now();
     let vmas = capture_vmas(pid, &maps, &mut tables.shared, tables.pack)?;
+    tracing::debug!(
+        pid,
+        threads_and_state_ms = (t_state - t_start).as_secs_f64() * 1e3,
+        fds_ms = (t_fds - t_state).as_secs_f64() * 1e3,
+        memory_ms = t_fds.elapsed().as_secs_f64() * 1e3,
+        "capture phases"
+    );
     let image = ProcessImage {
         pid: proc::ns_pid(&pid_path)?,
         ppid,
