@@ -186,6 +186,8 @@ pub struct FdEntry {
     pub flags: i32,
     /// `pos:` from fdinfo.
     pub pos: u64,
+    /// The whole fdinfo text (kind-specific fields).
+    pub info: String,
 }
 
 /// The descriptor table of a process.
@@ -219,6 +221,7 @@ pub fn fds(pid: i32) -> CoreResult<Vec<FdEntry>> {
             target: target.to_string_lossy().into_owned(),
             flags: i32::from_str_radix(&get("flags:"), 8).unwrap_or(0),
             pos: get("pos:").parse().unwrap_or(0),
+            info,
         });
     }
     out.sort_by_key(|e| e.fd);
@@ -396,4 +399,43 @@ pub fn ns_field(pid: i32, key: &str) -> i32 {
         .ok()
         .and_then(|v| v.split_whitespace().last().and_then(|x| x.parse().ok()))
         .unwrap_or(0)
+}
+
+/// A field of an fdinfo text (`key:` at the start of a line), trimmed.
+pub fn info_field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// Parses a timerfd time `(secs, nanos)` into nanoseconds.
+pub fn timespec_ns(v: &str) -> u64 {
+    let inner = v.trim().trim_start_matches('(').trim_end_matches(')');
+    let mut parts = inner
+        .split(',')
+        .map(|x| x.trim().parse::<u64>().unwrap_or(0));
+    let secs = parts.next().unwrap_or(0);
+    let nanos = parts.next().unwrap_or(0);
+    secs * 1_000_000_000 + nanos
+}
+
+/// Registrations listed in an epoll fdinfo: (target fd, events, data).
+pub fn epoll_watches(info: &str) -> Vec<(i32, u32, u64)> {
+    info.lines()
+        .filter_map(|l| {
+            let l = l.strip_prefix("tfd:")?;
+            let mut it = l.split_whitespace();
+            let fd = it.next()?.parse().ok()?;
+            let mut events = 0;
+            let mut data = 0;
+            while let Some(k) = it.next() {
+                match k {
+                    "events:" => events = u32::from_str_radix(it.next()?, 16).ok()?,
+                    "data:" => data = u64::from_str_radix(it.next()?, 16).ok()?,
+                    _ => {}
+                }
+            }
+            Some((fd, events, data))
+        })
+        .collect()
 }

@@ -357,6 +357,54 @@ pub enum OpenFile {
         /// `O_*` status flags.
         flags: i32,
     },
+    /// An eventfd.
+    EventFd {
+        /// Counter value.
+        count: u64,
+        /// `EFD_SEMAPHORE`.
+        semaphore: bool,
+        /// `O_*` status flags.
+        flags: i32,
+    },
+    /// A timerfd; the remaining time is relative to the cut.
+    TimerFd {
+        /// Clock id.
+        clock: i32,
+        /// `O_*` status flags.
+        flags: i32,
+        /// Interval, nanoseconds.
+        interval_ns: u64,
+        /// Time to the next expiry, nanoseconds (0: disarmed).
+        value_ns: u64,
+        /// Expirations not yet read.
+        ticks: u64,
+    },
+    /// A signalfd.
+    SignalFd {
+        /// Signals it accepts.
+        mask: u64,
+        /// `O_*` status flags.
+        flags: i32,
+    },
+    /// An epoll instance and its registrations (re-added inside `owner`, whose descriptor
+    /// numbers they name).
+    Epoll {
+        /// `O_*` status flags.
+        flags: i32,
+        /// Process (pid in the job) whose descriptor table the registrations name.
+        owner: i32,
+        /// Registrations.
+        watches: Vec<EpollWatch>,
+    },
+    /// A descriptor of a shared memory object (memfd).
+    Memfd {
+        /// Index into [`Manifest::shared_memory`].
+        shmem: u32,
+        /// `O_*` status flags.
+        flags: i32,
+        /// File offset.
+        pos: u64,
+    },
     /// One end of a pipe.
     Pipe {
         /// Pipe inode: both ends of one pipe share it.
@@ -370,6 +418,17 @@ pub enum OpenFile {
         /// Unread bytes, as chunks of the pack (stored once, with the read end).
         data: Vec<u32>,
     },
+}
+
+/// One registration of an epoll instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EpollWatch {
+    /// The watched descriptor's number in the owner process.
+    pub fd: i32,
+    /// `EPOLL*` event mask (including `EPOLLET`, `EPOLLONESHOT`, …).
+    pub events: u32,
+    /// User data.
+    pub data: u64,
 }
 
 /// One descriptor of the table.
@@ -484,6 +543,11 @@ impl Manifest {
             }
         }
         for f in &self.files {
+            if let OpenFile::Memfd { shmem, .. } = f
+                && *shmem as usize >= self.shared_memory.len()
+            {
+                return Err("a memfd descriptor names a missing shared memory object".into());
+            }
             if let OpenFile::Pipe { data, .. } = f
                 && data.iter().any(|&c| c as usize >= nchunks)
             {

@@ -110,3 +110,50 @@ pub fn from_io(op: &'static str, e: &std::io::Error) -> SysError {
         nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
     )
 }
+
+/// Creates a signalfd for a raw 64-bit signal mask (real-time signals included).
+pub fn signalfd(mask: u64, flags: i32) -> SysResult<OwnedFd> {
+    // SAFETY: the kernel reads 8 bytes of mask from a live local; the returned descriptor is
+    // new and owned by us.
+    let n = check(
+        unsafe { libc::syscall(libc::SYS_signalfd4, -1, &raw const mask, 8usize, flags) },
+        "signalfd4",
+        0,
+    )?;
+    // SAFETY: n is a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(n).unwrap_or(-1)) })
+}
+
+/// Sets the expiration count of a timerfd (`TFD_IOC_SET_TICKS`).
+pub fn timerfd_set_ticks(fd: BorrowedFd<'_>, ticks: u64) -> SysResult<()> {
+    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+    // SAFETY: the ioctl reads one u64 from a live local.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, &raw const ticks) };
+    check(ret.into(), "ioctl(TFD_IOC_SET_TICKS)", 0).map(drop)
+}
+
+/// Creates a timerfd on `clock` armed to expire in `value_ns` (0: disarmed) and then every
+/// `interval_ns`.
+pub fn timerfd(clock: i32, value_ns: u64, interval_ns: u64) -> SysResult<OwnedFd> {
+    let ts = |ns: u64| libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    let spec = libc::itimerspec {
+        it_interval: ts(interval_ns),
+        it_value: ts(value_ns),
+    };
+    // SAFETY: timerfd_create takes integers; the returned descriptor is new and owned by us.
+    let n = check(
+        unsafe { libc::timerfd_create(clock, libc::TFD_CLOEXEC) }.into(),
+        "timerfd_create",
+        0,
+    )?;
+    // SAFETY: n is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(n).unwrap_or(-1)) };
+    // SAFETY: spec is a live itimerspec; the old value is not requested.
+    let ret =
+        unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &raw const spec, std::ptr::null_mut()) };
+    check(ret.into(), "timerfd_settime", 0)?;
+    Ok(fd)
+}

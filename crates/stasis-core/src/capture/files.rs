@@ -5,11 +5,12 @@ use std::collections::HashSet;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
-use stasis_image::manifest::{Fd, OpenFile};
+use stasis_image::manifest::{EpollWatch, Fd, OpenFile};
 use stasis_image::pack::PackWriter;
 use stasis_sys::{fd as sysfd, process};
 
 use super::file_id;
+use super::memory::SharedObjects;
 use crate::error::{CoreError, CoreResult, SysContext, io_err};
 use crate::proc;
 
@@ -58,6 +59,47 @@ fn pipe_data(pid: i32, ours: &OwnedFd, fd: i32, pack: &mut PackWriter) -> CoreRe
         .collect()
 }
 
+/// Captures an eventfd, timerfd, signalfd or epoll instance from its fdinfo; `Err` says why
+/// the descriptor cannot be captured.
+fn anon_inode(pid: i32, e: &proc::FdEntry, flags: i32) -> Result<OpenFile, String> {
+    let field = |k: &str| {
+        proc::info_field(&e.info, k).ok_or_else(|| format!("its fdinfo has no {k} field"))
+    };
+    match e.target.as_str() {
+        "anon_inode:[eventfd]" => Ok(OpenFile::EventFd {
+            count: u64::from_str_radix(field("eventfd-count")?, 16).map_err(|x| x.to_string())?,
+            semaphore: proc::info_field(&e.info, "eventfd-semaphore") == Some("1"),
+            flags,
+        }),
+        "anon_inode:[timerfd]" => Ok(OpenFile::TimerFd {
+            clock: field("clockid")?.parse().map_err(|_| "bad clockid")?,
+            flags,
+            interval_ns: proc::timespec_ns(field("it_interval")?),
+            value_ns: proc::timespec_ns(field("it_value")?),
+            ticks: field("ticks")?.parse().map_err(|_| "bad ticks")?,
+        }),
+        "anon_inode:[signalfd]" => Ok(OpenFile::SignalFd {
+            mask: u64::from_str_radix(field("sigmask")?, 16).map_err(|x| x.to_string())?,
+            flags,
+        }),
+        "anon_inode:[eventpoll]" => {
+            let owner = proc::ns_pid(&format!("/proc/{pid}")).map_err(|x| x.to_string())?;
+            let watches = proc::epoll_watches(&e.info)
+                .into_iter()
+                .map(|(fd, events, data)| EpollWatch { fd, events, data })
+                .collect();
+            Ok(OpenFile::Epoll {
+                flags,
+                owner,
+                watches,
+            })
+        }
+        other => Err(format!(
+            "{other} descriptors (io_uring, inotify, fanotify, pidfd, …) are not supported yet"
+        )),
+    }
+}
+
 impl FileTable {
     /// The description `fd` of `pid` shares with one already in the table, if any.
     fn shared_with(&mut self, pid: i32, fd: i32, target: &str) -> Option<u32> {
@@ -81,7 +123,12 @@ impl FileTable {
     }
 
     /// Captures the descriptor table of one process.
-    pub fn capture_process(&mut self, pid: i32, pack: &mut PackWriter) -> CoreResult<Vec<Fd>> {
+    pub fn capture_process(
+        &mut self,
+        pid: i32,
+        shared: &mut SharedObjects,
+        pack: &mut PackWriter,
+    ) -> CoreResult<Vec<Fd>> {
         let entries = proc::fds(pid)?;
         let pidfd =
             process::pidfd_open(pid).ctx(|| format!("opening a pidfd for process {pid}"))?;
@@ -132,9 +179,18 @@ impl FileTable {
             } else if e.target.starts_with("socket:") {
                 return Err(unsupported("sockets are not supported yet"));
             } else if e.target.starts_with("anon_inode:") {
-                return Err(unsupported(
-                    "this kind of descriptor (eventfd, epoll, timerfd, signalfd, io_uring, …) is not supported yet",
-                ));
+                anon_inode(pid, e, flags).map_err(|why| unsupported(&why))?
+            } else if e.target.starts_with("/memfd:") {
+                let ours = process::pidfd_getfd(&pidfd, e.fd, pid)
+                    .ctx(|| format!("fetching memfd descriptor {} of process {pid}", e.fd))?;
+                let file = std::fs::File::from(ours);
+                let meta = file.metadata().map_err(io_err(&e.target))?;
+                let shmem = shared.capture_file(meta.ino(), &e.target, &file, meta.len(), pack)?;
+                OpenFile::Memfd {
+                    shmem,
+                    flags,
+                    pos: e.pos,
+                }
             } else if e.target.ends_with(" (deleted)") {
                 return Err(unsupported(
                     "the file was deleted while open; unlinked files are not supported yet",
@@ -169,6 +225,21 @@ impl FileTable {
                 file: u32::try_from(self.files.len() - 1).unwrap_or(0),
                 cloexec,
             });
+        }
+        // Epoll registrations name descriptors of this process: they must be here.
+        for d in &fds {
+            if let OpenFile::Epoll { watches, .. } = &self.files[d.file as usize]
+                && let Some(w) = watches.iter().find(|w| !fds.iter().any(|f| f.fd == w.fd))
+            {
+                return Err(CoreError::Unsupported {
+                    pid,
+                    what: format!("epoll descriptor {}", d.fd),
+                    why: format!(
+                        "it watches descriptor {} which the process no longer holds",
+                        w.fd
+                    ),
+                });
+            }
         }
         Ok(fds)
     }

@@ -162,21 +162,54 @@ pub struct SharedObjects {
 }
 
 impl SharedObjects {
-    fn capture(&mut self, pid: i32, m: &MapEntry, pack: &mut PackWriter) -> CoreResult<u32> {
-        let i = match self.index.get(&m.inode) {
-            Some(&i) => i,
-            None => {
-                self.objects.push(SharedMemory {
-                    inode: m.inode,
-                    name: m.path.clone(),
-                    size: 0,
-                    pages: Vec::new(),
-                });
-                self.saved.push(HashSet::new());
-                self.index.insert(m.inode, self.objects.len() - 1);
-                self.objects.len() - 1
+    fn object(&mut self, inode: u64, name: &str) -> usize {
+        if let Some(&i) = self.index.get(&inode) {
+            return i;
+        }
+        self.objects.push(SharedMemory {
+            inode,
+            name: name.to_owned(),
+            size: 0,
+            pages: Vec::new(),
+        });
+        self.saved.push(HashSet::new());
+        self.index.insert(inode, self.objects.len() - 1);
+        self.objects.len() - 1
+    }
+
+    /// Saves a shared memory object reached through a descriptor (a memfd): its whole
+    /// content, read from `file`, whose size is `size`.
+    pub fn capture_file(
+        &mut self,
+        inode: u64,
+        name: &str,
+        file: &std::fs::File,
+        size: u64,
+        pack: &mut PackWriter,
+    ) -> CoreResult<u32> {
+        let i = self.object(inode, name);
+        self.objects[i].size = self.objects[i].size.max(size);
+        let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
+        let mut off = 0;
+        while off < size {
+            let n = usize::try_from((size - off).min(buf.len() as u64)).unwrap_or(0);
+            let data = &mut buf[..n.div_ceil(PAGE as usize) * PAGE as usize];
+            data.fill(0);
+            file.read_at(&mut data[..n], off).map_err(io_err(name))?;
+            for (p, page) in data.chunks(PAGE as usize).enumerate() {
+                let at = off + p as u64 * PAGE;
+                if page.iter().any(|&b| b != 0) && self.saved[i].insert(at) {
+                    let chunk = pack.add(page)?;
+                    self.objects[i].pages.push(PageRun { addr: at, chunk });
+                }
             }
-        };
+            off += data.len() as u64;
+        }
+        Ok(u32::try_from(i).unwrap_or(u32::MAX))
+    }
+
+    fn capture(&mut self, pid: i32, m: &MapEntry, pack: &mut PackWriter) -> CoreResult<u32> {
+        let i = self.object(m.inode, &m.path);
         let obj = &mut self.objects[i];
         obj.size = obj.size.max(m.offset + (m.end - m.start));
         let saved = &mut self.saved[i];

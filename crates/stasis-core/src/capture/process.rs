@@ -78,7 +78,9 @@ pub fn capture_process(
         .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
         .unwrap_or(0);
     let t_state = std::time::Instant::now();
-    let fds = tables.files.capture_process(pid, tables.pack)?;
+    let fds = tables
+        .files
+        .capture_process(pid, &mut tables.shared, tables.pack)?;
     let t_fds = std::time::Instant::now();
     let vmas = capture_vmas(pid, &maps, &mut tables.shared, tables.pack)?;
     tracing::debug!(

@@ -151,6 +151,7 @@ struct Rebuilt {
 fn rebuild(
     c: &mut Child,
     image: &mut OpenGeneration,
+    m: &Manifest,
     p: &ProcessImage,
     st: &Staged,
     vdso_off: u64,
@@ -188,6 +189,7 @@ fn rebuild(
     memory::map_memory(c, image, p, st)?;
     memory::set_mm(c, p, st.exes.get(&p.exe).copied().unwrap_or(-1))?;
     state::install_fds(c, p, st)?;
+    state::restore_epoll(c, p, m)?;
     state::restore_process_state(c, p)?;
     let tids = state::create_threads(c, p, opts)?;
     let insn = c.inj.insn();
@@ -238,7 +240,7 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
         let mut rebuilt = Vec::new();
         for (i, p) in m.processes.iter().enumerate() {
             if let Some(c) = tree.children[i].as_mut() {
-                rebuilt.push((i, rebuild(c, image, p, &staged, vdso_off, opts)?));
+                rebuilt.push((i, rebuild(c, image, &m, p, &staged, vdso_off, opts)?));
             }
         }
         for (i, r) in &rebuilt {

@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::OFlag;
+use nix::sys::epoll::{Epoll, EpollCreateFlags};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use stasis_image::OpenGeneration;
 use stasis_image::manifest::{Manifest, OpenFile};
 use stasis_sys::{SysError, fd as sysfd};
@@ -77,6 +79,24 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
         base: (max_fd + 1).max(256),
         keep: Vec::new(),
     };
+    for (i, obj) in m.shared_memory.iter().enumerate() {
+        let fd = nix::sys::memfd::memfd_create(c"stasis-shmem", nix::sys::memfd::MFdFlags::empty())
+            .map_err(errno("memfd_create"))?;
+        nix::unistd::ftruncate(&fd, i64::try_from(obj.size).unwrap_or(0))
+            .map_err(errno("sizing shared memory"))?;
+        let file = std::fs::File::from(fd);
+        for run in &obj.pages {
+            let bytes = image.chunk(run.chunk)?;
+            std::os::unix::fs::FileExt::write_all_at(&file, &bytes, run.addr).map_err(|e| {
+                CoreError::Io {
+                    path: format!("shared memory object {i}"),
+                    source: e,
+                }
+            })?;
+        }
+        let n = st.push(OwnedFd::from(file))?;
+        st.shmem.push(n);
+    }
     let mut pipes: HashMap<u64, (OwnedFd, OwnedFd)> = HashMap::new();
     for (index, f) in m.files.iter().enumerate() {
         let fd = match f {
@@ -109,6 +129,66 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
                 };
                 sysfd::dup_raw_at_least(ours, st.base)
                     .map_err(sys("duplicating the restart command's stdio"))?
+            }
+            OpenFile::EventFd {
+                count,
+                semaphore,
+                flags,
+            } => {
+                let efd = if *semaphore {
+                    EfdFlags::EFD_SEMAPHORE
+                } else {
+                    EfdFlags::empty()
+                };
+                let fd: OwnedFd = EventFd::from_value_and_flags(0, efd)
+                    .map_err(errno("eventfd"))?
+                    .into();
+                if *count > 0 {
+                    nix::unistd::write(&fd, &count.to_ne_bytes())
+                        .map_err(errno("setting an eventfd's counter"))?;
+                }
+                sysfd::set_status_flags(fd.as_fd(), flags & libc::O_NONBLOCK)
+                    .map_err(sys("setting eventfd flags"))?;
+                fd
+            }
+            OpenFile::TimerFd {
+                clock,
+                flags,
+                interval_ns,
+                value_ns,
+                ticks,
+            } => {
+                let fd = sysfd::timerfd(*clock, *value_ns, *interval_ns)
+                    .map_err(sys("recreating a timerfd"))?;
+                if *ticks > 0 {
+                    sysfd::timerfd_set_ticks(fd.as_fd(), *ticks)
+                        .map_err(sys("restoring a timerfd's pending expirations"))?;
+                }
+                sysfd::set_status_flags(fd.as_fd(), flags & libc::O_NONBLOCK)
+                    .map_err(sys("setting timerfd flags"))?;
+                fd
+            }
+            OpenFile::SignalFd { mask, flags } => sysfd::signalfd(*mask, flags & libc::O_NONBLOCK)
+                .map_err(sys("recreating a signalfd"))?,
+            OpenFile::Epoll { flags, .. } => {
+                let ep = Epoll::new(EpollCreateFlags::empty()).map_err(errno("epoll_create1"))?;
+                sysfd::set_status_flags(ep.0.as_fd(), flags & libc::O_NONBLOCK)
+                    .map_err(sys("setting epoll flags"))?;
+                ep.0
+            }
+            OpenFile::Memfd {
+                shmem,
+                flags: _,
+                pos,
+            } => {
+                let fd = sysfd::dup_raw_at_least(st.shmem[*shmem as usize], st.base)
+                    .map_err(sys("staging a memfd"))?;
+                let _ = nix::unistd::lseek(
+                    fd.as_fd(),
+                    i64::try_from(*pos).unwrap_or(0),
+                    nix::unistd::Whence::SeekSet,
+                );
+                fd
             }
             OpenFile::Pipe {
                 inode,
@@ -170,24 +250,6 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
             };
             st.exes.insert(p.exe.clone(), n);
         }
-    }
-    for (i, obj) in m.shared_memory.iter().enumerate() {
-        let fd = nix::sys::memfd::memfd_create(c"stasis-shmem", nix::sys::memfd::MFdFlags::empty())
-            .map_err(errno("memfd_create"))?;
-        nix::unistd::ftruncate(&fd, i64::try_from(obj.size).unwrap_or(0))
-            .map_err(errno("sizing shared memory"))?;
-        let file = std::fs::File::from(fd);
-        for run in &obj.pages {
-            let bytes = image.chunk(run.chunk)?;
-            std::os::unix::fs::FileExt::write_all_at(&file, &bytes, run.addr).map_err(|e| {
-                CoreError::Io {
-                    path: format!("shared memory object {i}"),
-                    source: e,
-                }
-            })?;
-        }
-        let n = st.push(OwnedFd::from(file))?;
-        st.shmem.push(n);
     }
     Ok(st)
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use stasis_image::manifest::{ProcessImage, ThreadImage};
+use stasis_image::manifest::{Manifest, OpenFile, ProcessImage, ThreadImage};
 use stasis_sys::inject::Injector;
 use stasis_sys::{mem, ptrace};
 
@@ -271,5 +271,32 @@ pub(super) fn drop_caps(c: &mut Child, p: &ProcessImage) -> CoreResult<()> {
         libc::SYS_capset,
         &[header, data],
     )?;
+    Ok(())
+}
+
+/// Re-adds the registrations of every epoll instance this process owns, inside the process,
+/// so that they name its own descriptor numbers (its later `EPOLL_CTL_MOD`/`DEL` work).
+pub(super) fn restore_epoll(c: &mut Child, p: &ProcessImage, m: &Manifest) -> CoreResult<()> {
+    for d in &p.fds {
+        let OpenFile::Epoll { owner, watches, .. } = &m.files[d.file as usize] else {
+            continue;
+        };
+        if *owner != p.pid || p.fds.iter().any(|o| o.file == d.file && o.fd < d.fd) {
+            continue;
+        }
+        for w in watches {
+            let mut ev = w.events.to_le_bytes().to_vec();
+            ev.extend_from_slice(&w.data.to_le_bytes());
+            let at = c.put(0, &ev)?;
+            c.call(
+                &format!(
+                    "re-registering descriptor {} with epoll descriptor {}",
+                    w.fd, d.fd
+                ),
+                libc::SYS_epoll_ctl,
+                &[d.fd as u64, libc::EPOLL_CTL_ADD as u64, w.fd as u64, at],
+            )?;
+        }
+    }
     Ok(())
 }

@@ -93,6 +93,21 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                         if *write_end { "write end" } else { "read end" },
                         data.len()
                     ),
+                    OpenFile::EventFd { count, .. } => format!("eventfd (counter {count})"),
+                    OpenFile::TimerFd {
+                        value_ns,
+                        interval_ns,
+                        ..
+                    } => {
+                        format!("timerfd (next in {value_ns} ns, every {interval_ns} ns)")
+                    }
+                    OpenFile::SignalFd { mask, .. } => format!("signalfd (mask {mask:#x})"),
+                    OpenFile::Epoll { watches, .. } => {
+                        format!("epoll ({} registrations)", watches.len())
+                    }
+                    OpenFile::Memfd { shmem, pos, .. } => {
+                        format!("memfd (shared memory object {shmem}) @ {pos}")
+                    }
                 };
                 t.push_str(&format!(
                     "\n    fd {}: {what}{}",
