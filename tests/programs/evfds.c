@@ -20,7 +20,7 @@
 #include <unistd.h>
 
 static int failures;
-#define CHECK(cond, what, ...) do { if (cond) printf("PASS %s\n", what); else { printf("FAIL %s: " __VA_ARGS__); printf("\n"); failures++; } } while (0)
+#define CHECK(cond, what, ...) do { if (cond) printf("PASS %s\n", what); else { printf("FAIL %s: ", what); printf(__VA_ARGS__); printf("\n"); failures++; } } while (0)
 
 static void wait_go(const char *dir) {
     char go[4096];

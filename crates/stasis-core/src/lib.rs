@@ -12,5 +12,6 @@ pub mod freeze;
 pub mod proc;
 pub mod regs;
 pub mod restore;
+pub mod sockdiag;
 
 pub use error::{CoreError, CoreResult};

@@ -405,6 +405,27 @@ pub enum OpenFile {
         /// File offset.
         pos: u64,
     },
+    /// A unix socket.
+    UnixSocket {
+        /// Its inode at checkpoint time (identity within the image).
+        ino: u64,
+        /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2) or `SOCK_SEQPACKET` (5).
+        socket_type: i32,
+        /// `O_*` status flags.
+        flags: i32,
+        /// Listening for connections.
+        listening: bool,
+        /// Bound name, hex: a path, or an abstract name starting with a NUL byte.
+        name: Option<String>,
+        /// Inode of the connected peer (0: none).
+        peer: u64,
+        /// The peer is a socket of the job (else the connection is restored closed).
+        peer_in_job: bool,
+        /// Queued incoming messages (a stream has one), each as chunks of the pack.
+        queued: Vec<Vec<u32>>,
+        /// Shutdown bits: 1 = receiving, 2 = sending.
+        shutdown: u8,
+    },
     /// One end of a pipe.
     Pipe {
         /// Pipe inode: both ends of one pipe share it.
@@ -547,6 +568,11 @@ impl Manifest {
                 && *shmem as usize >= self.shared_memory.len()
             {
                 return Err("a memfd descriptor names a missing shared memory object".into());
+            }
+            if let OpenFile::UnixSocket { queued, .. } = f
+                && queued.iter().flatten().any(|&c| c as usize >= nchunks)
+            {
+                return Err("socket data names a missing chunk".into());
             }
             if let OpenFile::Pipe { data, .. } = f
                 && data.iter().any(|&c| c as usize >= nchunks)

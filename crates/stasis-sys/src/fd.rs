@@ -157,3 +157,37 @@ pub fn timerfd(clock: i32, value_ns: u64, interval_ns: u64) -> SysResult<OwnedFd
     check(ret.into(), "timerfd_settime", 0)?;
     Ok(fd)
 }
+
+/// `SO_PEEK_OFF` of a socket (−1: peeking always starts at the head of the queue).
+pub fn peek_offset(fd: BorrowedFd<'_>) -> SysResult<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into a live int.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
+    };
+    check(ret.into(), "getsockopt(SO_PEEK_OFF)", 0)?;
+    Ok(v)
+}
+
+/// Sets `SO_PEEK_OFF` of a socket.
+pub fn set_peek_offset(fd: BorrowedFd<'_>, off: i32) -> SysResult<()> {
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: setsockopt reads `len` bytes from a live int.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            (&raw const off).cast(),
+            len,
+        )
+    };
+    check(ret.into(), "setsockopt(SO_PEEK_OFF)", 0).map(drop)
+}

@@ -1,13 +1,15 @@
-//! eventfd, timerfd, signalfd, epoll and memfd descriptors survive a checkpoint.
+//! eventfd, timerfd, signalfd, epoll, memfd descriptors and unix sockets survive a
+//! checkpoint.
 
 mod common;
 
 use common::{EXIT_CHECKPOINTED, Env, assert_all_pass, program};
 
-fn run(kill: bool, static_link: bool) {
+/// Runs test program `prog` under Stasis across a checkpoint (`kill`: then restart).
+fn run(prog: &str, kill: bool, static_link: bool) {
     let env = Env::new();
-    let name = env.name("evfds");
-    let prog = program("evfds", static_link);
+    let name = env.name(prog);
+    let prog = program(prog, static_link);
     let mut job = env.start(&name, &prog, &[env.work.to_str().unwrap()]);
     env.wait_output(&job, "READY\n");
     env.checkpoint(&name, kill);
@@ -24,15 +26,25 @@ fn run(kill: bool, static_link: bool) {
 
 #[test]
 fn event_descriptors_survive_kill_and_restart() {
-    run(true, false);
+    run("evfds", true, false);
 }
 
 #[test]
 fn event_descriptors_survive_kill_and_restart_static() {
-    run(true, true);
+    run("evfds", true, true);
 }
 
 #[test]
 fn event_descriptors_survive_a_checkpoint_that_continues() {
-    run(false, false);
+    run("evfds", false, false);
+}
+
+#[test]
+fn unix_sockets_survive_kill_and_restart() {
+    run("socks", true, false);
+}
+
+#[test]
+fn unix_sockets_survive_a_checkpoint_that_continues() {
+    run("socks", false, false);
 }

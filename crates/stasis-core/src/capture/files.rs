@@ -1,7 +1,7 @@
 //! Capturing descriptors: open file descriptions shared across the job, pipes with their
 //! queued data, and connections to the outside world at stdio.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
@@ -11,8 +11,10 @@ use stasis_sys::{fd as sysfd, process};
 
 use super::file_id;
 use super::memory::SharedObjects;
+use super::sockets;
 use crate::error::{CoreError, CoreResult, SysContext, io_err};
 use crate::proc;
+use crate::sockdiag::UnixSocket;
 
 /// The job-wide table of open file descriptions being built.
 #[derive(Debug, Default)]
@@ -24,6 +26,10 @@ pub struct FileTable {
     /// Pipes whose queued data is already saved.
     pipes_with_data: HashSet<u64>,
     kcmp_refused: bool,
+    /// Inodes of every socket some process of the job holds.
+    job_sockets: HashSet<u64>,
+    /// Unix sockets of the network namespace (read on first use).
+    unix: Option<HashMap<u64, UnixSocket>>,
 }
 
 fn is_terminal(path: &str, meta: &std::fs::Metadata) -> bool {
@@ -101,6 +107,38 @@ fn anon_inode(pid: i32, e: &proc::FdEntry, flags: i32) -> Result<OpenFile, Strin
 }
 
 impl FileTable {
+    /// A table for the job made of processes `pids`.
+    pub fn new(pids: &[i32]) -> Self {
+        let job_sockets = pids
+            .iter()
+            .flat_map(|p| {
+                std::fs::read_dir(format!("/proc/{p}/fd"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter_map(|t| {
+                t.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        FileTable {
+            job_sockets,
+            ..FileTable::default()
+        }
+    }
+
+    fn unix_sockets(&mut self) -> CoreResult<&HashMap<u64, UnixSocket>> {
+        if self.unix.is_none() {
+            self.unix = Some(crate::sockdiag::unix_sockets()?);
+        }
+        Ok(self.unix.get_or_insert_default())
+    }
+
     /// The description `fd` of `pid` shares with one already in the table, if any.
     fn shared_with(&mut self, pid: i32, fd: i32, target: &str) -> Option<u32> {
         if self.kcmp_refused {
@@ -171,13 +209,39 @@ impl FileTable {
                     capacity,
                     data,
                 }
-            } else if e.target.starts_with("socket:") && e.fd <= 2 {
-                OpenFile::Stdio {
-                    path: e.target.clone(),
-                    flags,
+            } else if let Some(ino) = e
+                .target
+                .strip_prefix("socket:[")
+                .and_then(|x| x.strip_suffix(']'))
+            {
+                let ino: u64 = ino.parse().unwrap_or(0);
+                let unix = self.unix_sockets()?.get(&ino).cloned();
+                match unix {
+                    Some(u) => {
+                        let in_job = u.peer != 0 && self.job_sockets.contains(&u.peer);
+                        if e.fd <= 2 && !in_job && u.state != crate::sockdiag::STATE_LISTEN {
+                            OpenFile::Stdio {
+                                path: e.target.clone(),
+                                flags,
+                            }
+                        } else {
+                            let ours = process::pidfd_getfd(&pidfd, e.fd, pid).ctx(|| {
+                                format!("fetching socket descriptor {} of process {pid}", e.fd)
+                            })?;
+                            sockets::capture_unix(&ours, &u, in_job, flags, pack)
+                                .map_err(|why| unsupported(&why))?
+                        }
+                    }
+                    None if e.fd <= 2 => OpenFile::Stdio {
+                        path: e.target.clone(),
+                        flags,
+                    },
+                    None => {
+                        return Err(unsupported(
+                            "TCP, UDP and other non-unix sockets are not supported yet",
+                        ));
+                    }
                 }
-            } else if e.target.starts_with("socket:") {
-                return Err(unsupported("sockets are not supported yet"));
             } else if e.target.starts_with("anon_inode:") {
                 anon_inode(pid, e, flags).map_err(|why| unsupported(&why))?
             } else if e.target.starts_with("/memfd:") {

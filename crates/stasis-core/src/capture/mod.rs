@@ -4,6 +4,7 @@
 mod files;
 mod memory;
 mod process;
+mod sockets;
 mod threads;
 
 use std::collections::HashMap;
@@ -67,7 +68,7 @@ pub fn capture_job(
 ) -> CoreResult<CapturedJob> {
     let mut tables = JobTables {
         pack,
-        files: files::FileTable::default(),
+        files: files::FileTable::new(&job.processes.iter().map(|f| f.pid).collect::<Vec<_>>()),
         shared: memory::SharedObjects::default(),
     };
     let mut processes = Vec::with_capacity(job.processes.len() + job.zombies.len());

@@ -8,6 +8,7 @@
 
 mod child;
 mod memory;
+mod sockets;
 mod stage;
 mod state;
 mod tree;

@@ -18,6 +18,7 @@ use stasis_image::manifest::{Manifest, OpenFile};
 use stasis_sys::{SysError, fd as sysfd};
 
 use super::child::sys;
+use super::sockets::Sockets;
 use crate::error::{CoreError, CoreResult};
 
 /// Descriptors staged in the restorer.
@@ -98,6 +99,13 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
         st.shmem.push(n);
     }
     let mut pipes: HashMap<u64, (OwnedFd, OwnedFd)> = HashMap::new();
+    let mut sockets = Sockets::default();
+    let peer_of = |ino: u64| {
+        m.files.iter().find_map(|f| match f {
+            OpenFile::UnixSocket { ino: i, peer, .. } if *i == ino => Some(*peer),
+            _ => None,
+        })
+    };
     for (index, f) in m.files.iter().enumerate() {
         let fd = match f {
             OpenFile::Path { file, flags, pos } => {
@@ -190,6 +198,12 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
                 );
                 fd
             }
+            OpenFile::UnixSocket { flags, .. } => {
+                let fd = sockets.stage(f, peer_of)?;
+                sysfd::set_status_flags(fd.as_fd(), flags & libc::O_NONBLOCK)
+                    .map_err(sys("setting socket flags"))?;
+                fd
+            }
             OpenFile::Pipe {
                 inode,
                 write_end,
@@ -219,6 +233,7 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
         let n = st.push(fd)?;
         st.files.push(n);
     }
+    sockets.finish(image, &m.files)?;
     for p in &m.processes {
         for v in &p.vmas {
             if let Some(id) = &v.file

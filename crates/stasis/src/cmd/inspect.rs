@@ -105,6 +105,27 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                     OpenFile::Epoll { watches, .. } => {
                         format!("epoll ({} registrations)", watches.len())
                     }
+                    OpenFile::UnixSocket {
+                        ino,
+                        listening,
+                        peer,
+                        peer_in_job,
+                        queued,
+                        ..
+                    } => {
+                        let role = match (listening, peer, peer_in_job) {
+                            (true, _, _) => "listening".to_owned(),
+                            (false, 0, _) => "unconnected".to_owned(),
+                            (false, p, true) => format!("connected to socket {p}"),
+                            (false, _, false) => {
+                                "connected outside the job (restored closed)".to_owned()
+                            }
+                        };
+                        format!(
+                            "unix socket {ino}, {role}, {} queued message(s)",
+                            queued.len()
+                        )
+                    }
                     OpenFile::Memfd { shmem, pos, .. } => {
                         format!("memfd (shared memory object {shmem}) @ {pos}")
                     }

@@ -1,0 +1,95 @@
+//! Capturing unix sockets: their kind, name, peer and the data queued for them, read
+//! without consuming it (`MSG_PEEK`, message by message with `SO_PEEK_OFF`).
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::sys::socket::{MsgFlags, recv};
+use stasis_image::hex;
+use stasis_image::manifest::OpenFile;
+use stasis_image::pack::PackWriter;
+use stasis_sys::fd as sysfd;
+
+use crate::sockdiag::{STATE_LISTEN, UnixSocket};
+
+/// Largest datagram read while peeking.
+const MAX_MESSAGE: usize = 256 << 10;
+
+/// The messages queued for reading on `s` (one for a stream), each stored as chunks.
+/// `Err` says why they cannot be read without disturbing the socket.
+fn queued(s: &OwnedFd, u: &UnixSocket, pack: &mut PackWriter) -> Result<Vec<Vec<u32>>, String> {
+    let peek = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    let mut store = |data: &[u8]| -> Result<Vec<u32>, String> {
+        data.chunks(1 << 20)
+            .map(|c| pack.add(c).map_err(|e| e.to_string()))
+            .collect()
+    };
+    if u.kind == libc::SOCK_STREAM {
+        if u.rqueue == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; u.rqueue as usize];
+        let n = recv(s.as_raw_fd(), &mut buf, peek)
+            .map_err(|e| format!("peeking at its queued data: {e}"))?;
+        if n != buf.len() {
+            return Err(format!(
+                "only {n} of its {} queued bytes could be read",
+                buf.len()
+            ));
+        }
+        return Ok(vec![store(&buf)?]);
+    }
+    let original = sysfd::peek_offset(s.as_fd()).map_err(|e| e.to_string())?;
+    sysfd::set_peek_offset(s.as_fd(), 0)
+        .map_err(|e| format!("cannot read its queued messages: {e}"))?;
+    let mut messages = Vec::new();
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let result = loop {
+        match recv(s.as_raw_fd(), &mut buf, peek) {
+            Ok(n) => match store(&buf[..n]) {
+                Ok(m) => messages.push(m),
+                Err(e) => break Err(e),
+            },
+            Err(nix::errno::Errno::EAGAIN) => break Ok(()),
+            Err(e) => break Err(format!("peeking at its queued messages: {e}")),
+        }
+        if messages.len() > 1 << 20 {
+            break Err("too many queued messages".into());
+        }
+    };
+    sysfd::set_peek_offset(s.as_fd(), original).map_err(|e| e.to_string())?;
+    result.map(|()| messages)
+}
+
+/// Captures a unix socket fetched from the job (`ours` is a duplicate of it). `Err` says
+/// why it cannot be captured.
+pub fn capture_unix(
+    ours: &OwnedFd,
+    u: &UnixSocket,
+    peer_in_job: bool,
+    flags: i32,
+    pack: &mut PackWriter,
+) -> Result<OpenFile, String> {
+    let listening = u.state == STATE_LISTEN;
+    if listening && u.rqueue > 0 {
+        return Err(format!(
+            "{} connection(s) are waiting to be accepted",
+            u.rqueue
+        ));
+    }
+    let queued = if listening {
+        Vec::new()
+    } else {
+        queued(ours, u, pack)?
+    };
+    Ok(OpenFile::UnixSocket {
+        ino: u.ino,
+        socket_type: u.kind,
+        flags,
+        listening,
+        name: u.name.as_deref().filter(|n| !n.is_empty()).map(hex::encode),
+        peer: u.peer,
+        peer_in_job,
+        queued,
+        shutdown: u.shutdown,
+    })
+}

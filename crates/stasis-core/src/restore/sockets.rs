@@ -1,0 +1,189 @@
+//! Recreating unix sockets in the restorer, to be inherited by the job.
+//!
+//! A connection between two sockets of the job becomes a fresh connected pair; a listening
+//! or bound socket is bound again at its name (a stale socket file left at that path is
+//! removed first); a connection to a peer outside the job comes back closed, after the data
+//! already queued for it. Queued data is refilled through the peer end, message by message,
+//! and shutdown state is applied last.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+
+use nix::sys::socket::{
+    AddressFamily, Backlog, MsgFlags, Shutdown, SockFlag, SockType, UnixAddr, bind, listen, send,
+    shutdown, socket, socketpair,
+};
+use stasis_image::manifest::OpenFile;
+use stasis_image::{OpenGeneration, hex};
+use stasis_sys::SysError;
+
+use super::child::sys;
+use crate::error::{CoreError, CoreResult};
+
+fn errno(context: &'static str) -> impl FnOnce(nix::errno::Errno) -> CoreError {
+    move |e| sys(context)(SysError::new(context, 0, e))
+}
+
+fn sock_type(t: i32) -> CoreResult<SockType> {
+    match t {
+        libc::SOCK_STREAM => Ok(SockType::Stream),
+        libc::SOCK_DGRAM => Ok(SockType::Datagram),
+        libc::SOCK_SEQPACKET => Ok(SockType::SeqPacket),
+        other => Err(CoreError::Incompatible(format!(
+            "unknown unix socket type {other}"
+        ))),
+    }
+}
+
+fn address(name: &str) -> CoreResult<UnixAddr> {
+    let bytes =
+        hex::decode(name).ok_or_else(|| CoreError::Incompatible("malformed socket name".into()))?;
+    if let Some(abstract_name) = bytes.strip_prefix(&[0]) {
+        return UnixAddr::new_abstract(abstract_name).map_err(errno("abstract socket name"));
+    }
+    let path = std::path::PathBuf::from(String::from_utf8_lossy(&bytes).into_owned());
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(&path);
+    }
+    UnixAddr::new(&path).map_err(errno("socket path"))
+}
+
+/// The sockets being recreated, by inode.
+#[derive(Debug, Default)]
+pub(super) struct Sockets {
+    ends: HashMap<u64, OwnedFd>,
+    /// The far end of a pair whose near end was connected outside the job: kept until the
+    /// queued data is refilled, then closed.
+    outside: HashMap<u64, OwnedFd>,
+}
+
+impl Sockets {
+    /// Recreates socket `ino` described by `f` and returns a descriptor of it.
+    pub fn stage(
+        &mut self,
+        f: &OpenFile,
+        peer_of: impl Fn(u64) -> Option<u64>,
+    ) -> CoreResult<OwnedFd> {
+        let OpenFile::UnixSocket {
+            ino,
+            socket_type,
+            listening,
+            name,
+            peer,
+            peer_in_job,
+            ..
+        } = f
+        else {
+            return Err(CoreError::Incompatible("not a socket".into()));
+        };
+        let ty = sock_type(*socket_type)?;
+        if !self.ends.contains_key(ino) {
+            if *peer != 0 && *peer_in_job && peer_of(*peer) == Some(*ino) {
+                let (a, b) = socketpair(AddressFamily::Unix, ty, None, SockFlag::SOCK_CLOEXEC)
+                    .map_err(errno("socketpair"))?;
+                self.ends.insert(*ino, a);
+                self.ends.insert(*peer, b);
+            } else if *peer != 0 && !*peer_in_job {
+                let (a, b) = socketpair(AddressFamily::Unix, ty, None, SockFlag::SOCK_CLOEXEC)
+                    .map_err(errno("socketpair"))?;
+                self.ends.insert(*ino, a);
+                self.outside.insert(*ino, b);
+            } else {
+                let s = socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None)
+                    .map_err(errno("socket"))?;
+                if let Some(name) = name
+                    && (*listening || *peer == 0)
+                {
+                    bind(s.as_raw_fd(), &address(name)?)
+                        .map_err(errno("binding a unix socket at its name"))?;
+                }
+                if *listening {
+                    listen(&s, Backlog::new(128).map_err(errno("listen backlog"))?)
+                        .map_err(errno("listen"))?;
+                }
+                self.ends.insert(*ino, s);
+            }
+        }
+        self.ends[ino].try_clone().map_err(|e| CoreError::Io {
+            path: format!("socket:[{ino}]"),
+            source: e,
+        })
+    }
+
+    /// Refills queued data and applies shutdown state, once every socket is staged.
+    pub fn finish(mut self, image: &mut OpenGeneration, files: &[OpenFile]) -> CoreResult<()> {
+        let by_ino: HashMap<u64, &OpenFile> = files
+            .iter()
+            .filter_map(|f| {
+                if let OpenFile::UnixSocket { ino, .. } = f {
+                    Some((*ino, f))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for f in files {
+            let OpenFile::UnixSocket {
+                ino, peer, queued, ..
+            } = f
+            else {
+                continue;
+            };
+            if queued.is_empty() {
+                continue;
+            }
+            let far = self
+                .outside
+                .get(ino)
+                .or_else(|| self.ends.get(peer))
+                .ok_or_else(|| {
+                    CoreError::Incompatible(format!(
+                        "socket {ino} has queued data but no peer to refill it from"
+                    ))
+                })?;
+            for message in queued {
+                let mut data = Vec::new();
+                for &c in message {
+                    data.extend_from_slice(&image.chunk(c)?);
+                }
+                let mut sent = 0;
+                while sent < data.len() || (sent == 0 && data.is_empty()) {
+                    let n = send(far.as_raw_fd(), &data[sent..], MsgFlags::empty())
+                        .map_err(errno("refilling a socket"))?;
+                    sent += n;
+                    if data.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.outside.clear();
+        for f in files {
+            let OpenFile::UnixSocket {
+                ino,
+                peer,
+                shutdown: bits,
+                ..
+            } = f
+            else {
+                continue;
+            };
+            let Some(end) = self.ends.get(ino) else {
+                continue;
+            };
+            if bits & 2 != 0 {
+                shutdown(end.as_fd().as_raw_fd(), Shutdown::Write)
+                    .map_err(errno("shutting a socket down for writing"))?;
+            }
+            let peer_sends = by_ino.get(peer).is_some_and(
+                |p| matches!(p, OpenFile::UnixSocket { shutdown: b, .. } if b & 2 != 0),
+            );
+            if bits & 1 != 0 && !peer_sends {
+                shutdown(end.as_fd().as_raw_fd(), Shutdown::Read)
+                    .map_err(errno("shutting a socket down for reading"))?;
+            }
+        }
+        Ok(())
+    }
+}
