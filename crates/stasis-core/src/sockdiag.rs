@@ -172,6 +172,24 @@ mod tests {
     }
 
     #[test]
+    fn sees_tcp_listeners_and_connections() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        std::io::Write::write_all(&mut &c, b"abc").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let all = inet_sockets();
+        let sl = &all[&ino(&l)];
+        assert_eq!(
+            (sl.state, sl.local),
+            (STATE_LISTEN, l.local_addr().unwrap())
+        );
+        let (sc, sa) = (&all[&ino(&c)], &all[&ino(&a)]);
+        assert_eq!((sc.local, sc.remote), (sa.remote, sa.local));
+        assert_eq!((sa.state, sa.rx_queue), (STATE_ESTABLISHED, 3));
+    }
+
+    #[test]
     fn sees_pairs_names_queues_and_shutdown() {
         let (a, b) = UnixStream::pair().unwrap();
         std::io::Write::write_all(&mut &a, b"hello").unwrap();
@@ -201,4 +219,77 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         d
     }
+}
+
+/// One TCP or UDP socket of our network namespace, from `/proc/net/{tcp,udp}{,6}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InetSocket {
+    /// Inode (as in `socket:[INODE]`).
+    pub ino: u64,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: i32,
+    /// Local address.
+    pub local: std::net::SocketAddr,
+    /// Remote address (unspecified with port 0 when not connected).
+    pub remote: std::net::SocketAddr,
+    /// TCP state (`TCP_ESTABLISHED` = 1, `TCP_CLOSE` = 7, `TCP_LISTEN` = 10, …); UDP: 1
+    /// when connected, 7 otherwise.
+    pub state: u8,
+    /// Bytes sent but not yet acknowledged (TCP) / queued for sending.
+    pub tx_queue: u32,
+    /// Bytes waiting to be read; for a listening socket, connections waiting to be accepted.
+    pub rx_queue: u32,
+}
+
+/// TCP `CLOSE_WAIT`: the peer closed its side.
+pub const TCP_CLOSE_WAIT: u8 = 8;
+
+fn parse_addr(text: &str, v6: bool) -> Option<std::net::SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip: std::net::IpAddr = if v6 {
+        let mut bytes = [0u8; 16];
+        for (i, word) in (0..4).map(|i| ip.get(i * 8..i * 8 + 8)).enumerate() {
+            let w = u32::from_str_radix(word?, 16).ok()?;
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        std::net::Ipv6Addr::from(bytes).into()
+    } else {
+        std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_le_bytes()).into()
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+/// Every TCP and UDP socket of our network namespace, by inode.
+pub fn inet_sockets() -> HashMap<u64, InetSocket> {
+    let mut out = HashMap::new();
+    for (file, protocol, v6) in [
+        ("tcp", libc::IPPROTO_TCP, false),
+        ("tcp6", libc::IPPROTO_TCP, true),
+        ("udp", libc::IPPROTO_UDP, false),
+        ("udp6", libc::IPPROTO_UDP, true),
+    ] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/net/{file}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let parsed = (|| {
+                let (tx, rx) = f.get(4)?.split_once(':')?;
+                Some(InetSocket {
+                    ino: f.get(9)?.parse().ok()?,
+                    protocol,
+                    local: parse_addr(f.get(1)?, v6)?,
+                    remote: parse_addr(f.get(2)?, v6)?,
+                    state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+                    tx_queue: u32::from_str_radix(tx, 16).ok()?,
+                    rx_queue: u32::from_str_radix(rx, 16).ok()?,
+                })
+            })();
+            if let Some(s) = parsed.filter(|s| s.ino != 0) {
+                out.insert(s.ino, s);
+            }
+        }
+    }
+    out
 }

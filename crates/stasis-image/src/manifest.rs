@@ -426,6 +426,29 @@ pub enum OpenFile {
         /// Shutdown bits: 1 = receiving, 2 = sending.
         shutdown: u8,
     },
+    /// A TCP or UDP socket.
+    InetSocket {
+        /// Its inode at checkpoint time (identity within the image).
+        ino: u64,
+        /// `IPPROTO_TCP` (6) or `IPPROTO_UDP` (17).
+        protocol: i32,
+        /// `O_*` status flags.
+        flags: i32,
+        /// Listening for connections (TCP).
+        listening: bool,
+        /// Local address (`127.0.0.1:8080`, `[::1]:80`); port 0 when unbound.
+        local: String,
+        /// Remote address of a connected socket.
+        remote: Option<String>,
+        /// Inode of the other end of a connection inside the job (0: none).
+        peer: u64,
+        /// The connection leads to a socket of the job (else it is restored closed).
+        peer_in_job: bool,
+        /// Queued incoming bytes (TCP: one message).
+        queued: Vec<Vec<u32>>,
+        /// Socket options.
+        options: SocketOptions,
+    },
     /// One end of a pipe.
     Pipe {
         /// Pipe inode: both ends of one pipe share it.
@@ -439,6 +462,21 @@ pub enum OpenFile {
         /// Unread bytes, as chunks of the pack (stored once, with the read end).
         data: Vec<u32>,
     },
+}
+
+/// Options of an inet socket that change how it binds or behaves.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// `SO_REUSEADDR`.
+    pub reuse_addr: bool,
+    /// `SO_REUSEPORT`.
+    pub reuse_port: bool,
+    /// `IPV6_V6ONLY`.
+    pub v6only: bool,
+    /// `TCP_NODELAY`.
+    pub nodelay: bool,
+    /// `SO_KEEPALIVE`.
+    pub keepalive: bool,
 }
 
 /// One registration of an epoll instance.
@@ -569,7 +607,7 @@ impl Manifest {
             {
                 return Err("a memfd descriptor names a missing shared memory object".into());
             }
-            if let OpenFile::UnixSocket { queued, .. } = f
+            if let OpenFile::UnixSocket { queued, .. } | OpenFile::InetSocket { queued, .. } = f
                 && queued.iter().flatten().any(|&c| c as usize >= nchunks)
             {
                 return Err("socket data names a missing chunk".into());

@@ -48,3 +48,13 @@ fn unix_sockets_survive_kill_and_restart() {
 fn unix_sockets_survive_a_checkpoint_that_continues() {
     run("socks", false, false);
 }
+
+#[test]
+fn tcp_and_udp_sockets_survive_kill_and_restart() {
+    run("tcpsock", true, false);
+}
+
+#[test]
+fn tcp_and_udp_sockets_survive_a_checkpoint_that_continues() {
+    run("tcpsock", false, false);
+}

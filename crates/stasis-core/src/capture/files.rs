@@ -30,6 +30,8 @@ pub struct FileTable {
     job_sockets: HashSet<u64>,
     /// Unix sockets of the network namespace (read on first use).
     unix: Option<HashMap<u64, UnixSocket>>,
+    /// TCP and UDP sockets of the network namespace (read on first use).
+    inet: Option<HashMap<u64, crate::sockdiag::InetSocket>>,
 }
 
 fn is_terminal(path: &str, meta: &std::fs::Metadata) -> bool {
@@ -232,14 +234,54 @@ impl FileTable {
                                 .map_err(|why| unsupported(&why))?
                         }
                     }
-                    None if e.fd <= 2 => OpenFile::Stdio {
-                        path: e.target.clone(),
-                        flags,
-                    },
                     None => {
-                        return Err(unsupported(
-                            "TCP, UDP and other non-unix sockets are not supported yet",
-                        ));
+                        let inet = self
+                            .inet
+                            .get_or_insert_with(crate::sockdiag::inet_sockets)
+                            .get(&ino)
+                            .cloned();
+                        match inet {
+                            Some(s) => {
+                                let peer = self.inet.as_ref().and_then(|all| {
+                                    all.values()
+                                        .find(|o| {
+                                            o.protocol == s.protocol
+                                                && o.local == s.remote
+                                                && o.remote == s.local
+                                                && self.job_sockets.contains(&o.ino)
+                                        })
+                                        .map(|o| o.ino)
+                                });
+                                if e.fd <= 2
+                                    && peer.is_none()
+                                    && s.state != crate::sockdiag::STATE_LISTEN
+                                {
+                                    OpenFile::Stdio {
+                                        path: e.target.clone(),
+                                        flags,
+                                    }
+                                } else {
+                                    let ours =
+                                        process::pidfd_getfd(&pidfd, e.fd, pid).ctx(|| {
+                                            format!(
+                                                "fetching socket descriptor {} of process {pid}",
+                                                e.fd
+                                            )
+                                        })?;
+                                    sockets::capture_inet(&ours, &s, peer, flags, pack)
+                                        .map_err(|why| unsupported(&why))?
+                                }
+                            }
+                            None if e.fd <= 2 => OpenFile::Stdio {
+                                path: e.target.clone(),
+                                flags,
+                            },
+                            None => {
+                                return Err(unsupported(
+                                    "sockets of this family (netlink, packet, …) are not supported yet",
+                                ));
+                            }
+                        }
                     }
                 }
             } else if e.target.starts_with("anon_inode:") {

@@ -3,13 +3,13 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use nix::sys::socket::{MsgFlags, recv};
+use nix::sys::socket::{MsgFlags, getsockopt, recv, sockopt};
 use stasis_image::hex;
-use stasis_image::manifest::OpenFile;
+use stasis_image::manifest::{OpenFile, SocketOptions};
 use stasis_image::pack::PackWriter;
 use stasis_sys::fd as sysfd;
 
-use crate::sockdiag::{STATE_LISTEN, UnixSocket};
+use crate::sockdiag::{InetSocket, STATE_ESTABLISHED, STATE_LISTEN, TCP_CLOSE_WAIT, UnixSocket};
 
 /// Largest datagram read while peeking.
 const MAX_MESSAGE: usize = 256 << 10;
@@ -91,5 +91,79 @@ pub fn capture_unix(
         peer_in_job,
         queued,
         shutdown: u.shutdown,
+    })
+}
+
+/// Captures a TCP or UDP socket fetched from the job (`ours` is a duplicate of it);
+/// `peer` is the inode of the other end of its connection when that end is in the job.
+/// `Err` says why it cannot be captured. Datagrams queued on a UDP socket are not kept
+/// (UDP may lose datagrams; their senders' addresses could not be restored).
+pub fn capture_inet(
+    ours: &OwnedFd,
+    s: &InetSocket,
+    peer: Option<u64>,
+    flags: i32,
+    pack: &mut PackWriter,
+) -> Result<OpenFile, String> {
+    let tcp = s.protocol == libc::IPPROTO_TCP;
+    let listening = tcp && s.state == STATE_LISTEN;
+    let connected = s.state == STATE_ESTABLISHED || (tcp && s.state == TCP_CLOSE_WAIT);
+    if listening && s.rx_queue > 0 {
+        return Err(format!(
+            "{} connection(s) are waiting to be accepted",
+            s.rx_queue
+        ));
+    }
+    if tcp && !listening && !connected && s.state != 7 {
+        return Err(format!(
+            "TCP connections in state {} (opening or closing) are not supported yet",
+            s.state
+        ));
+    }
+    if tcp && connected && s.tx_queue > 0 {
+        return Err(format!(
+            "{} bytes sent but not yet acknowledged by the peer",
+            s.tx_queue
+        ));
+    }
+    let mut queued = Vec::new();
+    if tcp && connected && s.rx_queue > 0 {
+        let mut buf = vec![0u8; s.rx_queue as usize];
+        let n = recv(
+            ours.as_raw_fd(),
+            &mut buf,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(|e| format!("peeking at its queued data: {e}"))?;
+        if n != buf.len() {
+            return Err(format!(
+                "only {n} of its {} queued bytes could be read",
+                buf.len()
+            ));
+        }
+        queued.push(
+            buf.chunks(1 << 20)
+                .map(|c| pack.add(c).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?,
+        );
+    }
+    let options = SocketOptions {
+        reuse_addr: getsockopt(ours, sockopt::ReuseAddr).unwrap_or(false),
+        reuse_port: getsockopt(ours, sockopt::ReusePort).unwrap_or(false),
+        v6only: s.local.is_ipv6() && getsockopt(ours, sockopt::Ipv6V6Only).unwrap_or(false),
+        nodelay: tcp && getsockopt(ours, sockopt::TcpNoDelay).unwrap_or(false),
+        keepalive: getsockopt(ours, sockopt::KeepAlive).unwrap_or(false),
+    };
+    Ok(OpenFile::InetSocket {
+        ino: s.ino,
+        protocol: s.protocol,
+        flags,
+        listening,
+        local: s.local.to_string(),
+        remote: connected.then(|| s.remote.to_string()),
+        peer: peer.unwrap_or(0),
+        peer_in_job: peer.is_some() && s.state == STATE_ESTABLISHED,
+        queued,
+        options,
     })
 }

@@ -7,14 +7,15 @@
 //! and shutdown state is applied last.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 
 use nix::sys::socket::{
-    AddressFamily, Backlog, MsgFlags, Shutdown, SockFlag, SockType, UnixAddr, bind, listen, send,
-    shutdown, socket, socketpair,
+    AddressFamily, Backlog, MsgFlags, Shutdown, SockFlag, SockType, SockaddrStorage, UnixAddr,
+    bind, connect, listen, send, setsockopt, shutdown, socket, socketpair, sockopt,
 };
-use stasis_image::manifest::OpenFile;
+use stasis_image::manifest::{OpenFile, SocketOptions};
 use stasis_image::{OpenGeneration, hex};
 use stasis_sys::SysError;
 
@@ -111,6 +112,80 @@ impl Sockets {
         })
     }
 
+    /// Recreates TCP or UDP socket `f` and returns a descriptor of it.
+    pub fn stage_inet(
+        &mut self,
+        f: &OpenFile,
+        peer_of: impl Fn(u64) -> Option<u64>,
+    ) -> CoreResult<OwnedFd> {
+        let OpenFile::InetSocket {
+            ino,
+            protocol,
+            listening,
+            local,
+            remote,
+            peer,
+            peer_in_job,
+            options,
+            ..
+        } = f
+        else {
+            return Err(CoreError::Incompatible("not an inet socket".into()));
+        };
+        let bad = |what: &str| CoreError::Incompatible(format!("socket {ino}: malformed {what}"));
+        let local: SocketAddr = local.parse().map_err(|_| bad("local address"))?;
+        if !self.ends.contains_key(ino) {
+            let tcp = *protocol == libc::IPPROTO_TCP;
+            if tcp && remote.is_some() {
+                let (near, far) = connected_pair(local)?;
+                apply(&near, options, tcp)?;
+                if *peer_in_job && peer_of(*peer) == Some(*ino) {
+                    self.ends.insert(*peer, far);
+                } else {
+                    self.outside.insert(*ino, far);
+                }
+                self.ends.insert(*ino, near);
+            } else {
+                let family = if local.is_ipv6() {
+                    AddressFamily::Inet6
+                } else {
+                    AddressFamily::Inet
+                };
+                let ty = if tcp {
+                    SockType::Stream
+                } else {
+                    SockType::Datagram
+                };
+                let s =
+                    socket(family, ty, SockFlag::SOCK_CLOEXEC, None).map_err(errno("socket"))?;
+                apply(&s, options, tcp)?;
+                if local.port() != 0 {
+                    setsockopt(&s, sockopt::ReuseAddr, &true).map_err(errno("SO_REUSEADDR"))?;
+                    bind(s.as_raw_fd(), &SockaddrStorage::from(local)).map_err(|e| {
+                        CoreError::Incompatible(format!(
+                            "cannot bind a socket to {local} again: {e}"
+                        ))
+                    })?;
+                    setsockopt(&s, sockopt::ReuseAddr, &options.reuse_addr)
+                        .map_err(errno("SO_REUSEADDR"))?;
+                }
+                if *listening {
+                    listen(&s, Backlog::MAXCONN).map_err(errno("listen"))?;
+                }
+                if let Some(r) = remote.as_deref().filter(|_| !tcp) {
+                    let r: SocketAddr = r.parse().map_err(|_| bad("remote address"))?;
+                    connect(s.as_raw_fd(), &SockaddrStorage::from(r))
+                        .map_err(errno("connecting a UDP socket"))?;
+                }
+                self.ends.insert(*ino, s);
+            }
+        }
+        self.ends[ino].try_clone().map_err(|e| CoreError::Io {
+            path: format!("socket:[{ino}]"),
+            source: e,
+        })
+    }
+
     /// Refills queued data and applies shutdown state, once every socket is staged.
     pub fn finish(mut self, image: &mut OpenGeneration, files: &[OpenFile]) -> CoreResult<()> {
         let by_ino: HashMap<u64, &OpenFile> = files
@@ -124,9 +199,12 @@ impl Sockets {
             })
             .collect();
         for f in files {
-            let OpenFile::UnixSocket {
+            let (OpenFile::UnixSocket {
                 ino, peer, queued, ..
-            } = f
+            }
+            | OpenFile::InetSocket {
+                ino, peer, queued, ..
+            }) = f
             else {
                 continue;
             };
@@ -186,4 +264,40 @@ impl Sockets {
         }
         Ok(())
     }
+}
+
+/// A connected TCP pair over loopback, of the family of `like`: the near end for the
+/// restored socket, the far end for its peer (or to be closed).
+fn connected_pair(like: SocketAddr) -> CoreResult<(OwnedFd, OwnedFd)> {
+    let lo: SocketAddr = if like.is_ipv6() {
+        "[::1]:0".parse()
+    } else {
+        "127.0.0.1:0".parse()
+    }
+    .map_err(|_| CoreError::Incompatible("loopback address".into()))?;
+    let io = |e: std::io::Error| CoreError::Io {
+        path: "loopback connection".into(),
+        source: e,
+    };
+    let listener = std::net::TcpListener::bind(lo).map_err(io)?;
+    let near = std::net::TcpStream::connect(listener.local_addr().map_err(io)?).map_err(io)?;
+    let (far, _) = listener.accept().map_err(io)?;
+    Ok((OwnedFd::from(near), OwnedFd::from(far)))
+}
+
+/// Applies saved socket options that do not depend on binding.
+fn apply(s: &OwnedFd, o: &SocketOptions, tcp: bool) -> CoreResult<()> {
+    if o.reuse_port {
+        setsockopt(s, sockopt::ReusePort, &true).map_err(errno("SO_REUSEPORT"))?;
+    }
+    if o.v6only {
+        let _ = setsockopt(s, sockopt::Ipv6V6Only, &true);
+    }
+    if tcp && o.nodelay {
+        setsockopt(s, sockopt::TcpNoDelay, &true).map_err(errno("TCP_NODELAY"))?;
+    }
+    if o.keepalive {
+        setsockopt(s, sockopt::KeepAlive, &true).map_err(errno("SO_KEEPALIVE"))?;
+    }
+    Ok(())
 }

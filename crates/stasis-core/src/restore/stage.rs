@@ -102,7 +102,12 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
     let mut sockets = Sockets::default();
     let peer_of = |ino: u64| {
         m.files.iter().find_map(|f| match f {
-            OpenFile::UnixSocket { ino: i, peer, .. } if *i == ino => Some(*peer),
+            OpenFile::UnixSocket { ino: i, peer, .. }
+            | OpenFile::InetSocket { ino: i, peer, .. }
+                if *i == ino =>
+            {
+                Some(*peer)
+            }
             _ => None,
         })
     };
@@ -196,6 +201,12 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
                     i64::try_from(*pos).unwrap_or(0),
                     nix::unistd::Whence::SeekSet,
                 );
+                fd
+            }
+            OpenFile::InetSocket { flags, .. } => {
+                let fd = sockets.stage_inet(f, peer_of)?;
+                sysfd::set_status_flags(fd.as_fd(), flags & libc::O_NONBLOCK)
+                    .map_err(sys("setting socket flags"))?;
                 fd
             }
             OpenFile::UnixSocket { flags, .. } => {

@@ -126,6 +126,26 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                             queued.len()
                         )
                     }
+                    OpenFile::InetSocket {
+                        protocol,
+                        listening,
+                        local,
+                        remote,
+                        peer_in_job,
+                        ..
+                    } => {
+                        let proto = if *protocol == 6 { "tcp" } else { "udp" };
+                        match (listening, remote) {
+                            (true, _) => format!("{proto} listening at {local}"),
+                            (false, Some(r)) if *peer_in_job => {
+                                format!("{proto} {local} connected to {r} (in the job)")
+                            }
+                            (false, Some(r)) => format!(
+                                "{proto} {local} connected to {r} outside the job (restored closed)"
+                            ),
+                            (false, None) => format!("{proto} {local}"),
+                        }
+                    }
                     OpenFile::Memfd { shmem, pos, .. } => {
                         format!("memfd (shared memory object {shmem}) @ {pos}")
                     }
