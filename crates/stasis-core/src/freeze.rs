@@ -20,6 +20,10 @@ pub struct FrozenThread {
     pub tid: i32,
     /// A signal that was about to be delivered when the thread stopped (raw siginfo).
     pub held_signal: Option<[u8; SIGINFO_SIZE]>,
+    /// Its signal mask when it was frozen. While frozen every signal is blocked, so that a
+    /// signal arriving during injected calls stays pending instead of being delivered (and
+    /// lost) at a single-step; the mask is put back on thaw.
+    pub sigmask: u64,
 }
 
 /// A process whose threads are all in a ptrace stop, traced by the calling thread.
@@ -81,9 +85,14 @@ pub fn freeze(pid: i32) -> CoreResult<Frozen> {
                 }
                 _ => {}
             }
+            let sigmask = ptrace::get_sigmask(tid)
+                .ctx(|| format!("reading the signal mask of thread {tid}"))?;
+            ptrace::set_sigmask(tid, u64::MAX)
+                .ctx(|| format!("blocking signals in thread {tid}"))?;
             frozen.threads.push(FrozenThread {
                 tid,
                 held_signal: held,
+                sigmask,
             });
         }
     }
@@ -102,6 +111,16 @@ impl Frozen {
     /// instruction in the process).
     pub fn thaw(mut self, insn: Option<u64>) -> CoreResult<()> {
         self.released = true;
+        let insn = insn.or_else(|| {
+            let wanted = self.threads.iter().any(|t| t.held_signal.is_some());
+            wanted
+                .then(|| {
+                    proc::maps(self.pid)
+                        .ok()
+                        .and_then(|m| crate::vdso::syscall_insn(self.pid, &m).ok())
+                })
+                .flatten()
+        });
         let tgid = proc::ns_pid(&format!("/proc/{}", self.pid)).unwrap_or(self.pid);
         let mut first_err = None;
         for t in &self.threads {
@@ -123,6 +142,14 @@ impl Frozen {
                 if let Err(e) = requeue() {
                     first_err.get_or_insert(e);
                 }
+            }
+            if let Err(e) = ptrace::set_sigmask(t.tid, t.sigmask)
+                && e.errno != Errno::ESRCH
+            {
+                first_err.get_or_insert(CoreError::Sys {
+                    context: format!("restoring the signal mask of thread {}", t.tid),
+                    source: e,
+                });
             }
             if let Err(e) = ptrace::detach(t.tid, 0)
                 && e.errno != Errno::ESRCH
@@ -158,6 +185,7 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         if !self.released {
             for t in &self.threads {
+                let _ = ptrace::set_sigmask(t.tid, t.sigmask);
                 let _ = ptrace::detach(t.tid, 0);
             }
         }

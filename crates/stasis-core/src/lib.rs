@@ -13,5 +13,6 @@ pub mod proc;
 pub mod regs;
 pub mod restore;
 pub mod sockdiag;
+pub mod vdso;
 
 pub use error::{CoreError, CoreResult};

@@ -51,14 +51,23 @@ pub fn for_restore(saved: &Regs) -> Regs {
     r
 }
 
-/// The XCR0 feature mask recorded in an XSAVE area (software-reserved bytes), if present.
+/// The XCR0 feature mask recorded in an XSAVE area as ptrace returns it: the first 8 bytes
+/// of the software-reserved area (byte 464; `USER_XSTATE_XCR0_WORD`). An area laid out as a
+/// signal frame carries a magic there instead, and the mask at byte 472.
 pub fn xstate_features(xstate: &[u8]) -> Option<u64> {
     const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+    let word = |at: usize| {
+        xstate
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     let magic = u32::from_le_bytes(xstate.get(464..468)?.try_into().ok()?);
-    if magic != FP_XSTATE_MAGIC1 {
-        return None;
+    if magic == FP_XSTATE_MAGIC1 {
+        word(472)
+    } else {
+        word(464)
     }
-    Some(u64::from_le_bytes(xstate.get(472..480)?.try_into().ok()?))
 }
 
 #[cfg(test)]
@@ -67,6 +76,14 @@ mod tests {
 
     fn regs() -> Regs {
         stasis_sys::ptrace::regs_from_words(&[0; 27]).expect("27 words")
+    }
+
+    #[test]
+    fn xcr0_is_read_from_the_ptrace_layout() {
+        let mut area = vec![0u8; 576];
+        area[464..472].copy_from_slice(&0x2ffu64.to_le_bytes());
+        assert_eq!(xstate_features(&area), Some(0x2ff));
+        assert_eq!(xstate_features(&area[..100]), None);
     }
 
     #[test]

@@ -547,7 +547,23 @@ impl Manifest {
             if p.threads.is_empty() && p.zombie.is_none() {
                 return Err(format!("process {} has no threads", p.pid));
             }
+            let siginfo_ok = |s: &Vec<u8>| s.len() == 128;
+            if !p.shared_pending.iter().all(siginfo_ok)
+                || !p.threads.iter().flat_map(|t| &t.pending).all(siginfo_ok)
+            {
+                return Err(format!(
+                    "process {}: a pending signal record is not 128 bytes",
+                    p.pid
+                ));
+            }
             for t in &p.threads {
+                if t.xstate.len() < 576 || t.xstate.len() > 64 * 1024 {
+                    return Err(format!(
+                        "thread {} has an XSAVE area of {} bytes",
+                        t.tid,
+                        t.xstate.len()
+                    ));
+                }
                 if t.regs.len() != 27 {
                     return Err(format!(
                         "thread {} has {} register words, expected 27",

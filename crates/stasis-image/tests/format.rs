@@ -49,7 +49,7 @@ fn manifest(chunk: u32) -> Manifest {
             threads: vec![ThreadImage {
                 tid: 2,
                 regs: vec![0; 27],
-                xstate: vec![7; 64],
+                xstate: vec![7; 576],
                 sigmask: 0,
                 pending: vec![],
                 rseq: Rseq::default(),

@@ -17,6 +17,9 @@ pub struct NamespaceSetup {
     pub pid: bool,
     /// Children go into a new time namespace (monotonic clock continuous across restarts).
     pub time: bool,
+    /// The job has a `/proc` of its own pid namespace (in a mount namespace of its own).
+    #[serde(default)]
+    pub proc: bool,
     /// What was refused, for `status`.
     pub notes: Vec<String>,
 }

@@ -73,22 +73,52 @@ pub fn private_dir(dir: &Path) -> JobResult<()> {
     Ok(())
 }
 
+/// Checks, without creating anything, that `dir` (if it exists) belongs to us.
+pub fn check_owned(dir: &Path) -> JobResult<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.uid() != uid() => Err(JobError::Refused(format!(
+            "{} belongs to uid {}, not to you (uid {}); refusing to use it",
+            dir.display(),
+            meta.uid(),
+            uid()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The image directory of an existing job `name` under `root`, checked to be ours.
+pub fn existing_job_dir(root: &Path, name: &str) -> JobResult<PathBuf> {
+    check_name(name)?;
+    let dir = job_dir(root, name);
+    check_owned(root)?;
+    check_owned(&dir)?;
+    if !dir.is_dir() {
+        return Err(stasis_image::ImageError::NoGeneration {
+            path: dir,
+            detail: format!("job {name:?} has no images here (see --images)"),
+        }
+        .into());
+    }
+    Ok(dir)
+}
+
 /// The directory holding this user's control sockets (created, private).
 pub fn runtime_dir() -> JobResult<PathBuf> {
-    let dir = env_dir("XDG_RUNTIME_DIR")
-        .filter(|d| d.is_dir())
-        .map_or_else(
-            || PathBuf::from(format!("/tmp/stasis-{}/run", uid())),
-            |d| d.join("stasis"),
-        );
-    if let Some(parent) = dir.parent().filter(|p| p.starts_with("/tmp")) {
-        private_dir(parent)?;
-    }
+    let dir = match env_dir("XDG_RUNTIME_DIR").filter(|d| d.is_dir()) {
+        Some(runtime) => runtime.join("stasis"),
+        None => {
+            // Our own directory under /tmp: it must be ours and private.
+            let own = PathBuf::from(format!("/tmp/stasis-{}", uid()));
+            private_dir(&own)?;
+            own.join("run")
+        }
+    };
     private_dir(&dir)?;
     Ok(dir)
 }
 
 /// The control socket of job `name`.
 pub fn socket_path(name: &str) -> JobResult<PathBuf> {
+    check_name(name)?;
     Ok(runtime_dir()?.join(format!("{name}.sock")))
 }

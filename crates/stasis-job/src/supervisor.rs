@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -135,9 +135,14 @@ impl Supervisor {
     /// control socket. Must be called while the process is single-threaded.
     pub fn launch(spec: JobSpec, start: Start) -> JobResult<Self> {
         paths::check_name(&spec.name)?;
-        paths::private_dir(&spec.images_root)?;
-        let job_dir = paths::job_dir(&spec.images_root, &spec.name);
-        paths::private_dir(&job_dir)?;
+        let job_dir = if matches!(start, Start::Run { .. }) {
+            let dir = paths::job_dir(&spec.images_root, &spec.name);
+            paths::private_dir(&spec.images_root)?;
+            paths::private_dir(&dir)?;
+            dir
+        } else {
+            paths::existing_job_dir(&spec.images_root, &spec.name)?
+        };
         let socket = paths::socket_path(&spec.name)?;
         ensure_not_running(&spec.name, &socket)?;
         process::ignore_signal(libc::SIGXFSZ);
@@ -171,9 +176,12 @@ impl Supervisor {
                             CString::new(kv).unwrap_or_default()
                         })
                         .collect(),
+                    mount_ns: None,
                 };
-                let ns = namespaces::enter((0, 0));
-                let init = start_init(&ns)?;
+                let mut ns = namespaces::enter((0, 0));
+                let init = start_init(&mut ns)?;
+                let mut exec = exec;
+                exec.mount_ns = job_mount_ns(init.as_ref())?;
                 let pid = process::spawn(&exec).map_err(|e| JobError::Spawn {
                     program: program.clone(),
                     reason: e.errno.desc().to_owned(),
@@ -198,11 +206,13 @@ impl Supervisor {
                     job.monotonic_ns as i64 - mono as i64,
                     job.boottime_ns as i64 - boot as i64,
                 );
-                let ns = namespaces::enter(offsets);
-                let init = start_init(&ns)?;
+                let mut ns = namespaces::enter(offsets);
+                let init = start_init(&mut ns)?;
+                let mount_ns = job_mount_ns(init.as_ref())?;
                 let opts = RestoreOptions {
                     force,
                     set_pids: ns.pid,
+                    mount_ns: mount_ns.as_ref().map(|(fd, _)| fd.as_raw_fd()),
                 };
                 let restored = restore_job(&mut image, &opts)?;
                 let offsets = if ns.time { offsets } else { (0, 0) };
@@ -455,17 +465,33 @@ impl Supervisor {
     }
 }
 
-fn start_init(ns: &NamespaceSetup) -> JobResult<Option<process::Init>> {
+fn start_init(ns: &mut NamespaceSetup) -> JobResult<Option<process::Init>> {
     if ns.pid {
         let init = process::spawn_init().map_err(|e| JobError::Spawn {
             program: "stasis-init".into(),
             reason: e.to_string(),
         })?;
+        ns.proc = init.own_proc;
+        if !init.own_proc {
+            ns.notes.push("no private /proc (the kernel refused the mount): the job sees the host's /proc and its host pids there".into());
+        }
         Ok(Some(init))
     } else {
         process::set_child_subreaper().map_err(|e| JobError::Remote(e.to_string()))?;
         Ok(None)
     }
+}
+
+/// The mount namespace with the job's own `/proc` (init's), to be entered by the job's
+/// processes, and our working directory to return to in it.
+fn job_mount_ns(init: Option<&process::Init>) -> JobResult<Option<(OwnedFd, CString)>> {
+    let Some(init) = init.filter(|i| i.own_proc) else {
+        return Ok(None);
+    };
+    let path = format!("/proc/{}/ns/mnt", init.pid);
+    let fd = std::fs::File::open(&path).map_err(io_err(path))?;
+    let cwd = std::env::current_dir().map_err(io_err("."))?;
+    Ok(Some((OwnedFd::from(fd), cstring(cwd.as_os_str())?)))
 }
 
 /// Forks a detached supervisor. Returns `Some(reader)` in the parent, which receives one line

@@ -77,6 +77,9 @@ pub struct ExecSpec {
     pub argv: Vec<CString>,
     /// Environment, as `KEY=VALUE`.
     pub envp: Vec<CString>,
+    /// A mount namespace to enter before exec (a descriptor of `/proc/PID/ns/mnt`), and the
+    /// directory to return to in it.
+    pub mount_ns: Option<(OwnedFd, CString)>,
 }
 
 /// Forks and executes `spec` in the child with default signal handling. Fails with the
@@ -92,8 +95,16 @@ pub fn spawn(spec: &ExecSpec) -> SysResult<i32> {
     if pid == 0 {
         reset_signals_in_child();
         // SAFETY: argv and envp are NULL-terminated arrays of pointers to live C strings
-        // prepared before the fork; write and _exit are async-signal-safe.
+        // prepared before the fork; setns, chdir, write and _exit are async-signal-safe.
         unsafe {
+            if let Some((ns, cwd)) = &spec.mount_ns
+                && (libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) != 0
+                    || libc::chdir(cwd.as_ptr()) != 0)
+            {
+                let errno = *libc::__errno_location();
+                libc::write(err_w.as_raw_fd(), errno.to_ne_bytes().as_ptr().cast(), 4);
+                child_exit(127);
+            }
             libc::execve(spec.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
             let errno = *libc::__errno_location();
             let bytes = errno.to_ne_bytes();
@@ -125,6 +136,9 @@ pub struct Init {
     /// The supervisor's end of the lifeline: when it closes (the supervisor exits, however
     /// it dies), init exits, which takes the whole pid namespace down.
     pub lifeline: OwnedFd,
+    /// Init mounted a `/proc` of the job's pid namespace in a mount namespace of its own
+    /// (`/proc/PID/ns/mnt` of init), which the job's processes enter.
+    pub own_proc: bool,
 }
 
 /// Forks the namespace's init: it reaps every child reparented to it, and exits when the
@@ -132,12 +146,37 @@ pub struct Init {
 pub fn spawn_init() -> SysResult<Init> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| SysError::new("pipe2", 0, e))?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SysError::new("pipe2", 0, e))?;
     let pid = clone3_fork(None)?;
     if pid == 0 {
         // SAFETY: async-signal-safe calls only, with valid arguments; the loop never returns.
         unsafe {
             libc::close(w.as_raw_fd());
             libc::prctl(libc::PR_SET_NAME, c"stasis-init".as_ptr());
+            // A /proc of the job's own pid namespace, in a mount namespace of our own that
+            // the job's processes enter; report whether it worked.
+            let mut ok: u8 = 0;
+            if libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) == 0
+            {
+                ok = 1;
+            }
+            libc::write(ready_w.as_raw_fd(), (&raw const ok).cast(), 1);
+            libc::close(ready_w.as_raw_fd());
             let mut all: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&raw mut all);
             libc::sigprocmask(libc::SIG_SETMASK, &raw const all, std::ptr::null_mut());
@@ -167,7 +206,15 @@ pub fn spawn_init() -> SysResult<Init> {
         }
     }
     drop(r);
-    Ok(Init { pid, lifeline: w })
+    drop(ready_w);
+    let mut ok = [0u8; 1];
+    let n = nix::unistd::read(&ready_r, &mut ok).unwrap_or(0);
+    let own_proc = n == 1 && ok[0] == 1;
+    Ok(Init {
+        pid,
+        lifeline: w,
+        own_proc,
+    })
 }
 
 /// A forked copy of this process that blocks in `read` forever, waiting to be seized and

@@ -323,7 +323,7 @@ fn manifest_with_valid_checksum_but_invalid_contents_is_refused() {
         (
             "descriptor naming a missing open file",
             |m| {
-                let n = m.processes[0].files.len() as u32;
+                let n = m.files.len() as u32;
                 m.processes[0].fds[0].file = n + 3;
             },
             "names file",
@@ -669,4 +669,43 @@ fn failed_checkpoint_leaves_the_job_running() {
         fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
         0o700
     );
+}
+
+/// Runs `b_signals` (real-time signals queued and counted without pause) through `rounds`
+/// checkpoints, failing ones when `fail` (the job's image directory replaced by a file);
+/// the program must then count every signal delivered.
+fn signals_through_checkpoints(fail: bool, rounds: u32) {
+    let env = Env::new();
+    let name = env.name(if fail { "sigfail" } else { "sigok" });
+    let prog = program("b_signals", false);
+    let mut job = env.start(&name, &prog, &[env.work.to_str().unwrap()]);
+    env.wait_output(&job, "READY\n");
+    let dir = env.job_dir(&name);
+    if fail {
+        // `stasis run` made the (empty) directory: a regular file takes its place.
+        fs::remove_dir(&dir).unwrap();
+        fs::write(&dir, b"not a directory").unwrap();
+    }
+    for round in 0..rounds {
+        if fail {
+            let text = fails_clean(&env, &["checkpoint", &name]);
+            assert_mentions(&text, &[dir.to_str().unwrap()]);
+        } else {
+            assert_eq!(env.checkpoint(&name, false)["generation"], round + 1);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    env.go();
+    assert_eq!(job.wait(), 0, "{}\n{}", env.output(&job), env.stderr(&job));
+    assert_all_pass(&env.output(&job));
+}
+
+#[test]
+fn failed_checkpoints_lose_no_signal() {
+    signals_through_checkpoints(true, 100);
+}
+
+#[test]
+fn checkpoints_lose_no_signal() {
+    signals_through_checkpoints(false, 50);
 }

@@ -5,11 +5,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use stasis_image::manifest::{PageRun, SharedMemory, Vma, VmaKind};
 use stasis_image::pack::PackWriter;
-use stasis_sys::inject::find_syscall_insn;
 use stasis_sys::mem;
 
 use super::file_id;
-use crate::error::{CoreError, CoreResult, SysContext, io_err};
+use crate::error::{CoreError, CoreResult, io_err};
 use crate::proc::{self, MapEntry};
 
 const PAGE: u64 = 4096;
@@ -18,37 +17,6 @@ const RUN_PAGES: usize = 256;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
-
-/// Where the `syscall` instruction used for injection lives, and the vdso's identity.
-#[derive(Debug, Clone)]
-pub struct VdsoInfo {
-    /// Address of a `syscall` instruction inside the process's `[vdso]`.
-    pub syscall_insn: u64,
-    /// blake3 of the vdso contents.
-    pub blake3: String,
-}
-
-/// Finds the process's vdso and a `syscall` instruction in it.
-pub fn vdso_info(pid: i32, maps: &[MapEntry]) -> CoreResult<VdsoInfo> {
-    let no = |why: &str| CoreError::Unsupported {
-        pid,
-        what: "the address space".into(),
-        why: why.into(),
-    };
-    let vdso = maps
-        .iter()
-        .find(|m| m.path == "[vdso]")
-        .ok_or_else(|| no("it has no [vdso] mapping"))?;
-    let len = usize::try_from(vdso.end - vdso.start).unwrap_or(0);
-    let bytes =
-        mem::read_vec(pid, vdso.start, len).ctx(|| format!("reading the vdso of process {pid}"))?;
-    let off =
-        find_syscall_insn(&bytes).ok_or_else(|| no("no syscall instruction found in its vdso"))?;
-    Ok(VdsoInfo {
-        syscall_insn: vdso.start + off as u64,
-        blake3: blake3::hash(&bytes).to_hex().to_string(),
-    })
-}
 
 /// Classifies a mapping by its `/proc` name; `Err` for mappings Stasis cannot save yet.
 pub fn vma_kind(pid: i32, m: &MapEntry) -> CoreResult<VmaKind> {

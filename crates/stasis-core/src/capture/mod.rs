@@ -13,7 +13,8 @@ use std::os::unix::fs::MetadataExt;
 use stasis_image::manifest::{FileId, OpenFile, ProcessImage, SharedMemory};
 use stasis_image::pack::PackWriter;
 
-pub use memory::{VdsoInfo, vdso_info, vma_kind};
+pub use crate::vdso::{VdsoInfo, vdso_info};
+pub use memory::vma_kind;
 pub use process::{JobTables, capture_process, capture_zombie};
 
 use crate::error::{CoreError, CoreResult};

@@ -6,11 +6,12 @@ use stasis_sys::inject::Injector;
 use stasis_sys::{Errno, process, ptrace};
 
 use super::files::FileTable;
-use super::memory::{SharedObjects, VdsoInfo, capture_vmas, vdso_info};
+use super::memory::{SharedObjects, capture_vmas};
 use super::threads::{capture_sigactions, capture_thread, capture_timers};
 use crate::error::{CoreResult, SysContext};
 use crate::freeze::{Frozen, stack_scratch};
 use crate::proc;
+use crate::vdso::{VdsoInfo, vdso_info};
 
 const NUM_RLIMITS: u32 = 16;
 

@@ -35,8 +35,7 @@ pub fn capture_thread(pid: i32, t: &FrozenThread, insn: u64) -> CoreResult<Threa
     let regs = ptrace::get_regs(tid).ctx(|| format!("reading registers of thread {tid}"))?;
     let xstate =
         ptrace::get_xstate(tid).ctx(|| format!("reading extended state of thread {tid}"))?;
-    let sigmask =
-        ptrace::get_sigmask(tid).ctx(|| format!("reading the signal mask of thread {tid}"))?;
+    let sigmask = t.sigmask;
     let rseq =
         ptrace::get_rseq(tid).ctx(|| format!("reading the rseq registration of thread {tid}"))?;
     let robust =

@@ -35,6 +35,9 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Ask for the saved pids (the caller created a pid namespace for its children).
     pub set_pids: bool,
+    /// A descriptor (open in the caller, inherited by the restored processes) of the mount
+    /// namespace they must enter: the one with the job's own `/proc`.
+    pub mount_ns: Option<i32>,
 }
 
 /// A restored, running job.
@@ -171,6 +174,13 @@ fn rebuild(
             ],
         )?;
     }
+    if let Some(ns) = opts.mount_ns {
+        c.call(
+            "entering the job's mount namespace",
+            libc::SYS_setns,
+            &[ns as u64, libc::CLONE_NEWNS as u64],
+        )?;
+    }
     memory::teardown_and_move_specials(c, p, vdso_off)?;
     let scratch = memory::free_area(&p.vmas, &[], SCRATCH_LEN)?;
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
@@ -189,7 +199,7 @@ fn rebuild(
     c.scratch = scratch;
     memory::map_memory(c, image, p, st)?;
     memory::set_mm(c, p, st.exes.get(&p.exe).copied().unwrap_or(-1))?;
-    state::install_fds(c, p, st)?;
+    state::install_fds(c, m, p, st)?;
     state::restore_epoll(c, p, m)?;
     state::restore_process_state(c, p)?;
     let tids = state::create_threads(c, p, opts)?;

@@ -32,6 +32,8 @@ pub(super) struct Staged {
     pub exes: HashMap<String, RawFd>,
     /// Descriptor number of each shared memory object.
     pub shmem: Vec<RawFd>,
+    /// The restarting command's own stdin, stdout and stderr.
+    pub stdio: [RawFd; 3],
     /// Lowest staged number: every process closes everything at or above it at the end.
     pub base: RawFd,
     keep: Vec<OwnedFd>,
@@ -77,9 +79,18 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
         maps: HashMap::new(),
         exes: HashMap::new(),
         shmem: Vec::new(),
+        stdio: [-1; 3],
         base: (max_fd + 1).max(256),
         keep: Vec::new(),
     };
+    for n in 0..3 {
+        // A closed standard descriptor of ours becomes /dev/null for the job.
+        let fd = match sysfd::dup_raw_at_least(n, st.base) {
+            Ok(fd) => fd,
+            Err(_) => open_path("/dev/null", libc::O_RDWR)?,
+        };
+        st.stdio[n as usize] = st.push(fd)?;
+    }
     for (i, obj) in m.shared_memory.iter().enumerate() {
         let fd = nix::sys::memfd::memfd_create(c"stasis-shmem", nix::sys::memfd::MFdFlags::empty())
             .map_err(errno("memfd_create"))?;

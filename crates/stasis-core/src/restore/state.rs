@@ -16,9 +16,19 @@ const SS_DISABLE: i32 = 2;
 const CAP_VERSION_3: u32 = 0x2008_0522;
 const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
 
-pub(super) fn install_fds(c: &mut Child, p: &ProcessImage, st: &Staged) -> CoreResult<()> {
+pub(super) fn install_fds(
+    c: &mut Child,
+    m: &Manifest,
+    p: &ProcessImage,
+    st: &Staged,
+) -> CoreResult<()> {
     for fd in &p.fds {
-        let from = st.files[fd.file as usize];
+        // Each standard descriptor leading outside the job gets the restarting command's own
+        // descriptor of the same number (a terminal's 0, 1 and 2 share one description).
+        let from = match &m.files[fd.file as usize] {
+            OpenFile::Stdio { .. } if (0..=2).contains(&fd.fd) => st.stdio[fd.fd as usize],
+            _ => st.files[fd.file as usize],
+        };
         let flags = if fd.cloexec { libc::O_CLOEXEC } else { 0 };
         c.call(
             &format!("installing descriptor {}", fd.fd),

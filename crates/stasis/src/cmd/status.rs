@@ -21,7 +21,7 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
             emit(json, &s, || {
                 let ns = &s.namespaces;
                 let mut t = format!(
-                    "job:          {}\nstate:        {}\npid:          {} ({} inside the job)\nsupervisor:   {}\ncommand:      {}\nimages:       {}\nnamespaces:   user={} pid={} time={}\ncheckpoints:  {} by this supervisor, newest generation {}",
+                    "job:          {}\nstate:        {}\npid:          {} ({} inside the job)\nsupervisor:   {}\ncommand:      {}\nimages:       {}\nnamespaces:   user={} pid={} time={} proc={}\ncheckpoints:  {} by this supervisor, newest generation {}",
                     s.name,
                     s.state,
                     s.pid,
@@ -32,6 +32,7 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                     ns.user,
                     ns.pid,
                     ns.time,
+                    ns.proc,
                     s.checkpoints,
                     s.latest_generation.map_or("none".into(), |g| g.to_string())
                 );

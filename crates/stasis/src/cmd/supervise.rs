@@ -61,9 +61,14 @@ pub fn launch(spec: JobSpec, start: Start, detached: bool, json: bool) -> Result
     let name = spec.name.clone();
     if detached {
         paths::check_name(&name)?;
-        paths::private_dir(&spec.images_root)?;
-        let job_dir = paths::job_dir(&spec.images_root, &name);
-        paths::private_dir(&job_dir)?;
+        let job_dir = if verb == "started" {
+            let dir = paths::job_dir(&spec.images_root, &name);
+            paths::private_dir(&spec.images_root)?;
+            paths::private_dir(&dir)?;
+            dir
+        } else {
+            paths::existing_job_dir(&spec.images_root, &name)?
+        };
         let log = job_dir.join("output.log");
         if let Some(reader) = detach(&log)? {
             let mut line = String::new();
