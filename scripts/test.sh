@@ -2,7 +2,7 @@
 # The whole test suite of Stasis.
 #
 # 1. As root, installs the Debian packages the tests need (gcc, static libc, python3,
-#    util-linux for setpriv/script, redis for a real-server test).
+#    util-linux for setpriv/script, redis and MPICH for real-program tests).
 # 2. Checks formatting and lints, builds, and runs every test as the current user.
 # 3. As root, runs every integration test a second time as the unprivileged user nobody
 #    (setpriv --reuid=65534 --regid=65534 --clear-groups): Stasis must not depend on root.
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ]; then
     missing=()
-    for pkg in gcc libc6-dev python3 util-linux redis-server redis-tools; do
+    for pkg in gcc libc6-dev python3 util-linux redis-server redis-tools mpich libmpich-dev; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then

@@ -286,21 +286,25 @@ impl FileTable {
                 }
             } else if e.target.starts_with("anon_inode:") {
                 anon_inode(pid, e, flags).map_err(|why| unsupported(&why))?
-            } else if e.target.starts_with("/memfd:") {
+            } else if e.target.starts_with("/memfd:") || e.target.ends_with(" (deleted)") {
+                // A memfd, or a file deleted while open: its content lives only in the
+                // kernel, so it is saved as a shared memory object (one copy, shared with
+                // any mapping of it) and restored as a memfd.
                 let ours = process::pidfd_getfd(&pidfd, e.fd, pid)
-                    .ctx(|| format!("fetching memfd descriptor {} of process {pid}", e.fd))?;
+                    .ctx(|| format!("fetching descriptor {} of process {pid}", e.fd))?;
                 let file = std::fs::File::from(ours);
                 let meta = file.metadata().map_err(io_err(&e.target))?;
+                if !meta.file_type().is_file() {
+                    return Err(unsupported(
+                        "it was deleted while open and is not a regular file",
+                    ));
+                }
                 let shmem = shared.capture_file(meta.ino(), &e.target, &file, meta.len(), pack)?;
                 OpenFile::Memfd {
                     shmem,
                     flags,
                     pos: e.pos,
                 }
-            } else if e.target.ends_with(" (deleted)") {
-                return Err(unsupported(
-                    "the file was deleted while open; unlinked files are not supported yet",
-                ));
             } else if e.target.starts_with('/') {
                 let link = format!("/proc/{pid}/fd/{}", e.fd);
                 let meta = std::fs::metadata(&link).map_err(io_err(&link))?;

@@ -81,6 +81,12 @@ pub fn capture_unix(
     } else {
         queued(ours, u, pack)?
     };
+    if !queued.is_empty() && u.peer == 0 && u.name.as_deref().is_none_or(<[u8]>::is_empty) {
+        return Err(
+            "it holds queued messages but has neither a peer nor a name to refill them through"
+                .into(),
+        );
+    }
     Ok(OpenFile::UnixSocket {
         ino: u.ino,
         socket_type: u.kind,

@@ -37,14 +37,16 @@ fn sock_type(t: i32) -> CoreResult<SockType> {
     }
 }
 
-fn address(name: &str) -> CoreResult<UnixAddr> {
+/// The address of a saved socket name; `unlink_stale` first removes a socket file left at a
+/// path name (before binding it again).
+fn address(name: &str, unlink_stale: bool) -> CoreResult<UnixAddr> {
     let bytes =
         hex::decode(name).ok_or_else(|| CoreError::Incompatible("malformed socket name".into()))?;
     if let Some(abstract_name) = bytes.strip_prefix(&[0]) {
         return UnixAddr::new_abstract(abstract_name).map_err(errno("abstract socket name"));
     }
     let path = std::path::PathBuf::from(String::from_utf8_lossy(&bytes).into_owned());
-    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+    if unlink_stale && std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(&path);
     }
     UnixAddr::new(&path).map_err(errno("socket path"))
@@ -96,7 +98,7 @@ impl Sockets {
                 if let Some(name) = name
                     && (*listening || *peer == 0)
                 {
-                    bind(s.as_raw_fd(), &address(name)?)
+                    bind(s.as_raw_fd(), &address(name, true)?)
                         .map_err(errno("binding a unix socket at its name"))?;
                 }
                 if *listening {
@@ -211,15 +213,35 @@ impl Sockets {
             if queued.is_empty() {
                 continue;
             }
-            let far = self
-                .outside
-                .get(ino)
-                .or_else(|| self.ends.get(peer))
-                .ok_or_else(|| {
-                    CoreError::Incompatible(format!(
-                        "socket {ino} has queued data but no peer to refill it from"
-                    ))
-                })?;
+            // Through the far end of its connection, or else — a bound socket receiving from
+            // anyone — from a new socket sending to its name.
+            let temp;
+            let far = match self.outside.get(ino).or_else(|| self.ends.get(peer)) {
+                Some(f) => f,
+                None => {
+                    let OpenFile::UnixSocket {
+                        name: Some(name),
+                        socket_type,
+                        ..
+                    } = f
+                    else {
+                        return Err(CoreError::Incompatible(format!(
+                            "socket {ino} has queued data but no peer or name to refill it from"
+                        )));
+                    };
+                    let s = socket(
+                        AddressFamily::Unix,
+                        sock_type(*socket_type)?,
+                        SockFlag::SOCK_CLOEXEC,
+                        None,
+                    )
+                    .map_err(errno("socket"))?;
+                    connect(s.as_raw_fd(), &address(name, false)?)
+                        .map_err(errno("connecting to a restored socket to refill it"))?;
+                    temp = s;
+                    &temp
+                }
+            };
             for message in queued {
                 let mut data = Vec::new();
                 for &c in message {
