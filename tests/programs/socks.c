@@ -65,7 +65,10 @@ int main(int argc, char **argv) {
     fcntl(st[0], F_SETFL, O_NONBLOCK);
     char path[4096], abs_name[64];
     snprintf(path, sizeof path, "%s/srv.sock", argv[1]);
-    snprintf(abs_name, sizeof abs_name, "stasis-socks-%d", getpid());
+    /* Unique per test: inside a job every program is pid 2, so derive it from the work dir. */
+    unsigned long h = 5381;
+    for (const char *c = argv[1]; *c; c++) h = h * 33 + (unsigned char)*c;
+    snprintf(abs_name, sizeof abs_name, "stasis-socks-%lx", h);
     struct sockaddr_un a;
     int srv = socket(AF_UNIX, SOCK_STREAM, 0);
     socklen_t alen = addr_of(&a, path, 0);
