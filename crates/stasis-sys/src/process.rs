@@ -288,6 +288,28 @@ pub fn same_file_description(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> SysRes
     Ok(check(r, "kcmp", pid1)? == 0)
 }
 
+/// What two processes may share, for [`share`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shared {
+    /// The address space (`CLONE_VM`).
+    Memory,
+    /// The descriptor table (`CLONE_FILES`).
+    Descriptors,
+}
+
+/// `kcmp`: whether processes `pid1` and `pid2` share `what`.
+pub fn share(pid1: i32, pid2: i32, what: Shared) -> SysResult<bool> {
+    const KCMP_VM: i32 = 1;
+    const KCMP_FILES: i32 = 2;
+    let kind = match what {
+        Shared::Memory => KCMP_VM,
+        Shared::Descriptors => KCMP_FILES,
+    };
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, 0, 0) };
+    Ok(check(r, "kcmp", pid1)? == 0)
+}
+
 /// `get_robust_list(tid)`: the robust futex list head and its length.
 pub fn robust_list(tid: i32) -> SysResult<(u64, u64)> {
     let mut head: u64 = 0;

@@ -60,6 +60,36 @@ fn job_ppid(pid: i32, supervisor: i32, init: Option<i32>) -> CoreResult<i32> {
     }
 }
 
+/// Refuses processes that share an address space or a descriptor table (`CLONE_VM`,
+/// `CLONE_FILES` without `CLONE_THREAD`, e.g. a `vfork` child before it execs): they would
+/// come back as independent copies.
+fn refuse_shared_tables(job: &FrozenJob) -> CoreResult<()> {
+    use stasis_sys::process::{Shared, share};
+    for (i, a) in job.processes.iter().enumerate() {
+        for b in &job.processes[i + 1..] {
+            for (what, name) in [
+                (
+                    Shared::Memory,
+                    "its address space (CLONE_VM, e.g. vfork before exec)",
+                ),
+                (Shared::Descriptors, "its descriptor table (CLONE_FILES)"),
+            ] {
+                if share(a.pid, b.pid, what).unwrap_or(false) {
+                    return Err(CoreError::Unsupported {
+                        pid: b.pid,
+                        what: name.into(),
+                        why: format!(
+                            "it shares it with process {}; processes sharing one are not supported yet",
+                            a.pid
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Captures every process of a frozen job into `pack`.
 pub fn capture_job(
     job: &FrozenJob,
@@ -67,6 +97,7 @@ pub fn capture_job(
     init: Option<i32>,
     pack: &mut PackWriter,
 ) -> CoreResult<CapturedJob> {
+    refuse_shared_tables(job)?;
     let mut tables = JobTables {
         pack,
         files: files::FileTable::new(&job.processes.iter().map(|f| f.pid).collect::<Vec<_>>()),
