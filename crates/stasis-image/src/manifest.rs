@@ -449,6 +449,17 @@ pub enum OpenFile {
         /// Socket options.
         options: SocketOptions,
     },
+    /// A named pipe (FIFO), reopened by path.
+    Fifo {
+        /// Its path.
+        path: String,
+        /// Its inode: the descriptions of one FIFO share it.
+        inode: u64,
+        /// `O_*` status flags (access mode included).
+        flags: i32,
+        /// Unread bytes, as chunks of the pack (stored once per FIFO).
+        data: Vec<u32>,
+    },
     /// One end of a pipe.
     Pipe {
         /// Pipe inode: both ends of one pipe share it.
@@ -628,7 +639,7 @@ impl Manifest {
             {
                 return Err("socket data names a missing chunk".into());
             }
-            if let OpenFile::Pipe { data, .. } = f
+            if let OpenFile::Pipe { data, .. } | OpenFile::Fifo { data, .. } = f
                 && data.iter().any(|&c| c as usize >= nchunks)
             {
                 return Err("pipe data names a missing chunk".into());

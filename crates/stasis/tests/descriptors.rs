@@ -58,3 +58,13 @@ fn tcp_and_udp_sockets_survive_kill_and_restart() {
 fn tcp_and_udp_sockets_survive_a_checkpoint_that_continues() {
     run("tcpsock", false, false);
 }
+
+#[test]
+fn fifos_survive_kill_and_restart() {
+    run("fifo", true, false);
+}
+
+#[test]
+fn fifos_survive_a_checkpoint_that_continues() {
+    run("fifo", false, false);
+}

@@ -308,12 +308,28 @@ impl FileTable {
             } else if e.target.starts_with('/') {
                 let link = format!("/proc/{pid}/fd/{}", e.fd);
                 let meta = std::fs::metadata(&link).map_err(io_err(&link))?;
-                if meta.file_type().is_fifo() || meta.file_type().is_socket() {
+                if meta.file_type().is_socket() {
                     return Err(unsupported(
-                        "named pipes and socket files are not supported yet",
+                        "socket files opened by path are not supported yet",
                     ));
                 }
-                if is_terminal(&e.target, &meta) {
+                if meta.file_type().is_fifo() {
+                    let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
+                    let data = if readable && self.pipes_with_data.insert(meta.ino()) {
+                        let ours = process::pidfd_getfd(&pidfd, e.fd, pid).ctx(|| {
+                            format!("fetching FIFO descriptor {} of process {pid}", e.fd)
+                        })?;
+                        pipe_data(pid, &ours, e.fd, pack)?
+                    } else {
+                        Vec::new()
+                    };
+                    OpenFile::Fifo {
+                        path: e.target.clone(),
+                        inode: meta.ino(),
+                        flags,
+                        data,
+                    }
+                } else if is_terminal(&e.target, &meta) {
                     OpenFile::Stdio {
                         path: e.target.clone(),
                         flags,

@@ -111,6 +111,7 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
     }
     let mut pipes: HashMap<u64, (OwnedFd, OwnedFd)> = HashMap::new();
     let mut sockets = Sockets::default();
+    let mut fifos: HashMap<u64, OwnedFd> = HashMap::new();
     let peer_of = |ino: u64| {
         m.files.iter().find_map(|f| match f {
             OpenFile::UnixSocket { ino: i, peer, .. }
@@ -212,6 +213,26 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
                     i64::try_from(*pos).unwrap_or(0),
                     nix::unistd::Whence::SeekSet,
                 );
+                fd
+            }
+            OpenFile::Fifo {
+                path,
+                inode,
+                flags,
+                data,
+            } => {
+                // A keeper opened read-write holds the FIFO open, so that opening either end
+                // does not wait for the other, and carries the refilled data.
+                if !fifos.contains_key(inode) {
+                    let keeper = open_path(path, libc::O_RDWR | libc::O_NONBLOCK)?;
+                    for &chunk in data {
+                        let bytes = image.chunk(chunk)?;
+                        nix::unistd::write(&keeper, &bytes).map_err(errno("refilling a FIFO"))?;
+                    }
+                    fifos.insert(*inode, keeper);
+                }
+                let fd = open_path(path, flags | libc::O_NONBLOCK)?;
+                sysfd::set_status_flags(fd.as_fd(), *flags).map_err(sys("setting FIFO flags"))?;
                 fd
             }
             OpenFile::InetSocket { flags, .. } => {

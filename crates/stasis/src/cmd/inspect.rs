@@ -146,6 +146,9 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                             (false, None) => format!("{proto} {local}"),
                         }
                     }
+                    OpenFile::Fifo { path, data, .. } => {
+                        format!("FIFO {path} ({} chunks queued)", data.len())
+                    }
                     OpenFile::Memfd { shmem, pos, .. } => {
                         format!("memfd (shared memory object {shmem}) @ {pos}")
                     }
