@@ -23,8 +23,28 @@ pub struct Manifest {
     /// referenced by mappings; one copy in the image however many processes map them.
     #[serde(default)]
     pub shared_memory: Vec<SharedMemory>,
+    /// SysV shared memory segments of the job's IPC namespace.
+    #[serde(default)]
+    pub sysv_shm: Vec<SysvShm>,
     /// Chunks of the page pack, referenced by index.
     pub chunks: Vec<ChunkRef>,
+}
+
+/// A SysV shared memory segment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SysvShm {
+    /// Its key (0: `IPC_PRIVATE`).
+    pub key: i32,
+    /// Its id (restored as is).
+    pub id: i32,
+    /// Permission bits.
+    pub mode: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Marked for removal (`IPC_RMID`) once detached everywhere.
+    pub removed: bool,
+    /// Saved pages: `addr` is the offset in the segment.
+    pub pages: Vec<PageRun>,
 }
 
 /// A shared memory object.
@@ -78,6 +98,9 @@ pub struct Namespaces {
     pub user: bool,
     /// A pid namespace (original pids restorable).
     pub pid: bool,
+    /// An IPC namespace (SysV ids restorable).
+    #[serde(default)]
+    pub ipc: bool,
     /// A time namespace (monotonic clock kept continuous).
     pub time: bool,
 }
@@ -267,6 +290,8 @@ pub enum VmaKind {
     Vsyscall,
     /// A shared memory object (see [`Vma::shmem`]).
     Shmem,
+    /// A SysV shared memory segment (see [`Vma::sysv`]).
+    SysvShm,
 }
 
 /// One memory mapping.
@@ -294,6 +319,9 @@ pub struct Vma {
     /// offset in the object, and the pages are the object's.
     #[serde(default)]
     pub shmem: Option<u32>,
+    /// For [`VmaKind::SysvShm`]: the segment's id; `offset` is the offset in it.
+    #[serde(default)]
+    pub sysv: Option<i32>,
 }
 
 /// A contiguous run of saved pages, stored as one chunk of the pack.
@@ -540,6 +568,20 @@ impl Manifest {
             }
             Ok(u64::from(chunk.raw_len))
         };
+        for seg in &self.sysv_shm {
+            for run in &seg.pages {
+                let end = run
+                    .addr
+                    .checked_add(run_len(run)?)
+                    .ok_or("page run overflows")?;
+                if end > seg.size {
+                    return Err(format!(
+                        "SysV segment {}: page run {:#x} beyond its size {}",
+                        seg.id, run.addr, seg.size
+                    ));
+                }
+            }
+        }
         for (i, shm) in self.shared_memory.iter().enumerate() {
             for run in &shm.pages {
                 let end = run

@@ -72,12 +72,14 @@ fn manifest(chunk: u32) -> Manifest {
                     chunk,
                 }],
                 shmem: None,
+                sysv: None,
             }],
             fds: vec![],
             ..ProcessImage::default()
         }],
         files: vec![],
         shared_memory: vec![],
+        sysv_shm: vec![],
         chunks: vec![],
     }
 }

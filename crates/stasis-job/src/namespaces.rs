@@ -15,6 +15,9 @@ pub struct NamespaceSetup {
     pub user: bool,
     /// Children go into a new pid namespace (original pids restorable).
     pub pid: bool,
+    /// The job has an IPC namespace of its own (SysV ids restorable).
+    #[serde(default)]
+    pub ipc: bool,
     /// Children go into a new time namespace (monotonic clock continuous across restarts).
     pub time: bool,
     /// The job has a `/proc` of its own pid namespace (in a mount namespace of its own).
@@ -42,6 +45,13 @@ pub fn enter(offsets: (i64, i64)) -> NamespaceSetup {
                 .notes
                 .push(format!("user namespace refused ({})", e.errno)),
         }
+    }
+    match ns::unshare(ns::flags::IPC) {
+        Ok(()) => s.ipc = true,
+        Err(e) => s.notes.push(format!(
+            "IPC namespace refused ({}): SysV shared memory cannot be checkpointed",
+            e.errno
+        )),
     }
     match ns::unshare(ns::flags::PID) {
         Ok(()) => s.pid = true,

@@ -381,7 +381,7 @@ impl Supervisor {
                 return Err(e.into());
             }
         };
-        let captured = match capture_job(&frozen, supervisor, init, writer.pack()) {
+        let captured = match capture_job(&frozen, supervisor, init, self.ns.ipc, writer.pack()) {
             Ok(x) => x,
             Err(e) => {
                 drop(writer);
@@ -409,6 +409,7 @@ impl Supervisor {
                 namespaces: Namespaces {
                     user: self.ns.user,
                     pid: self.ns.pid,
+                    ipc: self.ns.ipc,
                     time: self.ns.time,
                 },
                 monotonic_ns: u64::try_from(mono as i64 + self.time_offsets.0).unwrap_or(0),
@@ -428,6 +429,7 @@ impl Supervisor {
             processes: captured.processes,
             files: captured.files,
             shared_memory: captured.shared_memory,
+            sysv_shm: captured.sysv_shm,
             chunks: Vec::new(),
         };
         let stored_bytes = writer.pack().bytes_written();

@@ -40,6 +40,8 @@ pub mod flags {
     pub const PID: i32 = libc::CLONE_NEWPID;
     /// `CLONE_NEWTIME`.
     pub const TIME: i32 = 0x80;
+    /// `CLONE_NEWIPC`.
+    pub const IPC: i32 = libc::CLONE_NEWIPC;
 }
 
 /// Whether we hold `cap` in our effective set (read from /proc/self/status).

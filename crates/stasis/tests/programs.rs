@@ -124,11 +124,10 @@ fn mpich_job_finishes_with_the_same_result_after_kill_and_restart() {
         "mpicc: {}",
         String::from_utf8_lossy(&cc.stderr)
     );
-    // UCX's SysV shared-memory transport is not supported yet: use its POSIX one.
+    // MPICH's default transports (UCX: SysV and POSIX shared memory, unix sockets, TCP).
     let mpiexec = |out: &std::path::Path| {
         let mut c = env.cmd();
-        c.env("UCX_TLS", "^sysv")
-            .stdout(std::fs::File::create(out).expect("out"))
+        c.stdout(std::fs::File::create(out).expect("out"))
             .stderr(std::process::Stdio::piped());
         c
     };
@@ -136,7 +135,6 @@ fn mpich_job_finishes_with_the_same_result_after_kill_and_restart() {
         .args(["-n", "4"])
         .arg(&bin)
         .arg("120")
-        .env("UCX_TLS", "^sysv")
         .output()
         .expect("mpiexec runs");
     let want = mpi_result(&String::from_utf8_lossy(&plain.stdout))

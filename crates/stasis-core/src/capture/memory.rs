@@ -34,9 +34,7 @@ pub fn vma_kind(pid: i32, m: &MapEntry) -> CoreResult<VmaKind> {
         "[vvar_vclock]" => VmaKind::VvarVclock,
         "[vsyscall]" => VmaKind::Vsyscall,
         p if p.starts_with("[anon:") => VmaKind::Anon,
-        p if p.starts_with("/SYSV") => {
-            return Err(unsupported("SysV shared memory is not supported yet"));
-        }
+        p if p.starts_with("/SYSV") && m.shared => VmaKind::SysvShm,
         p if m.shared && (p.starts_with("[anon_shmem:") || p.ends_with(" (deleted)")) => {
             VmaKind::Shmem
         }
@@ -214,6 +212,8 @@ pub fn capture_vmas(
         let mut shmem = None;
         let pages = match kind {
             VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => Vec::new(),
+            // The segment's content is saved once, from the job's IPC namespace.
+            VmaKind::SysvShm => Vec::new(),
             VmaKind::Shmem => {
                 shmem = Some(shared.capture(pid, m, pack)?);
                 Vec::new()
@@ -257,6 +257,7 @@ pub fn capture_vmas(
             offset: m.offset,
             pages,
             shmem,
+            sysv: (kind == VmaKind::SysvShm).then(|| i32::try_from(m.inode).unwrap_or(-1)),
         });
     }
     Ok(out)

@@ -10,7 +10,9 @@ mod threads;
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 
-use stasis_image::manifest::{FileId, OpenFile, ProcessImage, SharedMemory};
+use stasis_image::manifest::{
+    FileId, OpenFile, PageRun, ProcessImage, SharedMemory, SysvShm, VmaKind,
+};
 use stasis_image::pack::PackWriter;
 
 pub use crate::vdso::{VdsoInfo, vdso_info};
@@ -41,6 +43,8 @@ pub struct CapturedJob {
     pub files: Vec<OpenFile>,
     /// Shared memory objects.
     pub shared_memory: Vec<SharedMemory>,
+    /// SysV shared memory segments of the job's IPC namespace.
+    pub sysv_shm: Vec<SysvShm>,
     /// The vdso the job runs with.
     pub vdso_blake3: String,
     /// Each frozen process's `syscall` instruction (host pid → address), for thawing.
@@ -90,11 +94,61 @@ fn refuse_shared_tables(job: &FrozenJob) -> CoreResult<()> {
     Ok(())
 }
 
+/// Saves every SysV shared memory segment of our IPC namespace (the job's): each is
+/// attached read-only here, its non-zero pages stored.
+fn capture_sysv(pack: &mut PackWriter) -> CoreResult<Vec<SysvShm>> {
+    const SHM_DEST: u32 = 0o1000;
+    let text = std::fs::read_to_string("/proc/sysvipc/shm")
+        .map_err(crate::error::io_err("/proc/sysvipc/shm"))?;
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(key), Some(id), Some(perms), Some(size)) =
+            (f.first(), f.get(1), f.get(2), f.get(3))
+        else {
+            continue;
+        };
+        let (Ok(key), Ok(id), Ok(perms), Ok(size)) = (
+            key.parse::<i32>(),
+            id.parse::<i32>(),
+            u32::from_str_radix(perms, 8),
+            size.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        let data = stasis_sys::sysv::shm_read(id, usize::try_from(size).unwrap_or(0)).map_err(
+            |source| CoreError::Sys {
+                context: format!("reading SysV shared memory segment {id}"),
+                source,
+            },
+        )?;
+        let mut pages = Vec::new();
+        for (i, page) in data.chunks(4096).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                pages.push(PageRun {
+                    addr: i as u64 * 4096,
+                    chunk: pack.add(page)?,
+                });
+            }
+        }
+        out.push(SysvShm {
+            key,
+            id,
+            mode: perms & 0o777,
+            size,
+            removed: perms & SHM_DEST != 0,
+            pages,
+        });
+    }
+    Ok(out)
+}
+
 /// Captures every process of a frozen job into `pack`.
 pub fn capture_job(
     job: &FrozenJob,
     supervisor: i32,
     init: Option<i32>,
+    ipc_namespace: bool,
     pack: &mut PackWriter,
 ) -> CoreResult<CapturedJob> {
     refuse_shared_tables(job)?;
@@ -123,11 +177,33 @@ pub fn capture_job(
     for &z in &job.zombies {
         processes.push(capture_zombie(z, job_ppid(z, supervisor, init)?)?);
     }
+    let uses_sysv = processes
+        .iter()
+        .flat_map(|p| &p.vmas)
+        .any(|v| v.kind == VmaKind::SysvShm);
+    let sysv_shm = if ipc_namespace {
+        capture_sysv(tables.pack)?
+    } else if uses_sysv {
+        let p = processes
+            .iter()
+            .find(|p| p.vmas.iter().any(|v| v.kind == VmaKind::SysvShm))
+            .map_or(0, |p| p.pid);
+        return Err(CoreError::Unsupported {
+            pid: p,
+            what: "SysV shared memory".into(),
+            why:
+                "the job has no IPC namespace of its own, so the segment ids could not be restored"
+                    .into(),
+        });
+    } else {
+        Vec::new()
+    };
     let files = tables.files.finish(&processes);
     Ok(CapturedJob {
         processes,
         files,
         shared_memory: tables.shared.objects,
+        sysv_shm,
         vdso_blake3: vdso_blake3.unwrap_or_default(),
         insns,
     })

@@ -123,6 +123,10 @@ pub(super) fn map_memory(
 ) -> CoreResult<()> {
     for v in p.vmas.iter().filter(|v| !is_special(v.kind)) {
         let len = v.end - v.start;
+        if let (VmaKind::SysvShm, Some(id)) = (v.kind, v.sysv) {
+            attach_sysv(c, v, id)?;
+            continue;
+        }
         let fill = !v.pages.is_empty();
         let prot = if fill {
             v.prot | libc::PROT_READ | libc::PROT_WRITE
@@ -169,6 +173,31 @@ pub(super) fn map_memory(
             c.call(&what, libc::SYS_mprotect, &[v.start, len, v.prot as u64])?;
         }
     }
+    Ok(())
+}
+
+/// Attaches SysV segment `id` at the mapping's address (the mapping that starts the segment
+/// attaches it whole; later pieces of it only get their protection).
+fn attach_sysv(c: &mut Child, v: &Vma, id: i32) -> CoreResult<()> {
+    let what = format!("attaching SysV segment {id} at {:#x}", v.start);
+    if v.offset == 0 {
+        let flags = if v.prot & libc::PROT_WRITE == 0 {
+            libc::SHM_RDONLY
+        } else {
+            0
+        };
+        let got = c.call(&what, libc::SYS_shmat, &[id as u64, v.start, flags as u64])?;
+        if got != v.start {
+            return Err(CoreError::Incompatible(format!(
+                "{what}: it landed at {got:#x}"
+            )));
+        }
+    }
+    c.call(
+        &what,
+        libc::SYS_mprotect,
+        &[v.start, v.end - v.start, v.prot as u64],
+    )?;
     Ok(())
 }
 

@@ -231,6 +231,33 @@ fn release(p: &ProcessImage, r: &Rebuilt) -> CoreResult<()> {
     Ok(())
 }
 
+/// Recreates the job's SysV shared memory segments, with their ids, in our IPC namespace
+/// (the job's).
+fn recreate_sysv(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<()> {
+    for seg in &m.sysv_shm {
+        let size = usize::try_from(seg.size).unwrap_or(0);
+        stasis_sys::sysv::shm_create(seg.key, size, seg.mode, seg.id).map_err(|source| {
+            CoreError::Sys {
+                context: format!("recreating SysV shared memory segment {}", seg.id),
+                source,
+            }
+        })?;
+        for run in &seg.pages {
+            let data = image.chunk(run.chunk)?;
+            let at = usize::try_from(run.addr).unwrap_or(usize::MAX);
+            if at.checked_add(data.len()).is_none_or(|end| end > size) {
+                return Err(CoreError::Incompatible(format!(
+                    "SysV segment {}: saved page beyond its size",
+                    seg.id
+                )));
+            }
+            stasis_sys::sysv::shm_write(seg.id, at, &data)
+                .map_err(sys("filling a SysV segment"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Restores every process of generation `image` as descendants of the caller and lets the
 /// job run. The caller must be single-threaded while this runs, and reaps the root.
 pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreResult<RestoredJob> {
@@ -242,6 +269,7 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
     let vdso_off = find_syscall_insn(&mem::own_bytes(vdso_base, vdso_len)).ok_or_else(|| {
         CoreError::Incompatible("no syscall instruction in this kernel's vdso".into())
     })? as u64;
+    recreate_sysv(image, &m)?;
     let staged = stage::stage(image, &m)?;
     let mut tree = tree::create(&m, opts, vdso_base + vdso_off)?;
     let result = (|| -> CoreResult<Vec<(usize, Rebuilt)>> {
@@ -253,6 +281,10 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
             if let Some(c) = tree.children[i].as_mut() {
                 rebuilt.push((i, rebuild(c, image, &m, p, &staged, vdso_off, opts)?));
             }
+        }
+        for seg in m.sysv_shm.iter().filter(|s| s.removed) {
+            stasis_sys::sysv::shm_remove(seg.id)
+                .map_err(sys("removing a SysV segment marked for removal"))?;
         }
         for (i, r) in &rebuilt {
             release(&m.processes[*i], r)?;
