@@ -79,6 +79,7 @@ pub struct Supervisor {
     checkpoints: u32,
     killed_by_checkpoint: bool,
     exit: Option<i32>,
+    unpublished: bool,
 }
 
 fn resolve_program(program: &str) -> JobResult<PathBuf> {
@@ -106,12 +107,16 @@ fn cstring(s: &OsStr) -> JobResult<CString> {
     })
 }
 
+/// Refuses a name some supervisor still serves. Only a socket nobody listens on is stale
+/// (and removed); a supervisor too busy to answer (in a long checkpoint) still owns it.
 fn ensure_not_running(name: &str, socket: &Path) -> JobResult<()> {
-    if request(name, socket, &Request::Status).is_ok() {
-        return Err(JobError::AlreadyRunning(name.to_owned()));
+    match request(name, socket, &Request::Status) {
+        Err(JobError::NotRunning { .. }) => {
+            let _ = std::fs::remove_file(socket);
+            Ok(())
+        }
+        _ => Err(JobError::AlreadyRunning(name.to_owned())),
     }
-    let _ = std::fs::remove_file(socket);
-    Ok(())
 }
 
 fn bind(socket: &Path) -> JobResult<UnixListener> {
@@ -244,6 +249,7 @@ impl Supervisor {
             checkpoints: 0,
             killed_by_checkpoint: false,
             exit: None,
+            unpublished: false,
         })
     }
 
@@ -285,7 +291,10 @@ impl Supervisor {
             if self.exit.is_some() {
                 break;
             }
-            while let Ok((stream, _)) = self.listener.accept() {
+            // Once the job has ended nobody is served any more: a restart may begin at once.
+            while self.exit.is_none()
+                && let Ok((stream, _)) = self.listener.accept()
+            {
                 self.handle_client(&stream);
             }
             self.reap();
@@ -320,12 +329,21 @@ impl Supervisor {
         }
     }
 
+    /// Withdraws the control socket, once: after that a new supervisor may take the name (so
+    /// this one must never remove the path again).
+    fn unpublish(&mut self) {
+        if !self.unpublished {
+            self.unpublished = true;
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+
     fn shutdown(&mut self) {
+        self.unpublish();
         if let Some(init) = self.init.take() {
             let _ = process::kill(init.pid, libc::SIGKILL);
             let _ = wait_pid(init.pid, 0);
         }
-        let _ = std::fs::remove_file(&self.socket);
     }
 
     fn handle_client(&mut self, stream: &UnixStream) {
@@ -360,6 +378,11 @@ impl Supervisor {
                 message: format!("bad request: {e}"),
             },
         };
+        if self.exit.is_some() {
+            // The job ended (checkpoint --kill, kill): withdraw the name before answering, so
+            // that a restart issued right after the answer finds it free.
+            self.unpublish();
+        }
         let _ = write_message(stream, &response);
     }
 

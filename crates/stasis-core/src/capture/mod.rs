@@ -143,6 +143,32 @@ fn capture_sysv(pack: &mut PackWriter) -> CoreResult<Vec<SysvShm>> {
     Ok(out)
 }
 
+/// Refuses sessions and process groups whose leader has exited, except where the restore
+/// can recreate them: for an orphan (a daemon after a double fork), whose session — or, in
+/// the restarting command's session, whose group — a helper with the leader's pid leads.
+fn check_leaders(processes: &[ProcessImage]) -> CoreResult<()> {
+    let alive = |pid: i32| processes.iter().any(|p| p.pid == pid && p.zombie.is_none());
+    for p in processes.iter().filter(|p| p.zombie.is_none()) {
+        let dead = |x: i32| x != 0 && x != p.pid && !alive(x);
+        let restorable = p.ppid == 1
+            && (!dead(p.sid) || p.sid == p.pgid || !dead(p.pgid))
+            && (!dead(p.pgid) || p.sid == 0 || p.sid == p.pgid);
+        if (dead(p.sid) || dead(p.pgid)) && !restorable {
+            let which = if dead(p.sid) {
+                format!("session {}", p.sid)
+            } else {
+                format!("process group {}", p.pgid)
+            };
+            return Err(CoreError::Unsupported {
+                pid: p.pid,
+                what: which,
+                why: "its leader has exited, and this arrangement cannot be recreated yet".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Captures every process of a frozen job into `pack`.
 pub fn capture_job(
     job: &FrozenJob,
@@ -176,6 +202,9 @@ pub fn capture_job(
     }
     for &z in &job.zombies {
         processes.push(capture_zombie(z, job_ppid(z, supervisor, init)?)?);
+    }
+    if init.is_some() {
+        check_leaders(&processes)?;
     }
     let uses_sysv = processes
         .iter()

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use stasis_image::manifest::Manifest;
+use stasis_image::manifest::{Manifest, ProcessImage};
 use stasis_sys::process::{self, ParkedChild};
 use stasis_sys::ptrace;
 use stasis_sys::wait::{WaitStatus, wait_pid};
@@ -54,8 +54,18 @@ fn make_zombie(host: i32, status: i32, insn: u64) -> CoreResult<()> {
             libc::SYS_rt_sigaction,
             &[sig as u64, act, 0, 8],
         )?;
-        let pid = z.call("getpid", libc::SYS_getpid, &[])?;
-        let _ = z.inj.raw(libc::SYS_kill, &[pid, sig as u64]);
+        // Let it go with the signal delivered: its default action ends it. As we are no
+        // longer its tracer, wait until its parent has a zombie.
+        ptrace::detach(host, sig).map_err(sys("ending a zombie-to-be with its signal"))?;
+        for _ in 0..2000 {
+            if crate::proc::state(host).is_none_or(|(s, _)| s == 'Z') {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        return Err(CoreError::Incompatible(format!(
+            "process {host} did not end with signal {sig}"
+        )));
     }
     loop {
         match wait_pid(host, 0) {
@@ -93,15 +103,88 @@ pub(super) fn create(m: &Manifest, opts: &RestoreOptions, insn: u64) -> CoreResu
     }
 }
 
+/// What a created process still has to do to lead its session or process group. It is done
+/// lazily, just before it forks a child that belongs to the new session or group: children
+/// forked before stay in the old one, as they were.
+#[derive(Debug, Default, Clone, Copy)]
+struct Leadership {
+    session: bool,
+    group: bool,
+}
+
+fn lead(c: &mut Child, l: &mut Leadership, session: bool, group: bool) -> CoreResult<()> {
+    if session && l.session {
+        c.call("starting its session (setsid)", libc::SYS_setsid, &[])?;
+        *l = Leadership::default();
+    }
+    if group && l.group {
+        c.call(
+            "leading its process group (setpgid)",
+            libc::SYS_setpgid,
+            &[0, 0],
+        )?;
+        l.group = false;
+    }
+    Ok(())
+}
+
+/// Forks `p` (pid `set`) as an orphan of the job's init, through a helper that is then
+/// killed. When `p`'s session or group leader is gone (a daemon after a double fork), the
+/// helper takes that leader's pid and leads the session or group first.
+fn fork_orphan(
+    p: &ProcessImage,
+    set: Option<i32>,
+    ids: &HashSet<i32>,
+    next_free: &mut i32,
+    insn: u64,
+) -> CoreResult<i32> {
+    let dead = |x: i32| x != 0 && x != p.pid && !ids.contains(&x);
+    let helper_pid = if dead(p.sid) {
+        p.sid
+    } else if dead(p.pgid) {
+        p.pgid
+    } else {
+        *next_free += 1;
+        *next_free - 1
+    };
+    let helper =
+        process::spawn_parked(Some(helper_pid)).map_err(sys("creating a helper process"))?;
+    seize_stopped(helper.pid)?;
+    let result = (|| {
+        let mut h = Child::new(helper.pid, insn)?;
+        if helper_pid == p.sid {
+            h.call(
+                "recreating a session whose leader is gone",
+                libc::SYS_setsid,
+                &[],
+            )?;
+        } else if helper_pid == p.pgid {
+            h.call(
+                "recreating a process group whose leader is gone",
+                libc::SYS_setpgid,
+                &[0, 0],
+            )?;
+        }
+        h.fork(set, 0, libc::SIGCHLD as u64)
+    })();
+    let _ = process::kill(helper.pid, libc::SIGKILL);
+    while !matches!(
+        wait_pid(helper.pid, 0),
+        Ok((_, WaitStatus::Exited(_) | WaitStatus::Signaled(_))) | Err(_)
+    ) {}
+    result
+}
+
 fn create_into(tree: &mut Tree, m: &Manifest, opts: &RestoreOptions, insn: u64) -> CoreResult<()> {
     let ids: HashSet<i32> = m
         .processes
         .iter()
         .flat_map(|p| std::iter::once(p.pid).chain(p.threads.iter().map(|t| t.tid)))
         .collect();
-    let mut helper_pid = ids.iter().copied().max().unwrap_or(2) + 1;
+    let mut next_free = ids.iter().copied().max().unwrap_or(2) + 1;
     let mut index: HashMap<i32, usize> = HashMap::new();
-    let mut deferred_groups = Vec::new();
+    let mut leadership = vec![Leadership::default(); m.processes.len()];
+    let mut joins = Vec::new();
     for (i, p) in m.processes.iter().enumerate() {
         let set = opts.set_pids.then_some(p.pid);
         let parent = if p.ppid > 1 {
@@ -113,22 +196,14 @@ fn create_into(tree: &mut Tree, m: &Manifest, opts: &RestoreOptions, insn: u64) 
             continue; // an orphaned zombie is reaped by init at once: nothing to recreate
         }
         let host = if let Some(pi) = parent {
+            let q = &m.processes[pi];
             let pc = tree.children[pi].as_mut().ok_or_else(|| {
                 CoreError::Incompatible(format!("process {} has a zombie parent", p.pid))
             })?;
+            lead(pc, &mut leadership[pi], p.sid == q.pid, p.pgid == q.pid)?;
             pc.fork(set, 0, libc::SIGCHLD as u64)?
         } else if p.ppid == 1 && opts.set_pids {
-            let helper = process::spawn_parked(Some(helper_pid))
-                .map_err(sys("creating a helper process"))?;
-            helper_pid += 1;
-            seize_stopped(helper.pid)?;
-            let new = Child::new(helper.pid, insn)?.fork(set, 0, libc::SIGCHLD as u64);
-            let _ = process::kill(helper.pid, libc::SIGKILL);
-            while !matches!(
-                wait_pid(helper.pid, 0),
-                Ok((_, WaitStatus::Exited(_) | WaitStatus::Signaled(_))) | Err(_)
-            ) {}
-            new?
+            fork_orphan(p, set, &ids, &mut next_free, insn)?
         } else if p.ppid <= 1 {
             let parked = process::spawn_parked(set).map_err(|source| CoreError::Sys {
                 context: format!(
@@ -156,24 +231,24 @@ fn create_into(tree: &mut Tree, m: &Manifest, opts: &RestoreOptions, insn: u64) 
             }
             continue;
         }
-        let mut c = Child::new(host, insn)?;
+        tree.children[i] = Some(Child::new(host, insn)?);
+        index.insert(p.pid, i);
         if opts.set_pids {
-            if p.sid != 0 && p.sid == p.pid {
-                c.call("starting its session (setsid)", libc::SYS_setsid, &[])?;
-            } else if p.pgid != 0 && p.pgid == p.pid {
-                c.call(
-                    "leading its process group (setpgid)",
-                    libc::SYS_setpgid,
-                    &[0, 0],
-                )?;
-            } else if p.pgid != 0 {
-                deferred_groups.push(i);
+            leadership[i] = Leadership {
+                session: p.sid != 0 && p.sid == p.pid,
+                group: p.pgid != 0 && p.pgid == p.pid && p.sid != p.pid,
+            };
+            if p.pgid != 0 && p.pgid != p.pid && ids.contains(&p.pgid) {
+                joins.push(i);
             }
         }
-        tree.children[i] = Some(c);
-        index.insert(p.pid, i);
     }
-    for i in deferred_groups {
+    for (i, l) in leadership.iter_mut().enumerate() {
+        if let Some(c) = tree.children[i].as_mut() {
+            lead(c, l, true, true)?;
+        }
+    }
+    for i in joins {
         let pgid = m.processes[i].pgid;
         if let Some(c) = tree.children[i].as_mut() {
             c.call(
