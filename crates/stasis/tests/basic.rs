@@ -91,3 +91,67 @@ fn demo_finishes_with_the_right_answer() {
         "{out}"
     );
 }
+
+/// A checkpoint whose image cannot be written (the disk is "full": a 4 KiB file-size limit
+/// makes every write past it fail with EFBIG, as ENOSPC would) fails with a clear error,
+/// leaves no generation and no temporary directory behind, and the job runs on.
+#[test]
+fn a_checkpoint_that_cannot_be_written_leaves_the_job_running() {
+    let env = Env::new();
+    let name = env.name("full");
+    let prog = program("counter", false);
+    let out = env.work.join("full.out");
+    let mut child = std::process::Command::new("prlimit")
+        .arg("--fsize=4096")
+        .arg(common::stasis_bin())
+        .args(["run", "--name", &name, "--"])
+        .arg(&prog)
+        .args([env.work.to_str().unwrap(), "120"])
+        .env("STASIS_IMAGES", &env.images)
+        .env("XDG_RUNTIME_DIR", &env.runtime)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prlimit (util-linux) runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("tick 10\n")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for kill in [false, true] {
+        let mut args = vec!["checkpoint", name.as_str()];
+        if kill {
+            args.push("--kill");
+        }
+        let err = env.fails(&args);
+        assert!(
+            err.contains("the job runs on") && err.contains("File too large"),
+            "{err}"
+        );
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(env.job_dir(&name))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.starts_with("gen-") && !n.starts_with(".tmp")),
+        "nothing half-written is left: {leftovers:?}"
+    );
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(0),
+        "the job ran to completion"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(ticks(&text), (1..=120).collect::<Vec<_>>());
+    assert_all_pass(&text);
+}
