@@ -255,8 +255,12 @@ impl FrozenJob {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Kills every process while still frozen.
+    /// Kills every process while still frozen. Their TCP sockets close with a reset, so that
+    /// no `TIME_WAIT` keeps their ports from the restarted job.
     pub fn kill(self) -> CoreResult<()> {
+        for f in &self.processes {
+            crate::sockdiag::reset_tcp_on_close(f.pid);
+        }
         let mut first_err = None;
         for f in self.processes {
             if let Err(e) = f.kill() {

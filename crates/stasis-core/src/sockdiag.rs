@@ -241,6 +241,53 @@ pub struct InetSocket {
     pub rx_queue: u32,
 }
 
+/// Makes every TCP socket of process `pid` close with a reset (`SO_LINGER` on, zero
+/// timeout), so that killing the process leaves no `TIME_WAIT` behind to hold its ports
+/// against a restart. Sockets that cannot be fetched are skipped.
+pub fn reset_tcp_on_close(pid: i32) {
+    let tcp = inet_sockets();
+    let Ok(pidfd) = stasis_sys::process::pidfd_open(pid) else {
+        return;
+    };
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let ino = target.to_str().and_then(|t| {
+            t.strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse::<u64>()
+                .ok()
+        });
+        if ino
+            .and_then(|i| tcp.get(&i))
+            .is_some_and(|s| s.protocol == libc::IPPROTO_TCP)
+            && let Ok(ours) = stasis_sys::process::pidfd_getfd(&pidfd, fd, pid)
+        {
+            let linger = nix::sys::socket::sockopt::Linger;
+            let _ = nix::sys::socket::setsockopt(
+                &ours,
+                linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
+        }
+    }
+}
+
 /// TCP `CLOSE_WAIT`: the peer closed its side.
 pub const TCP_CLOSE_WAIT: u8 = 8;
 

@@ -114,6 +114,22 @@ impl Sockets {
         })
     }
 
+    /// Binds every TCP/UDP socket that has an address of its own (listeners, bound and UDP
+    /// sockets) before any connection is rebuilt: rebuilding a connection takes loopback
+    /// ports, which must not be one of the job's.
+    pub fn bind_inet_first(&mut self, files: &[OpenFile]) -> CoreResult<()> {
+        for f in files {
+            if let OpenFile::InetSocket {
+                protocol, remote, ..
+            } = f
+                && (*protocol != libc::IPPROTO_TCP || remote.is_none())
+            {
+                self.stage_inet(f, |_| None)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Recreates TCP or UDP socket `f` and returns a descriptor of it.
     pub fn stage_inet(
         &mut self,
@@ -165,7 +181,7 @@ impl Sockets {
                     setsockopt(&s, sockopt::ReuseAddr, &true).map_err(errno("SO_REUSEADDR"))?;
                     bind(s.as_raw_fd(), &SockaddrStorage::from(local)).map_err(|e| {
                         CoreError::Incompatible(format!(
-                            "cannot bind a socket to {local} again: {e}"
+                            "cannot bind a socket to {local} again: {e} (another program holds the port, or connections of the old run linger in TIME_WAIT for up to a minute: retry then)"
                         ))
                     })?;
                     setsockopt(&s, sockopt::ReuseAddr, &options.reuse_addr)
