@@ -113,7 +113,7 @@ fn mpich_job_finishes_with_the_same_result_after_kill_and_restart() {
     let env = Env::new();
     let bin = env.work.join("mpiring");
     let src = common::repo().join("tests/programs/mpiring.c");
-    let cc = Command::new("mpicc")
+    let cc = Command::new("mpicc.mpich")
         .args(["-O1", "-o"])
         .arg(&bin)
         .arg(&src)
@@ -131,7 +131,7 @@ fn mpich_job_finishes_with_the_same_result_after_kill_and_restart() {
             .stderr(std::process::Stdio::piped());
         c
     };
-    let plain = Command::new("mpiexec")
+    let plain = Command::new("mpiexec.mpich")
         .args(["-n", "4"])
         .arg(&bin)
         .arg("120")
@@ -142,7 +142,7 @@ fn mpich_job_finishes_with_the_same_result_after_kill_and_restart() {
     let name = env.name("mpi");
     let out = env.work.join("mpi.out");
     let mut job = mpiexec(&out)
-        .args(["run", "--name", &name, "--", "mpiexec", "-n", "4"])
+        .args(["run", "--name", &name, "--", "mpiexec.mpich", "-n", "4"])
         .arg(&bin)
         .arg("120")
         .spawn()
