@@ -43,48 +43,12 @@
 #include <time.h>
 #include <unistd.h>
 
-static char work[2048];
 static char self_exe[4096];
-static int failures = 0;
 static int ready_w = -1, finish_w = -1;
 static const char *me = "R";
 
-static void say(const char *fmt, ...) {
-    char b[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(b, sizeof b - 1, fmt, ap);
-    va_end(ap);
-    if (n > (int)sizeof b - 2) n = sizeof b - 2;
-    b[n++] = '\n';
-    if (write(1, b, n) != n) _exit(99);
-}
+#include "report.h"
 
-static void report(int ok, const char *fmt, ...) {
-    char b[900];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(b, sizeof b, fmt, ap);
-    va_end(ap);
-    say("%s %s: %s", ok ? "PASS" : "FAIL", me, b);
-    if (!ok) failures++;
-}
-
-static void sleep_ms(long ms) {
-    struct timespec d = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&d, &d) && errno == EINTR) {}
-}
-
-static void wait_go(void) {
-    char p[4096];
-    snprintf(p, sizeof p, "%s/go", work);
-    for (int i = 0; i < 60 * 200; i++) {
-        if (access(p, F_OK) == 0) return;
-        sleep_ms(5);
-    }
-    report(0, "timed out waiting for go");
-    _exit(100);
-}
 
 struct ids {
     long pid, ppid, pgrp, sid;

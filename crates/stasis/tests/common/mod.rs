@@ -42,9 +42,16 @@ pub fn program(name: &str, static_link: bool) -> PathBuf {
     } else {
         name.to_owned()
     });
-    let fresh = out.metadata().and_then(|o| o.modified()).ok()
-        >= src.metadata().and_then(|s| s.modified()).ok()
-        && out.exists();
+    // Rebuilt when the source or any shared header (tests/programs/*.h) is newer.
+    let newest_input = std::fs::read_dir(repo().join("tests/programs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "h"))
+        .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .chain(src.metadata().and_then(|s| s.modified()).ok())
+        .max();
+    let fresh = out.exists() && out.metadata().and_then(|o| o.modified()).ok() >= newest_input;
     if !fresh {
         let mut cmd = Command::new("gcc");
         cmd.args(["-O1", "-g", "-pthread", "-Wall", "-o"])
