@@ -17,7 +17,7 @@
 static char work[2048];
 static int failures = 0;
 
-static void say(const char *fmt, ...) {
+__attribute__((unused)) static void say(const char *fmt, ...) {
     char b[1024];
     va_list ap;
     va_start(ap, fmt);
@@ -28,7 +28,7 @@ static void say(const char *fmt, ...) {
     if (write(1, b, n) != n) _exit(99);
 }
 
-static void report(int ok, const char *fmt, ...) {
+__attribute__((unused)) static void report(int ok, const char *fmt, ...) {
     char b[900];
     va_list ap;
     va_start(ap, fmt);
@@ -38,12 +38,12 @@ static void report(int ok, const char *fmt, ...) {
     if (!ok) failures++;
 }
 
-static void sleep_ms(long ms) {
+__attribute__((unused)) static void sleep_ms(long ms) {
     struct timespec d = {ms / 1000, (ms % 1000) * 1000000L};
     while (nanosleep(&d, &d) && errno == EINTR) {}
 }
 
-static void wait_go(void) {
+__attribute__((unused)) static void wait_go(void) {
     char p[4096];
     snprintf(p, sizeof p, "%s/go", work);
     for (int i = 0; i < 60 * 200; i++) {

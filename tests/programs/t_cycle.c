@@ -25,41 +25,15 @@
 #include <time.h>
 #include <unistd.h>
 
-static char work[2048];
-static int failures = 0;
 static const char *me = "P";
+
+#include "report.h"
 
 struct shared {
     uint64_t produced, forwarded, received;
     uint64_t last_produced, last_forwarded;
 };
 static struct shared *sh;
-
-static void say(const char *fmt, ...) {
-    char b[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(b, sizeof b - 1, fmt, ap);
-    va_end(ap);
-    if (n > (int)sizeof b - 2) n = sizeof b - 2;
-    b[n++] = '\n';
-    if (write(1, b, n) != n) _exit(99);
-}
-
-static void report(int ok, const char *fmt, ...) {
-    char b[900];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(b, sizeof b, fmt, ap);
-    va_end(ap);
-    say("%s %s: %s", ok ? "PASS" : "FAIL", me, b);
-    if (!ok) failures++;
-}
-
-static void sleep_ms(long ms) {
-    struct timespec d = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&d, &d) && errno == EINTR) {}
-}
 
 static int go_exists(void) {
     char p[4096];

@@ -828,48 +828,34 @@ fn a_process_that_cannot_be_frozen_leaves_every_process_running() {
 /// An eventfd, a unix socketpair (at fds >= 3) and a FIFO held by a process at depth 2
 /// are supported (they were refusals in earlier releases): they must come back working —
 /// the eventfd with its count, the socketpair and the FIFO with their queued bytes.
+/// Runs `t_holder` holding `resource` across checkpoint --kill/restart and across a
+/// checkpoint that continues; each run's output must contain the expected line.
+fn held_resource_survives(resource: &str, after_restart: &str, after_continue: &str) {
+    let s = Subject::c("t_holder", &[resource, "0"]);
+    let (_, _, out) = kill_and_restart(&s, resource);
+    assert!(out.contains(after_restart), "{out}");
+    let (_, _, out) = checkpoint_and_continue(&s, &format!("{resource}-cont"));
+    assert!(out.contains(after_continue), "{out}");
+}
+
 #[test]
 fn an_eventfd_deep_in_the_tree_survives() {
-    let s = Subject::c("t_holder", &["eventfd", "0"]);
-    let (_, _, out) = kill_and_restart(&s, "eventfd");
-    assert!(
-        out.contains("PASS W2a: the eventfd still counts: read 12"),
-        "{out}"
-    );
-    let (_, _, out) = checkpoint_and_continue(&s, "eventfd-cont");
-    assert!(
-        out.contains("PASS W2a: the eventfd still counts: read 12"),
-        "{out}"
-    );
+    let line = "PASS W2a: the eventfd still counts: read 12";
+    held_resource_survives("eventfd", line, line);
 }
 
 #[test]
 fn a_fifo_deep_in_the_tree_survives() {
-    let s = Subject::c("t_holder", &["fifo", "0"]);
-    let (_, _, out) = kill_and_restart(&s, "fifo");
-    assert!(
-        out.contains("PASS W2a: the fifo delivers the queued ping"),
-        "{out}"
-    );
-    let (_, _, out) = checkpoint_and_continue(&s, "fifo-cont");
-    assert!(
-        out.contains("PASS W2a: the fifo delivers the queued ping"),
-        "{out}"
-    );
+    let line = "PASS W2a: the fifo delivers the queued ping";
+    held_resource_survives("fifo", line, line);
 }
 
 #[test]
 fn a_socketpair_deep_in_the_tree_survives() {
-    let s = Subject::c("t_holder", &["socketpair", "0"]);
-    let (_, _, out) = kill_and_restart(&s, "socketpair");
-    assert!(
-        out.contains("PASS W2a: the socketpair delivers the queued ping"),
-        "{out}"
-    );
-    let (_, _, out) = checkpoint_and_continue(&s, "socketpair-cont");
-    assert!(
-        out.contains("PASS W2a: the socketpair carries a pong back"),
-        "{out}"
+    held_resource_survives(
+        "socketpair",
+        "PASS W2a: the socketpair delivers the queued ping",
+        "PASS W2a: the socketpair carries a pong back",
     );
 }
 
