@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ]; then
     missing=()
-    for pkg in gcc libc6-dev python3 util-linux redis-server redis-tools mpich libmpich-dev; do
+    for pkg in gcc libc6-dev python3 util-linux redis-server redis-tools mpich libmpich-dev openmpi-bin libopenmpi-dev; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then

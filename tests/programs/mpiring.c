@@ -1,8 +1,9 @@
 /* mpiring: a small MPI computation for checkpoint tests.
  *
- * Usage: mpiexec -n 4 mpiring STEPS. Each step: a ring exchange, an allreduce and a 1-D
- * stencil with halo exchange over a distributed array; a short sleep between steps. Rank 0
- * prints "step N" lines and finally "RESULT <checksum>", identical for any run.
+ * Usage: mpiexec -n 4 mpiring STEPS [PAUSE_MS]. Each step: a ring exchange, an allreduce
+ * and a 1-D stencil with halo exchange over a distributed array; a pause between steps
+ * (default 20 ms). Rank 0 prints "step N <value>" lines and finally "RESULT <checksum>",
+ * identical for any run (the values do not depend on STEPS or the pause).
  */
 #include <mpi.h>
 #include <stdio.h>
@@ -17,6 +18,7 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     int steps = argc > 1 ? atoi(argv[1]) : 100;
+    long pause_ms = argc > 2 ? atol(argv[2]) : 20;
     double *u = calloc(N + 2, sizeof(double)), *v = calloc(N + 2, sizeof(double));
     for (int i = 1; i <= N; i++) u[i] = (double)((rank * N + i) % 97) / 97.0;
     long token = rank;
@@ -38,7 +40,7 @@ int main(int argc, char **argv) {
         MPI_Allreduce(&token, &tsum, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
         total = sum + (double)tsum;
         if (rank == 0) { printf("step %d %.9f\n", s, total); fflush(stdout); }
-        struct timespec d = {0, 20 * 1000 * 1000};
+        struct timespec d = {pause_ms / 1000, (pause_ms % 1000) * 1000 * 1000};
         nanosleep(&d, NULL);
     }
     if (rank == 0) { printf("RESULT %.9f\n", total); fflush(stdout); }

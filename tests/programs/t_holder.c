@@ -7,6 +7,7 @@
  *   socketpair  a unix stream socketpair at fds >= 3, with "ping" queued in it;
  *   inotify     an inotify instance watching WORKDIR for created files;
  *   fifo        the named pipe WORKDIR/fifo, open read-write, with "ping" queued in it;
+ *   pidfd       a pidfd of its parent (pidfd_open);
  *   ptraced     W2a is traced by W2 (PTRACE_SEIZE): nobody else can seize it;
  *   clone-files W2a is created by clone(CLONE_FILES): it shares W2's descriptor table.
  * W2a prints "holder KIND pid=JOBPID fd=FD" before READY. After go: every
@@ -96,6 +97,9 @@ static void holder(int rdy) {
     } else if (!strcmp(mode, "inotify")) {
         fd = inotify_init1(0);
         if (fd < 0 || inotify_add_watch(fd, work, IN_CREATE) < 0) report(0, "inotify: %s", strerror(errno));
+    } else if (!strcmp(mode, "pidfd")) {
+        fd = (int)syscall(SYS_pidfd_open, getppid(), 0);
+        if (fd < 0) report(0, "pidfd_open: %s", strerror(errno));
     } else if (!strcmp(mode, "fifo")) {
         char p[4096];
         snprintf(p, sizeof p, "%s/fifo", work);
@@ -134,6 +138,9 @@ static void holder(int rdy) {
     } else if (!strcmp(mode, "fifo")) {
         char b[8] = {0};
         report(read(fd, b, 4) == 4 && !memcmp(b, "ping", 4), "the fifo delivers the queued ping");
+        common_checks(beats, 0);
+    } else if (!strcmp(mode, "pidfd")) {
+        report(syscall(SYS_pidfd_send_signal, fd, 0, NULL, 0) == 0, "the pidfd still names W2");
         common_checks(beats, 0);
     } else if (!strcmp(mode, "clone-files")) {
         long r = syscall(SYS_kcmp, getpid(), getppid(), KCMP_FILES, 0, 0);
@@ -188,7 +195,7 @@ int main(int argc, char **argv) {
     snprintf(work, sizeof work, "%s", argv[1]);
     mode = argv[2];
     if (argc > 3) min_beats = atol(argv[3]);
-    if (strcmp(mode, "eventfd") && strcmp(mode, "socketpair") && strcmp(mode, "inotify") && strcmp(mode, "fifo") &&
+    if (strcmp(mode, "eventfd") && strcmp(mode, "socketpair") && strcmp(mode, "inotify") && strcmp(mode, "fifo") && strcmp(mode, "pidfd") &&
         strcmp(mode, "ptraced") && strcmp(mode, "clone-files"))
         return 2;
     int rdy[2];

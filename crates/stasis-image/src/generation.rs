@@ -4,6 +4,10 @@
 //! renamed to `gen-NNNN` only when complete; the job directory is synced after the rename. A
 //! crash or error at any point leaves earlier generations untouched; leftovers of dead writers
 //! are removed the next time a generation is written.
+//!
+//! Removal mirrors this: a generation (or a whole job directory) is first renamed to a hidden
+//! `.rm-…` name, which is never read as a generation, then deleted; a leftover of an
+//! interrupted removal is deleted by the next removal or the next generation written.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -27,12 +31,15 @@ pub fn generation_dir(job_dir: &Path, n: u32) -> PathBuf {
     job_dir.join(format!("gen-{n:04}"))
 }
 
-/// Generation numbers present in `job_dir`, ascending (empty if it does not exist).
+/// Generation numbers present in `job_dir`, ascending (empty if it does not exist). Only
+/// directories named `gen-NNNN` count: temporaries (`.tmp-gen-…`) and generations being
+/// removed (`.rm-gen-…`) are not generations.
 pub fn list_generations(job_dir: &Path) -> Vec<u32> {
     let mut gens: Vec<u32> = fs::read_dir(job_dir)
         .into_iter()
         .flatten()
         .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| e.file_name().to_str()?.strip_prefix("gen-")?.parse().ok())
         .collect();
     gens.sort_unstable();
@@ -161,12 +168,130 @@ fn remove_stale_temporaries(job_dir: &Path) {
             continue;
         };
         let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
-        let alive = pid
-            .is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
+        if !writer_alive(pid) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
+    remove_leftovers(job_dir);
+}
+
+/// Whether `pid` names another process that is still alive (it may still be writing or
+/// removing what it named after itself).
+fn writer_alive(pid: Option<u32>) -> bool {
+    pid.is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists())
+}
+
+/// Prefix of a directory being removed: a generation (`.rm-gen-NNNN-PID-NANOS`, in the job
+/// directory) or a whole job (`.rm-NAME-PID-NANOS`, in the images root). Such names are never
+/// read as generations or jobs.
+pub const REMOVING_PREFIX: &str = ".rm-";
+
+fn hidden_name(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{REMOVING_PREFIX}{what}-{}-{nanos}", std::process::id())
+}
+
+/// Deletes what interrupted removals left in `dir` (entries named `.rm-…-PID-NANOS` whose
+/// remover is gone). Errors are ignored: the next call tries again.
+pub fn remove_leftovers(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(REMOVING_PREFIX)) else {
+            continue;
+        };
+        let pid: Option<u32> = rest.rsplit('-').nth(1).and_then(|p| p.parse().ok());
+        if !writer_alive(pid) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Moves `dir` out of sight (renamed to `hidden` in the same parent, which is then synced),
+/// then deletes it. A crash in between leaves only a hidden leftover that
+/// [`remove_leftovers`] deletes later; nothing is ever half-visible.
+fn remove_hidden(dir: &Path, hidden: &Path) -> ImageResult<()> {
+    fs::rename(dir, hidden).map_err(io(dir))?;
+    if let Some(parent) = hidden.parent() {
+        sync_dir(parent)?;
+    }
+    match fs::remove_dir_all(hidden) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ImageError::Io {
+            path: hidden.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+/// Removes generation `n` of `job_dir`, crash-safely: it is first renamed to a hidden
+/// `.rm-gen-NNNN-…` name (so it is no longer a generation), then deleted. Leftovers of
+/// earlier interrupted removals are deleted too.
+pub fn remove_generation(job_dir: &Path, n: u32) -> ImageResult<()> {
+    remove_leftovers(job_dir);
+    let dir = generation_dir(job_dir, n);
+    if !dir.is_dir() {
+        return Err(ImageError::NoGeneration {
+            path: dir,
+            detail: format!(
+                "generation {n} not found; present: {:?}",
+                list_generations(job_dir)
+            ),
+        });
+    }
+    remove_hidden(&dir, &job_dir.join(hidden_name(&format!("gen-{n:04}"))))
+}
+
+/// Removes a job's whole image directory (every generation and its output log),
+/// crash-safely: it is first renamed to a hidden `.rm-NAME-…` name beside it, then deleted.
+pub fn remove_job_dir(job_dir: &Path) -> ImageResult<()> {
+    let (Some(parent), Some(name)) = (job_dir.parent(), job_dir.file_name()) else {
+        return Err(ImageError::NoGeneration {
+            path: job_dir.to_owned(),
+            detail: "not a job directory".into(),
+        });
+    };
+    remove_leftovers(parent);
+    if !job_dir.is_dir() {
+        return Err(ImageError::NoGeneration {
+            path: job_dir.to_owned(),
+            detail: "no such job directory".into(),
+        });
+    }
+    remove_hidden(job_dir, &parent.join(hidden_name(&name.to_string_lossy())))
+}
+
+/// Keeps the newest `keep` generations of `job_dir` (at least one: the newest is never
+/// removed) and removes the older ones, oldest first, with [`remove_generation`]. Returns the
+/// numbers removed.
+pub fn prune_generations(job_dir: &Path, keep: u32) -> ImageResult<Vec<u32>> {
+    let gens = list_generations(job_dir);
+    let excess = gens.len().saturating_sub(keep.max(1) as usize);
+    let mut removed = Vec::with_capacity(excess);
+    for &n in &gens[..excess] {
+        match remove_generation(job_dir, n) {
+            Ok(()) => removed.push(n),
+            // Someone else removed it meanwhile: it is gone all the same.
+            Err(ImageError::NoGeneration { .. }) => {}
+            Err(ImageError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+/// Bytes held by the files of a generation directory (0 for what cannot be read).
+pub fn generation_size(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| if m.is_file() { m.len() } else { 0 })
+        .sum()
 }
 
 fn sync_dir(dir: &Path) -> ImageResult<()> {

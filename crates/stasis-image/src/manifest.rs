@@ -26,6 +26,15 @@ pub struct Manifest {
     /// SysV shared memory segments of the job's IPC namespace.
     #[serde(default)]
     pub sysv_shm: Vec<SysvShm>,
+    /// SysV semaphore sets of the job's IPC namespace.
+    #[serde(default)]
+    pub sysv_sem: Vec<SysvSem>,
+    /// SysV message queues of the job's IPC namespace.
+    #[serde(default)]
+    pub sysv_msg: Vec<SysvMsgQueue>,
+    /// Pseudo-terminal pairs the job holds (either end), with their modes.
+    #[serde(default)]
+    pub ptys: Vec<Pty>,
     /// Chunks of the page pack, referenced by index.
     pub chunks: Vec<ChunkRef>,
 }
@@ -45,6 +54,78 @@ pub struct SysvShm {
     pub removed: bool,
     /// Saved pages: `addr` is the offset in the segment.
     pub pages: Vec<PageRun>,
+}
+
+/// A SysV semaphore set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SysvSem {
+    /// Its key (0: `IPC_PRIVATE`).
+    pub key: i32,
+    /// Its id (restored as is).
+    pub id: i32,
+    /// Permission bits.
+    pub mode: u32,
+    /// The value of each semaphore.
+    pub values: Vec<u16>,
+}
+
+/// A SysV message queue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SysvMsgQueue {
+    /// Its key (0: `IPC_PRIVATE`).
+    pub key: i32,
+    /// Its id (restored as is).
+    pub id: i32,
+    /// Permission bits.
+    pub mode: u32,
+    /// Capacity in bytes (`msg_qbytes`).
+    pub qbytes: u64,
+    /// Queued messages, oldest first.
+    pub messages: Vec<SysvMessage>,
+}
+
+/// One queued SysV message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SysvMessage {
+    /// Its type (`mtype`).
+    pub mtype: i64,
+    /// Its bytes, as chunks of the pack (none when empty).
+    pub data: Vec<u32>,
+}
+
+/// A pseudo-terminal pair of the job: both ends inside it, or the job's own terminal whose
+/// master the supervisor holds and relays.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pty {
+    /// Its index at checkpoint time (`/dev/pts/N`; identity within the image).
+    pub index: u32,
+    /// The job's terminal: its master was held by the supervisor, not by the job.
+    pub job_terminal: bool,
+    /// Terminal modes.
+    pub modes: TermModes,
+    /// Window size: rows, columns, x pixels, y pixels.
+    pub winsize: [u16; 4],
+    /// The session (pid in the job) whose controlling terminal it is.
+    pub session: Option<i32>,
+    /// Its foreground process group (pid in the job).
+    pub foreground: Option<i32>,
+}
+
+/// `termios` modes of a terminal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TermModes {
+    /// `c_iflag`.
+    pub iflag: u32,
+    /// `c_oflag`.
+    pub oflag: u32,
+    /// `c_cflag`.
+    pub cflag: u32,
+    /// `c_lflag`.
+    pub lflag: u32,
+    /// Line discipline.
+    pub line: u8,
+    /// Control characters (`c_cc`).
+    pub cc: Vec<u8>,
 }
 
 /// A shared memory object.
@@ -477,6 +558,22 @@ pub enum OpenFile {
         /// Socket options.
         options: SocketOptions,
     },
+    /// One end of a pseudo-terminal pair of [`Manifest::ptys`].
+    Pty {
+        /// The pair's index at checkpoint time.
+        index: u32,
+        /// This is the master (`/dev/ptmx`) end.
+        master: bool,
+        /// `O_*` status flags.
+        flags: i32,
+    },
+    /// An inotify instance and its watches.
+    Inotify {
+        /// `O_*` status flags.
+        flags: i32,
+        /// Watches, re-added in order of their descriptors.
+        watches: Vec<InotifyWatch>,
+    },
     /// A named pipe (FIFO), reopened by path.
     Fifo {
         /// Its path.
@@ -516,6 +613,19 @@ pub struct SocketOptions {
     pub nodelay: bool,
     /// `SO_KEEPALIVE`.
     pub keepalive: bool,
+}
+
+/// One watch of an inotify instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InotifyWatch {
+    /// Watch descriptor.
+    pub wd: i32,
+    /// `IN_*` event mask.
+    pub mask: u32,
+    /// The watched file or directory.
+    pub path: String,
+    /// Its inode at checkpoint time (checked on restart).
+    pub ino: u64,
 }
 
 /// One registration of an epoll instance.

@@ -80,6 +80,9 @@ fn manifest(chunk: u32) -> Manifest {
         files: vec![],
         shared_memory: vec![],
         sysv_shm: vec![],
+        sysv_sem: vec![],
+        sysv_msg: vec![],
+        ptys: vec![],
         chunks: vec![],
     }
 }

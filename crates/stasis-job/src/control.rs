@@ -26,6 +26,10 @@ pub enum Request {
     Checkpoint {
         /// End the job after the snapshot.
         kill: bool,
+        /// Then keep only this many generations (the newest), whatever the supervisor's own
+        /// `--keep` says.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keep: Option<u32>,
     },
     /// End the job now.
     Kill,
@@ -75,6 +79,9 @@ pub struct CheckpointReport {
     pub stored_bytes: u64,
     /// The job was ended after the snapshot.
     pub killed: bool,
+    /// Older generations removed afterwards by the retention policy (`--keep`).
+    #[serde(default)]
+    pub removed: Vec<u32>,
 }
 
 /// A supervisor's answer.

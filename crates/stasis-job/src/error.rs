@@ -52,6 +52,14 @@ pub enum JobError {
     /// Security check failed.
     #[error("{0}")]
     Refused(String),
+    /// A signal given by name or number is not usable as the checkpoint signal.
+    #[error("{given:?} cannot be the checkpoint signal: {reason}")]
+    BadSignal {
+        /// What was given.
+        given: String,
+        /// Why not.
+        reason: String,
+    },
 }
 
 /// Result of job operations.

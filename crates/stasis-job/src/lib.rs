@@ -6,6 +6,8 @@ pub mod control;
 pub mod error;
 pub mod namespaces;
 pub mod paths;
+pub mod policy;
 pub mod supervisor;
+pub mod terminal;
 
 pub use error::{JobError, JobResult};

@@ -14,7 +14,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use stasis_core::capture::capture_job;
 use stasis_core::freeze::freeze_job;
 use stasis_core::restore::{RestoreOptions, check_machine, clocks_now, restore_job};
-use stasis_image::generation::{list_generations, resolve};
+use stasis_image::generation::{list_generations, prune_generations, resolve};
 use stasis_image::manifest::{JobInfo, Manifest, Namespaces};
 use stasis_image::pack::Compression;
 use stasis_image::{GenerationWriter, OpenGeneration};
@@ -27,6 +27,8 @@ use crate::control::{
 use crate::error::{JobError, JobResult, io_err};
 use crate::namespaces::{self, NamespaceSetup};
 use crate::paths;
+use crate::policy::{CheckpointPolicy, signal_name};
+use crate::terminal::Terminal;
 
 /// Exit status of `run`/`restart` when the job was stopped by `checkpoint --kill`
 /// (`EX_TEMPFAIL`: the work is not done, restart it).
@@ -42,6 +44,8 @@ pub struct JobSpec {
     pub images_root: PathBuf,
     /// Compression of page data.
     pub compression: Compression,
+    /// Checkpoints the supervisor takes by itself (interval, signal) and retention.
+    pub policy: CheckpointPolicy,
 }
 
 /// How the job's program comes to be.
@@ -80,6 +84,8 @@ pub struct Supervisor {
     killed_by_checkpoint: bool,
     exit: Option<i32>,
     unpublished: bool,
+    /// The job's pseudo-terminal, relayed to our stdio.
+    terminal: Option<Terminal>,
 }
 
 fn resolve_program(program: &str) -> JobResult<PathBuf> {
@@ -151,16 +157,19 @@ impl Supervisor {
         let socket = paths::socket_path(&spec.name)?;
         ensure_not_running(&spec.name, &socket)?;
         process::ignore_signal(libc::SIGXFSZ);
-        let signals = process::block_signals_to_fd(&[
+        let mut blocked = vec![
             libc::SIGCHLD,
             libc::SIGTERM,
             libc::SIGINT,
             libc::SIGHUP,
             libc::SIGQUIT,
-        ])
-        .map_err(|e| JobError::Remote(e.to_string()))?;
+            libc::SIGWINCH,
+        ];
+        blocked.extend(spec.policy.signal);
+        let signals =
+            process::block_signals_to_fd(&blocked).map_err(|e| JobError::Remote(e.to_string()))?;
 
-        let (pid, ns, init, command, offsets, restarted_from) = match start {
+        let (pid, ns, init, command, offsets, restarted_from, terminal) = match start {
             Start::Run { command } => {
                 let program = command.first().ok_or_else(|| JobError::Spawn {
                     program: String::new(),
@@ -182,16 +191,24 @@ impl Supervisor {
                         })
                         .collect(),
                     mount_ns: None,
+                    terminal: None,
                 };
                 let mut ns = namespaces::enter((0, 0));
                 let init = start_init(&mut ns)?;
                 let mut exec = exec;
                 exec.mount_ns = job_mount_ns(init.as_ref())?;
+                let terminal = match Terminal::for_new_job()? {
+                    Some((t, slave)) => {
+                        exec.terminal = Some(slave);
+                        Some(t)
+                    }
+                    None => None,
+                };
                 let pid = process::spawn(&exec).map_err(|e| JobError::Spawn {
                     program: program.clone(),
                     reason: e.errno.desc().to_owned(),
                 })?;
-                (pid, ns, init, command, (0, 0), None)
+                (pid, ns, init, command, (0, 0), None, terminal)
             }
             Start::Restart { generation, force } => {
                 let dir = resolve(&job_dir, generation)?;
@@ -219,7 +236,8 @@ impl Supervisor {
                     set_pids: ns.pid,
                     mount_ns: mount_ns.as_ref().map(|(fd, _)| fd.as_raw_fd()),
                 };
-                let restored = restore_job(&mut image, &opts)?;
+                let mut restored = restore_job(&mut image, &opts)?;
+                let terminal = restored.terminal.take().map(Terminal::adopt);
                 let offsets = if ns.time { offsets } else { (0, 0) };
                 (
                     restored.root,
@@ -228,6 +246,7 @@ impl Supervisor {
                     job.command,
                     offsets,
                     Some(job.generation),
+                    terminal,
                 )
             }
         };
@@ -250,6 +269,7 @@ impl Supervisor {
             killed_by_checkpoint: false,
             exit: None,
             unpublished: false,
+            terminal,
         })
     }
 
@@ -278,14 +298,22 @@ impl Supervisor {
     /// (128 + signal if killed, [`EXIT_CHECKPOINTED`] after `checkpoint --kill`).
     pub fn serve(mut self) -> JobResult<i32> {
         self.reap();
+        let mut next_due = self.spec.policy.interval.map(|i| Instant::now() + i);
         while self.exit.is_none() {
-            let mut fds = [
+            let mut fds = vec![
                 PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
             ];
-            match poll(&mut fds, PollTimeout::from(1000u16)) {
+            if let Some(t) = &self.terminal {
+                fds.extend(t.poll_fds());
+            }
+            match poll(&mut fds, poll_timeout(next_due)) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(JobError::Remote(format!("poll: {e}"))),
+            }
+            drop(fds);
+            if let Some(t) = self.terminal.as_mut() {
+                t.relay();
             }
             self.handle_signals();
             if self.exit.is_some() {
@@ -298,6 +326,7 @@ impl Supervisor {
                 self.handle_client(&stream);
             }
             self.reap();
+            self.interval_checkpoint(&mut next_due);
         }
         self.shutdown();
         let code = self.exit.unwrap_or(0);
@@ -312,6 +341,12 @@ impl Supervisor {
         while let Some((sig, _sender, code)) = process::read_signalfd(&self.signals) {
             if sig == libc::SIGCHLD {
                 self.reap();
+            } else if sig == libc::SIGWINCH {
+                if let Some(t) = &self.terminal {
+                    t.resize();
+                }
+            } else if Some(sig) == self.spec.policy.signal {
+                self.signal_checkpoint(sig);
             } else if code != SI_KERNEL {
                 let _ = process::kill(self.pid, sig);
             }
@@ -344,6 +379,8 @@ impl Supervisor {
             let _ = process::kill(init.pid, libc::SIGKILL);
             let _ = wait_pid(init.pid, 0);
         }
+        // Relays the job's last output and gives our terminal its modes back.
+        self.terminal.take();
     }
 
     fn handle_client(&mut self, stream: &UnixStream) {
@@ -361,15 +398,17 @@ impl Supervisor {
         }
         let response = match read_message::<Request>(stream) {
             Ok(Request::Status) => Response::Status(self.status()),
-            Ok(Request::Checkpoint { kill }) => match self.checkpoint(kill) {
-                Ok(r) => Response::Checkpoint(r),
-                Err(e) => Response::Error {
-                    message: format!(
-                        "checkpoint of job {:?} failed, the job runs on: {e}",
-                        self.spec.name
-                    ),
-                },
-            },
+            Ok(Request::Checkpoint { kill, keep }) => {
+                match self.take_checkpoint(kill, None, keep) {
+                    Ok(r) => Response::Checkpoint(r),
+                    Err(e) => Response::Error {
+                        message: format!(
+                            "checkpoint of job {:?} failed, the job runs on: {e}",
+                            self.spec.name
+                        ),
+                    },
+                }
+            }
             Ok(Request::Kill) => {
                 let _ = process::kill(self.pid, libc::SIGKILL);
                 Response::Ok
@@ -388,7 +427,8 @@ impl Supervisor {
 
     /// Takes a checkpoint of the whole job: freeze, capture, then resume (or end) the job;
     /// the generation is renamed into place only once complete and synced.
-    pub fn checkpoint(&mut self, kill: bool) -> JobResult<CheckpointReport> {
+    /// `reason` is recorded in the manifest (`checkpoint`, `interval`, `signal SIGUSR1`…).
+    pub fn checkpoint(&mut self, kill: bool, reason: &str) -> JobResult<CheckpointReport> {
         if self.exit.is_some() {
             return Err(JobError::Remote("the job has already exited".into()));
         }
@@ -404,7 +444,16 @@ impl Supervisor {
                 return Err(e.into());
             }
         };
-        let captured = match capture_job(&frozen, supervisor, init, self.ns.ipc, writer.pack()) {
+        let terminal = self.terminal.as_ref().map(Terminal::master);
+        let captured = match capture_job(
+            &frozen,
+            supervisor,
+            init,
+            self.ns.ipc,
+            terminal,
+            !kill,
+            writer.pack(),
+        ) {
             Ok(x) => x,
             Err(e) => {
                 drop(writer);
@@ -412,22 +461,21 @@ impl Supervisor {
                 return Err(e.into());
             }
         };
+        let mut captured = captured;
         let mut frozen = Some(frozen);
         let mut frozen_ms = 0.0;
         if !kill {
             frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
             frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+            // The job runs again; its memory is read from copy-on-write snapshots.
+            captured.read_snapshots(writer.pack())?;
         }
         let mut manifest = Manifest {
             job: JobInfo {
                 name: self.spec.name.clone(),
                 generation: 0,
                 created_unix_ms: now_ms(),
-                reason: if kill {
-                    "checkpoint --kill".into()
-                } else {
-                    "checkpoint".into()
-                },
+                reason: reason.to_owned(),
                 command: self.command.clone(),
                 namespaces: Namespaces {
                     user: self.ns.user,
@@ -453,6 +501,9 @@ impl Supervisor {
             files: captured.files,
             shared_memory: captured.shared_memory,
             sysv_shm: captured.sysv_shm,
+            sysv_sem: captured.sysv_sem,
+            sysv_msg: captured.sysv_msg,
+            ptys: captured.ptys,
             chunks: Vec::new(),
         };
         let stored_bytes = writer.pack().bytes_written();
@@ -481,6 +532,7 @@ impl Supervisor {
             memory_bytes: manifest.chunks.iter().map(|c| u64::from(c.raw_len)).sum(),
             stored_bytes,
             killed: kill,
+            removed: Vec::new(),
         })
     }
 
@@ -488,6 +540,94 @@ impl Supervisor {
     pub fn job_dir(&self) -> &Path {
         &self.job_dir
     }
+}
+
+/// Checkpoint policy: retention after every checkpoint, periodic and signalled checkpoints.
+impl Supervisor {
+    /// Takes a checkpoint ([`Supervisor::checkpoint`]; `reason` defaults to `checkpoint` or
+    /// `checkpoint --kill`), then keeps only the newest `keep` generations (else the
+    /// policy's `keep`, if any). A failed removal is logged: the new generation stands.
+    pub fn take_checkpoint(
+        &mut self,
+        kill: bool,
+        reason: Option<&str>,
+        keep: Option<u32>,
+    ) -> JobResult<CheckpointReport> {
+        let default = if kill {
+            "checkpoint --kill"
+        } else {
+            "checkpoint"
+        };
+        let mut report = self.checkpoint(kill, reason.unwrap_or(default))?;
+        if let Some(keep) = keep.or(self.spec.policy.keep) {
+            match prune_generations(&self.job_dir, keep) {
+                Ok(removed) => report.removed = removed,
+                Err(e) => log(&format!(
+                    "stasis: job {:?}: generation {} was written, but removing older generations (--keep {keep}) failed: {e}",
+                    self.spec.name, report.generation
+                )),
+            }
+        }
+        Ok(report)
+    }
+
+    /// The checkpoint signal arrived: checkpoint and end the job (the supervisor then exits
+    /// with [`EXIT_CHECKPOINTED`]); if that fails the job runs on.
+    fn signal_checkpoint(&mut self, sig: i32) {
+        if self.exit.is_some() {
+            return;
+        }
+        let reason = format!("signal {}", signal_name(sig));
+        match self.take_checkpoint(true, Some(&reason), None) {
+            Ok(r) => log(&format!(
+                "stasis: job {:?}: {} received, generation {} written to {}, job stopped",
+                self.spec.name,
+                signal_name(sig),
+                r.generation,
+                r.path
+            )),
+            Err(e) => log(&format!(
+                "stasis: job {:?}: checkpoint on {} failed, the job runs on: {e}",
+                self.spec.name,
+                signal_name(sig)
+            )),
+        }
+    }
+
+    /// Takes the periodic checkpoint if it is due (the job continues) and schedules the next
+    /// one an interval after this one ends; a failure is logged and the job runs on.
+    fn interval_checkpoint(&mut self, next_due: &mut Option<Instant>) {
+        let (Some(due), Some(interval)) = (*next_due, self.spec.policy.interval) else {
+            return;
+        };
+        if self.exit.is_some() || Instant::now() < due {
+            return;
+        }
+        if let Err(e) = self.take_checkpoint(false, Some("interval"), None) {
+            log(&format!(
+                "stasis: job {:?}: periodic checkpoint failed, the job runs on: {e}",
+                self.spec.name
+            ));
+        }
+        *next_due = Some(Instant::now() + interval);
+    }
+}
+
+/// Writes a line to the supervisor's stderr (the user's terminal, or `output.log` when
+/// detached); a failed write is ignored: the job must not suffer for its log.
+fn log(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// How long the event loop may sleep: at most a second, and not past the next periodic
+/// checkpoint (rounded up, so that it is due when the loop wakes).
+fn poll_timeout(next_due: Option<Instant>) -> PollTimeout {
+    let ms = next_due.map_or(1000, |due| {
+        let left = due.saturating_duration_since(Instant::now());
+        left.as_micros().div_ceil(1000).min(1000)
+    });
+    PollTimeout::from(u16::try_from(ms).unwrap_or(1000))
 }
 
 fn start_init(ns: &mut NamespaceSetup) -> JobResult<Option<process::Init>> {

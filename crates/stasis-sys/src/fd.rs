@@ -191,3 +191,41 @@ pub fn set_peek_offset(fd: BorrowedFd<'_>, off: i32) -> SysResult<()> {
     };
     check(ret.into(), "setsockopt(SO_PEEK_OFF)", 0).map(drop)
 }
+
+/// A new inotify instance with status `flags` (`O_NONBLOCK` honoured).
+pub fn inotify_init(flags: i32) -> SysResult<OwnedFd> {
+    let flags = (flags & libc::O_NONBLOCK) | libc::IN_CLOEXEC;
+    // SAFETY: inotify_init1 takes flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::inotify_init1(flags) };
+    if fd < 0 {
+        return Err(SysError::last("inotify_init1", 0));
+    }
+    // SAFETY: the descriptor was just created and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds a watch of `path` with event mask `mask`; returns its watch descriptor.
+pub fn inotify_add(fd: BorrowedFd<'_>, path: &std::ffi::CStr, mask: u32) -> SysResult<i32> {
+    // SAFETY: path is a valid NUL-terminated string for the duration of the call.
+    let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) };
+    if wd < 0 {
+        return Err(SysError::last("inotify_add_watch", 0));
+    }
+    Ok(wd)
+}
+
+/// Removes watch `wd`.
+pub fn inotify_remove(fd: BorrowedFd<'_>, wd: i32) -> SysResult<()> {
+    // SAFETY: inotify_rm_watch takes integers.
+    if unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) } < 0 {
+        return Err(SysError::last("inotify_rm_watch", wd));
+    }
+    Ok(())
+}
+
+/// Our standard input, borrowed for the life of the process.
+pub fn stdin() -> BorrowedFd<'static> {
+    // SAFETY: descriptor 0 is never closed by Stasis; at worst it is not open and calls on
+    // it fail with EBADF.
+    unsafe { BorrowedFd::borrow_raw(0) }
+}

@@ -13,6 +13,7 @@ pub mod mem;
 pub mod ns;
 pub mod process;
 pub mod ptrace;
+pub mod pty;
 pub mod sysv;
 pub mod wait;
 

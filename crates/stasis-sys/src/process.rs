@@ -80,6 +80,9 @@ pub struct ExecSpec {
     /// A mount namespace to enter before exec (a descriptor of `/proc/PID/ns/mnt`), and the
     /// directory to return to in it.
     pub mount_ns: Option<(OwnedFd, CString)>,
+    /// A terminal (the slave of a pseudo-terminal) to become the program's controlling
+    /// terminal and its stdin, stdout and stderr, in a session of its own.
+    pub terminal: Option<OwnedFd>,
 }
 
 /// Forks and executes `spec` in the child with default signal handling. Fails with the
@@ -95,7 +98,8 @@ pub fn spawn(spec: &ExecSpec) -> SysResult<i32> {
     if pid == 0 {
         reset_signals_in_child();
         // SAFETY: argv and envp are NULL-terminated arrays of pointers to live C strings
-        // prepared before the fork; setns, chdir, write and _exit are async-signal-safe.
+        // prepared before the fork; setns, chdir, setsid, ioctl, dup2, write and _exit are
+        // async-signal-safe.
         unsafe {
             if let Some((ns, cwd)) = &spec.mount_ns
                 && (libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) != 0
@@ -104,6 +108,19 @@ pub fn spawn(spec: &ExecSpec) -> SysResult<i32> {
                 let errno = *libc::__errno_location();
                 libc::write(err_w.as_raw_fd(), errno.to_ne_bytes().as_ptr().cast(), 4);
                 child_exit(127);
+            }
+            if let Some(tty) = &spec.terminal {
+                let t = tty.as_raw_fd();
+                if libc::setsid() < 0
+                    || libc::ioctl(t, libc::TIOCSCTTY, 0) != 0
+                    || libc::dup2(t, 0) < 0
+                    || libc::dup2(t, 1) < 0
+                    || libc::dup2(t, 2) < 0
+                {
+                    let errno = *libc::__errno_location();
+                    libc::write(err_w.as_raw_fd(), errno.to_ne_bytes().as_ptr().cast(), 4);
+                    child_exit(127);
+                }
             }
             libc::execve(spec.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
             let errno = *libc::__errno_location();

@@ -32,6 +32,10 @@ enum Command {
     List(cmd::list::Args),
     /// End a running job.
     Kill(cmd::kill::Args),
+    /// List a job's generations: when, how big, how many processes, why taken.
+    History(cmd::history::Args),
+    /// Remove one generation of a job (--generation N), or all of its images.
+    Rm(cmd::rm::Args),
     /// Describe a generation (or the newest generation of a job directory).
     Inspect(cmd::inspect::Args),
     /// Check every checksum of a generation.
@@ -60,6 +64,8 @@ fn main() {
         Command::Status(a) => cmd::status::run(a, json),
         Command::List(a) => cmd::list::run(a, json),
         Command::Kill(a) => cmd::kill::run(a, json),
+        Command::History(a) => cmd::history::run(a, json),
+        Command::Rm(a) => cmd::rm::run(a, json),
         Command::Inspect(a) => cmd::inspect::run(a, json),
         Command::Verify(a) => cmd::verify::run(a, json),
         Command::Demo(a) => cmd::demo::run(a, json),

@@ -1,5 +1,5 @@
-//! eventfd, timerfd, signalfd, epoll, memfd descriptors and unix sockets survive a
-//! checkpoint.
+//! eventfd, timerfd, signalfd, epoll, memfd descriptors, unix sockets, FIFOs, SysV
+//! semaphores and message queues, inotify watches and pseudo-terminals survive a checkpoint.
 
 mod common;
 
@@ -67,4 +67,14 @@ fn fifos_survive_kill_and_restart() {
 #[test]
 fn fifos_survive_a_checkpoint_that_continues() {
     run("fifo", false, false);
+}
+
+#[test]
+fn sysv_semaphores_queues_inotify_and_ptys_survive_kill_and_restart() {
+    run("t_ipc", true, false);
+}
+
+#[test]
+fn sysv_semaphores_queues_inotify_and_ptys_survive_a_checkpoint_that_continues() {
+    run("t_ipc", false, false);
 }

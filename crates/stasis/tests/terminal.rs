@@ -132,19 +132,177 @@ fn terminal_stdout_is_reconnected_to_the_restart_commands_stdout() {
     let file = saved_fd_after_kill(&env, &name);
     let status = script.wait().unwrap();
     assert_eq!(status.code(), Some(EXIT_CHECKPOINTED), "{}", read());
+    // A job started on a terminal gets a pseudo-terminal of its own, saved with the job.
     for fd in 0..=2 {
         let f = if fd == 1 {
             file.clone()
         } else {
             saved_fd(&env, &name, fd)
         };
-        assert_eq!(f["kind"], "stdio", "fd {fd}: {f}");
-        assert!(
-            f["path"].as_str().unwrap().starts_with("/dev/pts/"),
-            "fd {fd} was the terminal: {f}"
-        );
+        assert_eq!(f["kind"], "pty", "fd {fd}: {f}");
+        assert_eq!(f["master"], false, "fd {fd}: {f}");
     }
+    let m = manifest(&env, &name);
+    assert_eq!(m["ptys"][0]["job_terminal"], true, "{}", m["ptys"]);
     restart_into_file(&env, &name, &ticks(&read()));
+}
+
+/// The newest generation's manifest.
+fn manifest(env: &Env, name: &str) -> Value {
+    serde_json::from_str(
+        env.ok(&["--json", "inspect", env.job_dir(name).to_str().unwrap()])
+            .trim(),
+    )
+    .unwrap()
+}
+
+/// Runs `shell_command` under util-linux `script` (a new pty), input from a pipe, output
+/// to `out`.
+fn under_script(env: &Env, shell_command: &str, out: &std::path::Path) -> std::process::Child {
+    Command::new("script")
+        .args(["-qfec", shell_command, "/dev/null"])
+        .env("STASIS_IMAGES", &env.images)
+        .env("XDG_RUNTIME_DIR", &env.runtime)
+        .env_remove("STASIS_LOG")
+        .current_dir(&env.work)
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(out).unwrap())
+        .stderr(fs::File::create(out.with_extension("err")).unwrap())
+        .spawn()
+        .expect("script (util-linux) runs")
+}
+
+/// Tick numbers of lines `tick N …`.
+fn tick_numbers(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| {
+            l.strip_prefix("tick ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+/// The program's terminal modes (set by itself), its foreground group and session
+/// leadership, and its interrupt key survive checkpoint --kill and restart — on the restart
+/// command's terminal (whose window size it then sees) and, detached, on a new
+/// pseudo-terminal (with the saved window size).
+#[test]
+fn job_terminal_modes_foreground_group_and_interrupt_key_survive_restart() {
+    use std::io::Write;
+    let env = Env::new();
+    let name = env.name("tty2");
+    let prog = program("t_tty", false);
+    let stasis = stasis_bin();
+    let out1 = env.work.join("run.out");
+    let mut run = under_script(
+        &env,
+        &format!(
+            "stty cols 97 rows 30; '{}' run --name {name} -- '{}'",
+            stasis.display(),
+            prog.display()
+        ),
+        &out1,
+    );
+    let read1 = || fs::read_to_string(&out1).unwrap_or_default();
+    let modes = "fg=1 leader=1 echo=0 icanon=0 vintr=7";
+    wait_for(
+        "the program's own modes",
+        || read1().contains(&format!("{modes} cols=97")),
+        read1,
+    );
+    // Ctrl-G, the program's interrupt character, interrupts its foreground group.
+    run.stdin.as_mut().unwrap().write_all(b"\x07").unwrap();
+    wait_for(
+        "SIGINT from the terminal",
+        || read1().contains("got SIGINT"),
+        read1,
+    );
+    let r = env.checkpoint(&name, true);
+    assert_eq!(r["generation"], 1);
+    assert_eq!(
+        run.wait().unwrap().code(),
+        Some(EXIT_CHECKPOINTED),
+        "{}",
+        read1()
+    );
+    let m = manifest(&env, &name);
+    let pty = &m["ptys"][0];
+    assert_eq!(pty["job_terminal"], true, "{pty}");
+    assert_eq!(pty["winsize"][1], 97, "{pty}");
+    assert!(
+        pty["session"].as_i64().is_some() && pty["foreground"].as_i64().is_some(),
+        "{pty}"
+    );
+
+    // Restart on another terminal, 120 columns wide.
+    let out2 = env.work.join("restart.out");
+    let mut restart = under_script(
+        &env,
+        &format!(
+            "stty cols 120 rows 30; '{}' restart {name}",
+            stasis.display()
+        ),
+        &out2,
+    );
+    let read2 = || fs::read_to_string(&out2).unwrap_or_default();
+    wait_for(
+        "the restored modes on the restart command's terminal",
+        || read2().contains(&format!("{modes} cols=120")),
+        read2,
+    );
+    assert_eq!(count(&read2(), "got SIGINT"), 0, "{}", read2());
+    restart.stdin.as_mut().unwrap().write_all(b"\x07").unwrap();
+    wait_for(
+        "SIGINT after the restart",
+        || read2().contains("got SIGINT"),
+        read2,
+    );
+    wait_for("more ticks", || tick_numbers(&read2()).len() > 4, read2);
+    let after = read2();
+    let before = tick_numbers(&read1());
+    let numbers = tick_numbers(&after);
+    assert!(numbers.len() > 2, "{after}");
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1) && numbers[0] <= before.last().unwrap() + 1,
+        "ticks continue in order after {:?}: {after}",
+        before.last()
+    );
+    assert!(
+        !after.contains(" fg=0") && !after.contains("leader=0"),
+        "{after}"
+    );
+    let r = env.checkpoint(&name, true);
+    assert_eq!(r["generation"], 2);
+    assert_eq!(
+        restart.wait().unwrap().code(),
+        Some(EXIT_CHECKPOINTED),
+        "{}",
+        read2()
+    );
+
+    // Detached: a new pseudo-terminal with the saved size; output goes to the log.
+    env.ok(&["restart", &name, "--detach"]);
+    let log = env.job_dir(&name).join("output.log");
+    let read3 = || fs::read_to_string(&log).unwrap_or_default();
+    let last_before = *tick_numbers(&read2()).last().unwrap();
+    wait_for(
+        "ticks of the detached job",
+        || tick_numbers(&read3()).iter().any(|&t| t > last_before + 3),
+        read3,
+    );
+    let log_text = read3();
+    assert!(
+        log_text.contains(&format!("{modes} cols=120")),
+        "{log_text}"
+    );
+    env.ok(&["kill", &name]);
 }
 
 /// `checkpoint --kill` of a job; returns the saved record of its fd 1.

@@ -32,6 +32,21 @@ pub struct FileTable {
     unix: Option<HashMap<u64, UnixSocket>>,
     /// TCP and UDP sockets of the network namespace (read on first use).
     inet: Option<HashMap<u64, crate::sockdiag::InetSocket>>,
+    /// Indices of the pseudo-terminal pairs whose master the job (or, for the job's
+    /// terminal, the supervisor) holds: their slaves are part of the job.
+    pty_pairs: HashSet<u32>,
+    /// A copy of the master of each pair met so far, for reading the pair's state.
+    pub(super) pty_masters: HashMap<u32, OwnedFd>,
+}
+
+/// The index of a pseudo-terminal slave path (`/dev/pts/N`).
+fn pts_index(path: &str) -> Option<u32> {
+    path.strip_prefix("/dev/pts/")?.parse().ok()
+}
+
+/// Whether a descriptor target is a pseudo-terminal master.
+fn is_ptmx(path: &str) -> bool {
+    path == "/dev/ptmx" || path == "/dev/pts/ptmx"
 }
 
 fn is_terminal(path: &str, meta: &std::fs::Metadata) -> bool {
@@ -102,15 +117,27 @@ fn anon_inode(pid: i32, e: &proc::FdEntry, flags: i32) -> Result<OpenFile, Strin
                 watches,
             })
         }
+        "anon_inode:inotify" => Ok(OpenFile::Inotify {
+            flags,
+            watches: super::inotify::watches(pid, &e.info)?,
+        }),
         other => Err(format!(
-            "{other} descriptors (io_uring, inotify, fanotify, pidfd, …) are not supported yet"
+            "{other} descriptors (io_uring, fanotify, pidfd, …) are not supported yet"
         )),
     }
 }
 
 impl FileTable {
-    /// A table for the job made of processes `pids`.
-    pub fn new(pids: &[i32]) -> Self {
+    /// A table for the job made of processes `pids`; `terminal` is the index of the
+    /// pseudo-terminal the supervisor gave the job, if any.
+    pub fn new(pids: &[i32], terminal: Option<u32>) -> Self {
+        let pty_pairs = pids
+            .iter()
+            .flat_map(|&p| proc::fds(p).unwrap_or_default())
+            .filter(|e| is_ptmx(&e.target))
+            .filter_map(|e| proc::info_field(&e.info, "tty-index")?.parse().ok())
+            .chain(terminal)
+            .collect();
         let job_sockets = pids
             .iter()
             .flat_map(|p| {
@@ -130,6 +157,7 @@ impl FileTable {
             .collect();
         FileTable {
             job_sockets,
+            pty_pairs,
             ..FileTable::default()
         }
     }
@@ -283,6 +311,28 @@ impl FileTable {
                             }
                         }
                     }
+                }
+            } else if is_ptmx(&e.target)
+                || pts_index(&e.target).is_some_and(|i| self.pty_pairs.contains(&i))
+            {
+                let master = is_ptmx(&e.target);
+                let index = if master {
+                    proc::info_field(&e.info, "tty-index")
+                        .and_then(|i| i.parse().ok())
+                        .ok_or_else(|| unsupported("its fdinfo gives no tty-index"))?
+                } else {
+                    pts_index(&e.target).unwrap_or(0)
+                };
+                if master && !self.pty_masters.contains_key(&index) {
+                    let ours = process::pidfd_getfd(&pidfd, e.fd, pid).ctx(|| {
+                        format!("fetching pseudo-terminal master {} of process {pid}", e.fd)
+                    })?;
+                    self.pty_masters.insert(index, ours);
+                }
+                OpenFile::Pty {
+                    index,
+                    master,
+                    flags,
                 }
             } else if e.target.starts_with("anon_inode:") {
                 anon_inode(pid, e, flags).map_err(|why| unsupported(&why))?

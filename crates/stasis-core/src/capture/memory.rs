@@ -198,15 +198,53 @@ impl SharedObjects {
     }
 }
 
-/// Captures every mapping of a process.
+/// The private pages of mapping `m` of process `pid` (of kind `kind`): for a file mapping,
+/// the pages the process wrote (no longer the file's); for anonymous memory, every page
+/// present or swapped out.
+pub(super) fn private_pages(
+    pid: i32,
+    m: &MapEntry,
+    kind: VmaKind,
+    pack: &mut PackWriter,
+) -> CoreResult<Vec<PageRun>> {
+    if kind == VmaKind::File {
+        let wanted = |e: u64| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
+        save_pages(pid, m, wanted, |a| a, |_| false, pack)
+    } else {
+        let wanted = |e: u64| e & (PM_PRESENT | PM_SWAPPED) != 0;
+        save_pages(pid, m, wanted, |a| a, |_| false, pack)
+    }
+}
+
+fn private_or_deferred(
+    pid: i32,
+    index: usize,
+    m: &MapEntry,
+    kind: VmaKind,
+    pack: &mut PackWriter,
+    deferred: Option<&mut Vec<(usize, MapEntry, VmaKind)>>,
+) -> CoreResult<Vec<PageRun>> {
+    match deferred {
+        Some(list) if super::snapshot::snapshot_can_read(m) => {
+            list.push((index, m.clone(), kind));
+            Ok(Vec::new())
+        }
+        _ => private_pages(pid, m, kind, pack),
+    }
+}
+
+/// Captures every mapping of a process. With `deferred`, the private pages of mappings a
+/// copy-on-write snapshot can give are not read now: each such mapping is listed there
+/// (index, mapping, kind) and saved with no pages.
 pub fn capture_vmas(
     pid: i32,
     maps: &[MapEntry],
     shared: &mut SharedObjects,
     pack: &mut PackWriter,
+    mut deferred: Option<&mut Vec<(usize, MapEntry, VmaKind)>>,
 ) -> CoreResult<Vec<Vma>> {
     let mut out = Vec::with_capacity(maps.len());
-    for m in maps {
+    for (index, m) in maps.iter().enumerate() {
         let kind = vma_kind(pid, m)?;
         let mut file = None;
         let mut shmem = None;
@@ -231,20 +269,12 @@ pub fn capture_vmas(
                 if m.shared {
                     Vec::new()
                 } else {
-                    // Private pages written by the process (present, no longer the file's).
-                    let wanted =
-                        |e: u64| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
-                    save_pages(pid, m, wanted, |a| a, |_| false, pack)?
+                    private_or_deferred(pid, index, m, kind, pack, deferred.as_deref_mut())?
                 }
             }
-            VmaKind::Anon | VmaKind::Heap | VmaKind::Stack => save_pages(
-                pid,
-                m,
-                |e| e & (PM_PRESENT | PM_SWAPPED) != 0,
-                |a| a,
-                |_| false,
-                pack,
-            )?,
+            VmaKind::Anon | VmaKind::Heap | VmaKind::Stack => {
+                private_or_deferred(pid, index, m, kind, pack, deferred.as_deref_mut())?
+            }
         };
         out.push(Vma {
             start: m.start,

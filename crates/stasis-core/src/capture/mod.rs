@@ -2,16 +2,20 @@
 //! share, and the page data, in one cut.
 
 mod files;
+mod inotify;
 mod memory;
 mod process;
+mod snapshot;
 mod sockets;
+mod sysv;
 mod threads;
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 
 use stasis_image::manifest::{
-    FileId, OpenFile, PageRun, ProcessImage, SharedMemory, SysvShm, VmaKind,
+    FileId, OpenFile, ProcessImage, Pty, SharedMemory, SysvMsgQueue, SysvSem, SysvShm, TermModes,
+    VmaKind,
 };
 use stasis_image::pack::PackWriter;
 
@@ -19,7 +23,9 @@ pub use crate::vdso::{VdsoInfo, vdso_info};
 pub use memory::vma_kind;
 pub use process::{JobTables, capture_process, capture_zombie};
 
-use crate::error::{CoreError, CoreResult};
+use std::os::fd::{AsFd, BorrowedFd};
+
+use crate::error::{CoreError, CoreResult, SysContext};
 use crate::freeze::FrozenJob;
 use crate::proc;
 
@@ -45,10 +51,36 @@ pub struct CapturedJob {
     pub shared_memory: Vec<SharedMemory>,
     /// SysV shared memory segments of the job's IPC namespace.
     pub sysv_shm: Vec<SysvShm>,
+    /// SysV semaphore sets of the job's IPC namespace.
+    pub sysv_sem: Vec<SysvSem>,
+    /// SysV message queues of the job's IPC namespace.
+    pub sysv_msg: Vec<SysvMsgQueue>,
+    /// Pseudo-terminal pairs.
+    pub ptys: Vec<Pty>,
     /// The vdso the job runs with.
     pub vdso_blake3: String,
     /// Each frozen process's `syscall` instruction (host pid → address), for thawing.
     pub insns: HashMap<i32, u64>,
+    /// Private memory still to be read from copy-on-write snapshots (see
+    /// [`CapturedJob::read_snapshots`]).
+    pub pending: Vec<snapshot::PendingMemory>,
+}
+
+impl CapturedJob {
+    /// Reads the private memory of every process from its copy-on-write snapshot into
+    /// `pack` (the job may run meanwhile), then ends the snapshots. On error the snapshots
+    /// are ended too.
+    pub fn read_snapshots(&mut self, pack: &mut PackWriter) -> CoreResult<()> {
+        for p in std::mem::take(&mut self.pending) {
+            for (vma, pages) in p.read(pack)? {
+                if let Some(v) = self.processes[p.process].vmas.get_mut(vma) {
+                    v.pages = pages;
+                }
+            }
+            p.snapshot.release()?;
+        }
+        Ok(())
+    }
 }
 
 /// The parent of host process `pid` as the job sees it: 0 for the supervisor, 1 for the
@@ -94,65 +126,28 @@ fn refuse_shared_tables(job: &FrozenJob) -> CoreResult<()> {
     Ok(())
 }
 
-/// Saves every SysV shared memory segment of our IPC namespace (the job's): each is
-/// attached read-only here, its non-zero pages stored.
-fn capture_sysv(pack: &mut PackWriter) -> CoreResult<Vec<SysvShm>> {
-    const SHM_DEST: u32 = 0o1000;
-    let text = std::fs::read_to_string("/proc/sysvipc/shm")
-        .map_err(crate::error::io_err("/proc/sysvipc/shm"))?;
-    let mut out = Vec::new();
-    for line in text.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (Some(key), Some(id), Some(perms), Some(size)) =
-            (f.first(), f.get(1), f.get(2), f.get(3))
-        else {
-            continue;
-        };
-        let (Ok(key), Ok(id), Ok(perms), Ok(size)) = (
-            key.parse::<i32>(),
-            id.parse::<i32>(),
-            u32::from_str_radix(perms, 8),
-            size.parse::<u64>(),
-        ) else {
-            continue;
-        };
-        let data = stasis_sys::sysv::shm_read(id, usize::try_from(size).unwrap_or(0)).map_err(
-            |source| CoreError::Sys {
-                context: format!("reading SysV shared memory segment {id}"),
-                source,
-            },
-        )?;
-        let mut pages = Vec::new();
-        for (i, page) in data.chunks(4096).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                pages.push(PageRun {
-                    addr: i as u64 * 4096,
-                    chunk: pack.add(page)?,
-                });
-            }
-        }
-        out.push(SysvShm {
-            key,
-            id,
-            mode: perms & 0o777,
-            size,
-            removed: perms & SHM_DEST != 0,
-            pages,
-        });
-    }
-    Ok(out)
-}
-
 /// Refuses sessions and process groups whose leader has exited, except where the restore
 /// can recreate them: for an orphan (a daemon after a double fork), whose session — or, in
-/// the restarting command's session, whose group — a helper with the leader's pid leads.
+/// the restarting command's session, whose group — a helper with the leader's pid leads;
+/// for a process whose parent is in the job: a session it shares with its parent, a group
+/// it shares with its parent, or a group of its session that a keeper with the leader's pid
+/// recreates.
 fn check_leaders(processes: &[ProcessImage]) -> CoreResult<()> {
     let alive = |pid: i32| processes.iter().any(|p| p.pid == pid && p.zombie.is_none());
     for p in processes.iter().filter(|p| p.zombie.is_none()) {
         let dead = |x: i32| x != 0 && x != p.pid && !alive(x);
-        let restorable = p.ppid == 1
-            && (!dead(p.sid) || p.sid == p.pgid || !dead(p.pgid))
-            && (!dead(p.pgid) || p.sid == 0 || p.sid == p.pgid);
+        let parent = processes.iter().find(|q| q.pid == p.ppid && p.ppid > 1);
+        let restorable = match parent {
+            None => {
+                p.ppid == 1
+                    && (!dead(p.sid) || p.sid == p.pgid || !dead(p.pgid))
+                    && (!dead(p.pgid) || p.sid == 0 || p.sid == p.pgid)
+            }
+            Some(q) => {
+                (!dead(p.sid) || q.sid == p.sid)
+                    && (!dead(p.pgid) || q.pgid == p.pgid || p.pgid != p.sid)
+            }
+        };
         if (dead(p.sid) || dead(p.pgid)) && !restorable {
             let which = if dead(p.sid) {
                 format!("session {}", p.sid)
@@ -169,19 +164,123 @@ fn check_leaders(processes: &[ProcessImage]) -> CoreResult<()> {
     Ok(())
 }
 
-/// Captures every process of a frozen job into `pack`.
+/// The state of every pseudo-terminal pair the job's descriptors name: modes and window
+/// size (read through the slave), session and foreground group (host pids mapped through
+/// `job_pid`).
+fn capture_ptys(
+    files: &[OpenFile],
+    masters: &HashMap<u32, std::os::fd::OwnedFd>,
+    terminal: Option<(u32, BorrowedFd<'_>)>,
+    job_pid: impl Fn(i32) -> Option<i32>,
+) -> CoreResult<Vec<Pty>> {
+    let mut indices: Vec<u32> = files
+        .iter()
+        .filter_map(|f| match f {
+            OpenFile::Pty { index, .. } => Some(*index),
+            _ => None,
+        })
+        .collect();
+    indices.sort_unstable();
+    indices.dedup();
+    let mut out = Vec::new();
+    for index in indices {
+        let job_terminal = terminal.is_some_and(|(t, _)| t == index);
+        let master = match (terminal, masters.get(&index)) {
+            (Some((t, fd)), _) if t == index => fd,
+            (_, Some(fd)) => fd.as_fd(),
+            _ => {
+                return Err(CoreError::Unsupported {
+                    pid: 0,
+                    what: format!("pseudo-terminal /dev/pts/{index}"),
+                    why: "its master is not held by the job".into(),
+                });
+            }
+        };
+        let what = || format!("reading the modes of pseudo-terminal /dev/pts/{index}");
+        let slave = stasis_sys::pty::open_slave(master, libc::O_RDWR).ctx(what)?;
+        let state = stasis_sys::pty::get_state(slave.as_fd()).ctx(what)?;
+        out.push(Pty {
+            index,
+            job_terminal,
+            modes: TermModes {
+                iflag: state.iflag,
+                oflag: state.oflag,
+                cflag: state.cflag,
+                lflag: state.lflag,
+                line: state.line,
+                cc: state.cc.to_vec(),
+            },
+            winsize: state.winsize,
+            session: stasis_sys::pty::session(master).and_then(&job_pid),
+            foreground: stasis_sys::pty::foreground(master).and_then(&job_pid),
+        });
+    }
+    Ok(out)
+}
+
+/// Captures every process of a frozen job into `pack`; `terminal` is the master of the
+/// pseudo-terminal the supervisor gave the job, if any. With `snapshot`, private memory is
+/// left in copy-on-write snapshots, to be read once the job runs again
+/// ([`CapturedJob::read_snapshots`]).
 pub fn capture_job(
     job: &FrozenJob,
     supervisor: i32,
     init: Option<i32>,
     ipc_namespace: bool,
+    terminal: Option<BorrowedFd<'_>>,
+    snapshot: bool,
+    pack: &mut PackWriter,
+) -> CoreResult<CapturedJob> {
+    let mut snapshots = Vec::new();
+    let result = capture_all(
+        job,
+        supervisor,
+        init,
+        ipc_namespace,
+        terminal,
+        snapshot.then_some(&mut snapshots),
+        pack,
+    );
+    if result.is_err() {
+        // The job stays frozen (and will be thawed by the caller): its snapshots end now.
+        for p in snapshots {
+            if let Some(f) = job.processes.iter().find(|f| f.pid == p.snapshot.parent) {
+                let _ = p.snapshot.release_frozen(f);
+            }
+        }
+        return result;
+    }
+    result.map(|mut c| {
+        c.pending = snapshots;
+        c
+    })
+}
+
+fn capture_all(
+    job: &FrozenJob,
+    supervisor: i32,
+    init: Option<i32>,
+    ipc_namespace: bool,
+    terminal: Option<BorrowedFd<'_>>,
+    snapshots: Option<&mut Vec<snapshot::PendingMemory>>,
     pack: &mut PackWriter,
 ) -> CoreResult<CapturedJob> {
     refuse_shared_tables(job)?;
+    let terminal = match terminal {
+        Some(fd) => Some((
+            stasis_sys::pty::index(fd).ctx(|| "reading the job terminal's index".into())?,
+            fd,
+        )),
+        None => None,
+    };
     let mut tables = JobTables {
         pack,
-        files: files::FileTable::new(&job.processes.iter().map(|f| f.pid).collect::<Vec<_>>()),
+        files: files::FileTable::new(
+            &job.processes.iter().map(|f| f.pid).collect::<Vec<_>>(),
+            terminal.map(|(i, _)| i),
+        ),
         shared: memory::SharedObjects::default(),
+        pending: snapshots,
     };
     let mut processes = Vec::with_capacity(job.processes.len() + job.zombies.len());
     let mut insns = HashMap::new();
@@ -211,7 +310,7 @@ pub fn capture_job(
         .flat_map(|p| &p.vmas)
         .any(|v| v.kind == VmaKind::SysvShm);
     let sysv_shm = if ipc_namespace {
-        capture_sysv(tables.pack)?
+        sysv::capture_shm(tables.pack)?
     } else if uses_sysv {
         let p = processes
             .iter()
@@ -227,13 +326,32 @@ pub fn capture_job(
     } else {
         Vec::new()
     };
+    let host_to_job: HashMap<i32, i32> = job
+        .processes
+        .iter()
+        .map(|f| f.pid)
+        .zip(processes.iter().map(|p| p.pid))
+        .collect();
+    let masters = std::mem::take(&mut tables.files.pty_masters);
     let files = tables.files.finish(&processes);
+    let ptys = capture_ptys(&files, &masters, terminal, |host| {
+        host_to_job.get(&host).copied()
+    })?;
+    let (sysv_sem, sysv_msg) = if ipc_namespace {
+        (sysv::capture_sem()?, sysv::capture_msg(tables.pack)?)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     Ok(CapturedJob {
         processes,
         files,
         shared_memory: tables.shared.objects,
         sysv_shm,
+        sysv_sem,
+        sysv_msg,
+        ptys,
         vdso_blake3: vdso_blake3.unwrap_or_default(),
         insns,
+        pending: Vec::new(),
     })
 }

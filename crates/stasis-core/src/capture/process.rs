@@ -7,6 +7,7 @@ use stasis_sys::{Errno, process, ptrace};
 
 use super::files::FileTable;
 use super::memory::{SharedObjects, capture_vmas};
+use super::snapshot::{PendingMemory, take};
 use super::threads::{capture_sigactions, capture_thread, capture_timers};
 use crate::error::{CoreResult, SysContext};
 use crate::freeze::{Frozen, stack_scratch};
@@ -28,6 +29,9 @@ pub struct JobTables<'a> {
     pub files: FileTable,
     /// Shared memory objects.
     pub shared: SharedObjects,
+    /// With copy-on-write snapshots: the private memory still to be read from them (one
+    /// entry per process). `None`: memory is read while the job is frozen.
+    pub pending: Option<&'a mut Vec<PendingMemory>>,
 }
 
 /// Captures one frozen process: threads, memory, descriptors and process-wide state.
@@ -83,7 +87,22 @@ pub fn capture_process(
         .files
         .capture_process(pid, &mut tables.shared, tables.pack)?;
     let t_fds = std::time::Instant::now();
-    let vmas = capture_vmas(pid, &maps, &mut tables.shared, tables.pack)?;
+    let mut deferred = Vec::new();
+    let vmas = capture_vmas(
+        pid,
+        &maps,
+        &mut tables.shared,
+        tables.pack,
+        tables.pending.is_some().then_some(&mut deferred),
+    )?;
+    if let Some(pending) = tables.pending.as_mut() {
+        let snapshot = take(frozen, vdso.syscall_insn)?;
+        pending.push(PendingMemory {
+            process: pending.len(),
+            snapshot,
+            vmas: deferred,
+        });
+    }
     tracing::debug!(
         pid,
         threads_and_state_ms = (t_state - t_start).as_secs_f64() * 1e3,

@@ -7,6 +7,7 @@
 //! the whole job run at once.
 
 mod child;
+mod inotify;
 mod memory;
 mod sockets;
 mod stage;
@@ -47,6 +48,9 @@ pub struct RestoredJob {
     pub root: i32,
     /// Processes restored (zombies included).
     pub processes: usize,
+    /// The master of the job's terminal (a new pseudo-terminal with the saved modes), when
+    /// the job had one: the caller relays it.
+    pub terminal: Option<std::os::fd::OwnedFd>,
 }
 
 /// Checks that this machine can run the image: the same vdso.
@@ -199,6 +203,7 @@ fn rebuild(
     c.scratch = scratch;
     memory::map_memory(c, image, p, st)?;
     memory::set_mm(c, p, st.exes.get(&p.exe).copied().unwrap_or(-1))?;
+    state::restore_controlling_terminal(c, m, p, st)?;
     state::install_fds(c, m, p, st)?;
     state::restore_epoll(c, p, m)?;
     state::restore_process_state(c, p)?;
@@ -231,9 +236,37 @@ fn release(p: &ProcessImage, r: &Rebuilt) -> CoreResult<()> {
     Ok(())
 }
 
-/// Recreates the job's SysV shared memory segments, with their ids, in our IPC namespace
-/// (the job's).
+/// Recreates the job's SysV IPC objects — shared memory segments, semaphore sets, message
+/// queues with their messages — with their ids, in our IPC namespace (the job's).
 fn recreate_sysv(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<()> {
+    for set in &m.sysv_sem {
+        stasis_sys::sysv::sem_create(set.key, set.mode, set.id, &set.values).map_err(|source| {
+            CoreError::Sys {
+                context: format!("recreating SysV semaphore set {}", set.id),
+                source,
+            }
+        })?;
+    }
+    for q in &m.sysv_msg {
+        stasis_sys::sysv::msg_create(q.key, q.mode, q.id, q.qbytes).map_err(|source| {
+            CoreError::Sys {
+                context: format!("recreating SysV message queue {}", q.id),
+                source,
+            }
+        })?;
+        for msg in &q.messages {
+            let mut data = Vec::new();
+            for &chunk in &msg.data {
+                data.extend_from_slice(&image.chunk(chunk)?);
+            }
+            stasis_sys::sysv::msg_send(q.id, msg.mtype, &data).map_err(|source| {
+                CoreError::Sys {
+                    context: format!("refilling SysV message queue {}", q.id),
+                    source,
+                }
+            })?;
+        }
+    }
     for seg in &m.sysv_shm {
         let size = usize::try_from(seg.size).unwrap_or(0);
         stasis_sys::sysv::shm_create(seg.key, size, seg.mode, seg.id).map_err(|source| {
@@ -310,9 +343,12 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
         .and_then(|c| c.as_ref())
         .map(|c| c.pid)
         .ok_or(CoreError::Vanished(0))?;
+    let mut staged = staged;
+    let terminal = staged.terminal.take();
     drop(staged);
     Ok(RestoredJob {
         root,
         processes: m.processes.len(),
+        terminal,
     })
 }

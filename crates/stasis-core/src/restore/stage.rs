@@ -14,7 +14,7 @@ use nix::fcntl::OFlag;
 use nix::sys::epoll::{Epoll, EpollCreateFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use stasis_image::OpenGeneration;
-use stasis_image::manifest::{Manifest, OpenFile};
+use stasis_image::manifest::{Manifest, OpenFile, Pty};
 use stasis_sys::{SysError, fd as sysfd};
 
 use super::child::sys;
@@ -36,6 +36,11 @@ pub(super) struct Staged {
     pub stdio: [RawFd; 3],
     /// Lowest staged number: every process closes everything at or above it at the end.
     pub base: RawFd,
+    /// A staged slave of each pseudo-terminal pair, by saved index (for making it a
+    /// session's controlling terminal).
+    pub pty_slaves: HashMap<u32, RawFd>,
+    /// The new master of the job's terminal, for the supervisor to relay.
+    pub terminal: Option<OwnedFd>,
     keep: Vec<OwnedFd>,
 }
 
@@ -65,6 +70,30 @@ impl Staged {
     }
 }
 
+/// A new pseudo-terminal pair with the saved modes and window size: (master, slave).
+fn new_pty(pty: &Pty) -> CoreResult<(OwnedFd, OwnedFd)> {
+    let (master, _) = stasis_sys::pty::open_master().map_err(sys("opening a pseudo-terminal"))?;
+    let slave = stasis_sys::pty::open_slave(master.as_fd(), libc::O_RDWR)
+        .map_err(sys("opening a pseudo-terminal slave"))?;
+    let mut cc = [0u8; 32];
+    let n = pty.modes.cc.len().min(32);
+    cc[..n].copy_from_slice(&pty.modes.cc[..n]);
+    let state = stasis_sys::pty::TermState {
+        iflag: pty.modes.iflag,
+        oflag: pty.modes.oflag,
+        cflag: pty.modes.cflag,
+        lflag: pty.modes.lflag,
+        line: pty.modes.line,
+        cc,
+        winsize: pty.winsize,
+    };
+    stasis_sys::pty::set_modes(slave.as_fd(), &state)
+        .map_err(sys("restoring a pseudo-terminal's modes"))?;
+    stasis_sys::pty::set_winsize(master.as_fd(), pty.winsize)
+        .map_err(sys("restoring a pseudo-terminal's window size"))?;
+    Ok((master, slave))
+}
+
 /// Stages every descriptor, mapped file, executable and shared memory object of `m`.
 pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Staged> {
     let max_fd = m
@@ -81,6 +110,8 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
         shmem: Vec::new(),
         stdio: [-1; 3],
         base: (max_fd + 1).max(256),
+        pty_slaves: HashMap::new(),
+        terminal: None,
         keep: Vec::new(),
     };
     for n in 0..3 {
@@ -108,6 +139,20 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
         }
         let n = st.push(OwnedFd::from(file))?;
         st.shmem.push(n);
+    }
+    let mut masters: HashMap<u32, OwnedFd> = HashMap::new();
+    for pty in &m.ptys {
+        let (master, slave) = new_pty(pty)?;
+        let staged_slave = st.push(slave)?;
+        st.pty_slaves.insert(pty.index, staged_slave);
+        if pty.job_terminal {
+            let copy = master.try_clone().map_err(|e| CoreError::Io {
+                path: "the job's terminal".into(),
+                source: e,
+            })?;
+            st.terminal = Some(copy);
+        }
+        masters.insert(pty.index, master);
     }
     let mut pipes: HashMap<u64, (OwnedFd, OwnedFd)> = HashMap::new();
     let mut sockets = Sockets::default();
@@ -236,6 +281,28 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
                 sysfd::set_status_flags(fd.as_fd(), *flags).map_err(sys("setting FIFO flags"))?;
                 fd
             }
+            OpenFile::Pty {
+                index,
+                master,
+                flags,
+            } => {
+                let pair = masters.get(index).ok_or_else(|| {
+                    CoreError::Incompatible(format!(
+                        "the image names pseudo-terminal {index} but saves no state for it"
+                    ))
+                })?;
+                if *master {
+                    let fd = sysfd::dup_at_least(pair.as_fd(), st.base)
+                        .map_err(sys("staging a pseudo-terminal master"))?;
+                    sysfd::set_status_flags(fd.as_fd(), flags & libc::O_NONBLOCK)
+                        .map_err(sys("setting pseudo-terminal flags"))?;
+                    fd
+                } else {
+                    stasis_sys::pty::open_slave(pair.as_fd(), *flags)
+                        .map_err(sys("opening a pseudo-terminal slave"))?
+                }
+            }
+            OpenFile::Inotify { flags, watches } => super::inotify::recreate(*flags, watches)?,
             OpenFile::InetSocket { flags, .. } => {
                 let fd = sockets.stage_inet(f, peer_of)?;
                 sysfd::set_status_flags(fd.as_fd(), flags & libc::O_NONBLOCK)

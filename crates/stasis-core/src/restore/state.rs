@@ -16,6 +16,39 @@ const SS_DISABLE: i32 = 2;
 const CAP_VERSION_3: u32 = 0x2008_0522;
 const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
 
+/// Makes each pseudo-terminal whose session `p` leads its controlling terminal again, with
+/// its foreground process group (every group exists by now). Runs while the staged slaves
+/// are still open in `p`.
+pub(super) fn restore_controlling_terminal(
+    c: &mut Child,
+    m: &Manifest,
+    p: &ProcessImage,
+    st: &Staged,
+) -> CoreResult<()> {
+    if p.sid != p.pid {
+        return Ok(());
+    }
+    for pty in m.ptys.iter().filter(|t| t.session == Some(p.pid)) {
+        let Some(&fd) = st.pty_slaves.get(&pty.index) else {
+            continue;
+        };
+        c.call(
+            "making a pseudo-terminal its session's controlling terminal",
+            libc::SYS_ioctl,
+            &[fd as u64, libc::TIOCSCTTY, 0],
+        )?;
+        if let Some(fg) = pty.foreground {
+            let at = c.put(0, &fg.to_ne_bytes())?;
+            c.call(
+                &format!("making process group {fg} the terminal's foreground"),
+                libc::SYS_ioctl,
+                &[fd as u64, libc::TIOCSPGRP, at],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn install_fds(
     c: &mut Child,
     m: &Manifest,

@@ -185,6 +185,12 @@ fn create_into(tree: &mut Tree, m: &Manifest, opts: &RestoreOptions, insn: u64) 
     let mut index: HashMap<i32, usize> = HashMap::new();
     let mut leadership = vec![Leadership::default(); m.processes.len()];
     let mut joins = Vec::new();
+    // Process groups whose leader is gone, each recreated by a keeper process with the
+    // leader's pid, forked by the first member's parent: (parent index, keeper, group).
+    let mut keepers: Vec<(usize, i32, i32)> = Vec::new();
+    let dead_group = |p: &ProcessImage| {
+        p.pgid != 0 && p.pgid != p.pid && p.pgid != p.sid && !ids.contains(&p.pgid)
+    };
     for (i, p) in m.processes.iter().enumerate() {
         let set = opts.set_pids.then_some(p.pid);
         let parent = if p.ppid > 1 {
@@ -201,6 +207,19 @@ fn create_into(tree: &mut Tree, m: &Manifest, opts: &RestoreOptions, insn: u64) 
                 CoreError::Incompatible(format!("process {} has a zombie parent", p.pid))
             })?;
             lead(pc, &mut leadership[pi], p.sid == q.pid, p.pgid == q.pid)?;
+            if opts.set_pids
+                && dead_group(p)
+                && q.pgid != p.pgid
+                && !keepers.iter().any(|k| k.2 == p.pgid)
+            {
+                let k = pc.fork(Some(p.pgid), 0, libc::SIGCHLD as u64)?;
+                keepers.push((pi, k, p.pgid));
+                Child::new(k, insn)?.call(
+                    "recreating a process group whose leader is gone",
+                    libc::SYS_setpgid,
+                    &[0, 0],
+                )?;
+            }
             pc.fork(set, 0, libc::SIGCHLD as u64)?
         } else if p.ppid == 1 && opts.set_pids {
             fork_orphan(p, set, &ids, &mut next_free, insn)?
@@ -238,7 +257,10 @@ fn create_into(tree: &mut Tree, m: &Manifest, opts: &RestoreOptions, insn: u64) 
                 session: p.sid != 0 && p.sid == p.pid,
                 group: p.pgid != 0 && p.pgid == p.pid && p.sid != p.pid,
             };
-            if p.pgid != 0 && p.pgid != p.pid && ids.contains(&p.pgid) {
+            if p.pgid != 0
+                && p.pgid != p.pid
+                && (ids.contains(&p.pgid) || keepers.iter().any(|k| k.2 == p.pgid))
+            {
                 joins.push(i);
             }
         }
@@ -256,6 +278,22 @@ fn create_into(tree: &mut Tree, m: &Manifest, opts: &RestoreOptions, insn: u64) 
                 libc::SYS_setpgid,
                 &[0, pgid as u64],
             )?;
+        }
+    }
+    // The groups live on without their keepers, which their parents reap.
+    for (pi, keeper, pgid) in keepers {
+        let _ = process::kill(keeper, libc::SIGKILL);
+        while !matches!(
+            wait_pid(keeper, 0),
+            Ok((_, WaitStatus::Exited(_) | WaitStatus::Signaled(_))) | Err(_)
+        ) {}
+        if let Some(pc) = tree.children[pi].as_mut() {
+            pc.call(
+                "reaping the keeper of a process group",
+                libc::SYS_wait4,
+                &[pgid as u64, 0, 0, 0],
+            )?;
+            consume_sigchld(pc)?;
         }
     }
     Ok(())

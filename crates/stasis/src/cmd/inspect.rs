@@ -93,6 +93,27 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                         if *write_end { "write end" } else { "read end" },
                         data.len()
                     ),
+                    OpenFile::Pty { index, master, .. } => {
+                        let job_terminal =
+                            m.ptys.iter().any(|t| t.index == *index && t.job_terminal);
+                        format!(
+                            "{} of pseudo-terminal {index}{}",
+                            if *master { "master" } else { "slave" },
+                            if job_terminal {
+                                " (the job's terminal)"
+                            } else {
+                                ""
+                            }
+                        )
+                    }
+                    OpenFile::Inotify { watches, .. } => format!(
+                        "inotify ({})",
+                        watches
+                            .iter()
+                            .map(|w| format!("{} on {}", w.wd, w.path))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                     OpenFile::EventFd { count, .. } => format!("eventfd (counter {count})"),
                     OpenFile::TimerFd {
                         value_ns,

@@ -46,6 +46,10 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
     let root = a.images.unwrap_or_else(paths::default_images_root);
     for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            // Not a job: a removal in progress (`.rm-…`) or another hidden entry.
+            continue;
+        }
         let gens = list_generations(&e.path());
         if gens.is_empty() && !rows.contains_key(&name) {
             continue;

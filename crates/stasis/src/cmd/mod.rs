@@ -2,10 +2,12 @@
 
 pub mod checkpoint;
 pub mod demo;
+pub mod history;
 pub mod inspect;
 pub mod kill;
 pub mod list;
 pub mod restart;
+pub mod rm;
 pub mod run;
 pub mod sample;
 pub mod status;

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use stasis_job::supervisor::Start;
 
-use super::supervise::{ImageArgs, launch};
+use super::supervise::{ImageArgs, PolicyArgs, launch};
 
 /// Arguments of `stasis restart`.
 #[derive(Debug, clap::Args)]
@@ -12,6 +12,8 @@ pub struct Args {
     name: String,
     #[command(flatten)]
     images: ImageArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Generation to restart from (default: the newest).
     #[arg(long)]
     generation: Option<u32>,
@@ -25,8 +27,10 @@ pub struct Args {
 
 /// Runs the verb.
 pub fn run(a: Args, json: bool) -> Result<i32> {
+    let mut spec = a.images.spec(&a.name);
+    spec.policy = a.policy.policy();
     launch(
-        a.images.spec(&a.name),
+        spec,
         Start::Restart {
             generation: a.generation,
             force: a.force,

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use stasis_job::supervisor::Start;
 
-use super::supervise::{ImageArgs, launch};
+use super::supervise::{ImageArgs, PolicyArgs, launch};
 
 /// Arguments of `stasis run`.
 #[derive(Debug, clap::Args)]
@@ -13,6 +13,8 @@ pub struct Args {
     name: String,
     #[command(flatten)]
     images: ImageArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Return at once; the job runs on in the background, its output in the image directory.
     #[arg(long)]
     detach: bool,
@@ -23,10 +25,7 @@ pub struct Args {
 
 /// Runs the verb.
 pub fn run(a: Args, json: bool) -> Result<i32> {
-    launch(
-        a.images.spec(&a.name),
-        Start::Run { command: a.command },
-        a.detach,
-        json,
-    )
+    let mut spec = a.images.spec(&a.name);
+    spec.policy = a.policy.policy();
+    launch(spec, Start::Run { command: a.command }, a.detach, json)
 }

@@ -2,11 +2,13 @@
 
 use std::io::BufRead;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use stasis_image::pack::Compression;
 use stasis_job::control::JobStatus;
 use stasis_job::paths;
+use stasis_job::policy::{CheckpointPolicy, parse_signal};
 use stasis_job::supervisor::{EXIT_CHECKPOINTED, JobSpec, Start, Supervisor, detach, report_ready};
 
 use crate::output::emit;
@@ -36,8 +38,48 @@ impl ImageArgs {
             } else {
                 Compression::Zstd(1)
             },
+            policy: CheckpointPolicy::default(),
         }
     }
+}
+
+/// Checkpoint-policy flags shared by `run` and `restart`.
+#[derive(Debug, clap::Args)]
+pub struct PolicyArgs {
+    /// Take a checkpoint this often while the job runs on (e.g. 500ms, 30s, 10m, 1h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    pub interval: Option<Duration>,
+    /// After each checkpoint, keep only the newest N generations (older ones are removed).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+    /// On this signal (USR1, SIGUSR1 or a number), checkpoint the job, stop it and exit 75,
+    /// as before a batch scheduler's time limit.
+    #[arg(long, value_name = "SIG", value_parser = parse_checkpoint_signal)]
+    pub checkpoint_signal: Option<i32>,
+}
+
+impl PolicyArgs {
+    /// The policy these flags ask for.
+    pub fn policy(&self) -> CheckpointPolicy {
+        CheckpointPolicy {
+            interval: self.interval,
+            keep: self.keep,
+            signal: self.checkpoint_signal,
+        }
+    }
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 10m, 1h)"))?;
+    if d < Duration::from_millis(10) {
+        return Err("the interval must be at least 10ms".into());
+    }
+    Ok(d)
+}
+
+fn parse_checkpoint_signal(s: &str) -> Result<i32, String> {
+    parse_signal(s).map_err(|e| e.to_string())
 }
 
 fn describe(s: &JobStatus, verb: &str) -> String {
