@@ -73,10 +73,7 @@ pub(super) fn take(frozen: &Frozen, insn: u64) -> CoreResult<Snapshot> {
         .ctx(|| format!("taking a copy-on-write snapshot of process {pid}"));
     let _ = ptrace::set_options(main, 0);
     made?;
-    let child = inj
-        .new_threads
-        .pop()
-        .ok_or(CoreError::Vanished(pid))?;
+    let child = inj.new_threads.pop().ok_or(CoreError::Vanished(pid))?;
     let mut snapshot = Snapshot {
         pid: child,
         parent: pid,
