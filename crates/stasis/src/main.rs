@@ -42,6 +42,11 @@ enum Command {
     Verify(cmd::verify::Args),
     /// Run a demo: start a computation, checkpoint it, kill it, restart it, check the answer.
     Demo(cmd::demo::Args),
+    /// Measure checkpoint and restart against same-run baselines (dd, cat); table, JSON, SVG.
+    Bench(cmd::bench::Args),
+    /// The workload `stasis bench` checkpoints.
+    #[command(hide = true)]
+    BenchWorkload(cmd::bench_workload::Args),
     /// The demo's sample computation (a deterministic, multi-threaded workload).
     #[command(hide = true)]
     Sample(cmd::sample::Args),
@@ -70,6 +75,8 @@ fn main() {
         Command::Verify(a) => cmd::verify::run(a, json),
         Command::Demo(a) => cmd::demo::run(a, json),
         Command::Sample(a) => cmd::sample::run(a, json),
+        Command::Bench(a) => cmd::bench::run(a, json),
+        Command::BenchWorkload(a) => cmd::bench_workload::run(a, json),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,5 +1,7 @@
 //! One module per verb.
 
+pub mod bench;
+pub mod bench_workload;
 pub mod checkpoint;
 pub mod demo;
 pub mod history;

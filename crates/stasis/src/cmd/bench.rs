@@ -1,0 +1,342 @@
+//! `stasis bench`: measures checkpoint and restart against baselines taken in the same run.
+//!
+//! For each workload (memory size, pattern, processes) it starts `stasis bench-workload` as
+//! a detached job and measures: the largest stall the program itself observes during a
+//! checkpoint that lets it run on, that checkpoint's wall time and bytes, a second
+//! checkpoint after 1% of the pages changed, `checkpoint --kill`, and `restart --detach`
+//! until the job runs again. Baselines on the same bytes in the same directory: `dd
+//! conv=fsync` (writing) and `cat` to `/dev/null` (reading). Prints a table, writes JSON
+//! and an SVG chart.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+/// Arguments of `stasis bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Memory sizes in MiB of the single-process random workloads.
+    #[arg(long, value_delimiter = ',', default_values_t = [64u64, 256, 1024])]
+    sizes: Vec<u64>,
+    /// Size in MiB of the extra workloads: compressible, sparse, and a 4-process job.
+    #[arg(long, default_value_t = 256)]
+    extra_size: u64,
+    /// Directory for images and baselines (default: a new directory under the temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench.json")]
+    json_out: PathBuf,
+    /// Where to write the SVG chart.
+    #[arg(long, default_value = "bench.svg")]
+    svg_out: PathBuf,
+}
+
+struct Case {
+    mib: u64,
+    pattern: &'static str,
+    procs: usize,
+}
+
+fn stasis(images: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(args)
+        .env("STASIS_IMAGES", images)
+        .output()
+        .context("running stasis")?;
+    if !out.status.success() {
+        bail!(
+            "stasis {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn stasis_json(images: &Path, args: &[&str]) -> Result<Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let text = stasis(images, &all)?;
+    serde_json::from_str(text.trim()).with_context(|| format!("not JSON: {text}"))
+}
+
+fn wait_for(path: &Path, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Times a shell command (a baseline).
+fn timed_shell(script: &str) -> Result<f64> {
+    let t = Instant::now();
+    let st = Command::new("sh").args(["-c", script]).status()?;
+    if !st.success() {
+        bail!("baseline failed: {script}");
+    }
+    Ok(ms(t.elapsed()))
+}
+
+fn measure(c: &Case, base: &Path) -> Result<Value> {
+    let images = base.join("images");
+    let name = format!("bench-{}-{}-{}", c.mib, c.pattern, c.procs);
+    let work = base.join(&name);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let exe = std::env::current_exe()?.display().to_string();
+    let (mib, procs) = (c.mib.to_string(), c.procs.to_string());
+    let work_s = work.display().to_string();
+    stasis(
+        &images,
+        &[
+            "run",
+            "--detach",
+            "--name",
+            &name,
+            "--",
+            &exe,
+            "bench-workload",
+            "--mib",
+            &mib,
+            "--pattern",
+            c.pattern,
+            "--procs",
+            &procs,
+            "--dir",
+            &work_s,
+        ],
+    )?;
+    let result = (|| -> Result<Value> {
+        wait_for(&work.join("ready"), "the workload to fill its memory")?;
+        std::thread::sleep(Duration::from_millis(300));
+        // A checkpoint that lets the job run on, and the stall the program saw.
+        std::fs::write(work.join("reset"), "")?;
+        std::thread::sleep(Duration::from_millis(50));
+        let full = stasis_json(&images, &["checkpoint", &name])?;
+        std::thread::sleep(Duration::from_millis(100));
+        let stall_us: f64 = std::fs::read_to_string(work.join("stall"))?
+            .trim()
+            .parse()
+            .unwrap_or(f64::NAN);
+        // After 1% of the pages changed.
+        std::fs::write(work.join("touch"), "")?;
+        wait_for(
+            &work.join("touched"),
+            "the workload to change 1% of its pages",
+        )?;
+        let incr = stasis_json(&images, &["checkpoint", &name])?;
+        let kill = stasis_json(&images, &["checkpoint", &name, "--kill"])?;
+        let generation = kill["path"].as_str().unwrap_or_default().to_owned();
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        stasis(&images, &["restart", &name, "--detach"])?;
+        let restart_ms = ms(t.elapsed());
+        let _ = stasis(&images, &["kill", &name]);
+        let pack = Path::new(&generation).join("pages.pack");
+        let stored = std::fs::metadata(&pack).map(|m| m.len()).unwrap_or(0);
+        let dd = timed_shell(&format!(
+            "dd if='{}' of='{}' bs=1M conv=fsync status=none",
+            pack.display(),
+            base.join("dd.out").display()
+        ))?;
+        let _ = std::fs::remove_file(base.join("dd.out"));
+        let cat = timed_shell(&format!("cat '{}' > /dev/null", pack.display()))?;
+        Ok(json!({
+            "mib": c.mib,
+            "pattern": c.pattern,
+            "procs": c.procs,
+            "in_app_stall_ms": stall_us / 1e3,
+            "frozen_ms": full["frozen_ms"],
+            "checkpoint_ms": full["total_ms"],
+            "checkpoint_bytes": full["stored_bytes"],
+            "memory_bytes": full["memory_bytes"],
+            "incremental_ms": incr["total_ms"],
+            "incremental_bytes": incr["stored_bytes"],
+            "kill_checkpoint_ms": kill["total_ms"],
+            "restart_ms": restart_ms,
+            "residency_ms": restart_ms,
+            "image_bytes": stored,
+            "dd_fsync_ms": dd,
+            "cat_ms": cat,
+        }))
+    })();
+    let _ = stasis(&images, &["kill", &name]);
+    let _ = stasis(&images, &["rm", &name]);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+fn table(rows: &[Value]) -> String {
+    let mut t = String::from(
+        "workload                  stall  frozen  ckpt    dd-fsync ratio  bytes      1%-ckpt  1%-bytes   kill    restart cat\n",
+    );
+    for r in rows {
+        let mb = |k: &str| num(r, k) / 1048576.0;
+        t.push_str(&format!(
+            "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>7.1}M {:>7.1} {:>7.1} {:>6.1}\n",
+            r["mib"],
+            r["pattern"].as_str().unwrap_or(""),
+            r["procs"],
+            num(r, "in_app_stall_ms"),
+            num(r, "frozen_ms"),
+            num(r, "checkpoint_ms"),
+            num(r, "dd_fsync_ms"),
+            num(r, "checkpoint_ms") / num(r, "dd_fsync_ms"),
+            mb("checkpoint_bytes"),
+            num(r, "incremental_ms"),
+            mb("incremental_bytes"),
+            num(r, "kill_checkpoint_ms"),
+            num(r, "restart_ms"),
+            num(r, "cat_ms"),
+        ));
+    }
+    t.push_str("(times in ms; stall = largest gap seen by the program's own timestamping thread; ratio = checkpoint / dd conv=fsync of the image's bytes)\n");
+    t
+}
+
+/// An SVG line chart of times against memory size for the single-process random rows.
+fn svg(rows: &[Value]) -> String {
+    let pts: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["pattern"] == "random" && r["procs"] == 1)
+        .collect();
+    let series = [
+        ("checkpoint_ms", "checkpoint (continues)", "#1f77b4"),
+        ("dd_fsync_ms", "dd conv=fsync, same bytes", "#7f7f7f"),
+        ("kill_checkpoint_ms", "checkpoint --kill", "#ff7f0e"),
+        ("restart_ms", "restart until running", "#2ca02c"),
+        ("in_app_stall_ms", "stall seen by the program", "#d62728"),
+    ];
+    let (w, h, left, bottom) = (720.0, 420.0, 70.0, 60.0);
+    let xmax = pts.iter().map(|r| num(r, "mib")).fold(1.0, f64::max);
+    let ymax = pts
+        .iter()
+        .flat_map(|r| series.iter().map(move |s| num(r, s.0)))
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max)
+        * 1.1;
+    let x = |v: f64| left + v / xmax * (w - left - 20.0);
+    let y = |v: f64| h - bottom - v / ymax * (h - bottom - 20.0);
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n"
+    );
+    s.push_str(&format!(
+        "<line x1='{left}' y1='{}' x2='{}' y2='{}' stroke='black'/><line x1='{left}' y1='20' x2='{left}' y2='{}' stroke='black'/>\n",
+        h - bottom,
+        w - 20.0,
+        h - bottom,
+        h - bottom
+    ));
+    s.push_str(&format!(
+        "<text x='{}' y='{}' text-anchor='middle'>memory (MiB)</text><text x='15' y='{}' transform='rotate(-90 15 {})' text-anchor='middle'>time (ms)</text>\n",
+        (w + left) / 2.0,
+        h - 15.0,
+        h / 2.0,
+        h / 2.0
+    ));
+    for r in &pts {
+        s.push_str(&format!(
+            "<text x='{}' y='{}' text-anchor='middle'>{}</text>\n",
+            x(num(r, "mib")),
+            h - bottom + 15.0,
+            r["mib"]
+        ));
+    }
+    for i in 0..=4 {
+        let v = ymax * f64::from(i) / 4.0;
+        s.push_str(&format!(
+            "<text x='{}' y='{}' text-anchor='end'>{v:.0}</text>\n",
+            left - 5.0,
+            y(v) + 4.0
+        ));
+    }
+    for (k, (key, label, color)) in series.iter().enumerate() {
+        let line: Vec<String> = pts
+            .iter()
+            .filter(|r| num(r, key).is_finite())
+            .map(|r| format!("{:.1},{:.1}", x(num(r, "mib")), y(num(r, key))))
+            .collect();
+        s.push_str(&format!(
+            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>\n",
+            line.join(" ")
+        ));
+        s.push_str(&format!(
+            "<rect x='{}' y='{}' width='10' height='10' fill='{color}'/><text x='{}' y='{}'>{label}</text>\n",
+            left + 15.0,
+            30.0 + 16.0 * k as f64,
+            left + 30.0,
+            39.0 + 16.0 * k as f64
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Runs the verb.
+pub fn run(a: Args, json_out: bool) -> Result<i32> {
+    let base = a.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("stasis-bench-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&base)?;
+    let mut cases: Vec<Case> = a
+        .sizes
+        .iter()
+        .map(|&mib| Case {
+            mib,
+            pattern: "random",
+            procs: 1,
+        })
+        .collect();
+    for (pattern, procs) in [("compressible", 1), ("sparse", 1), ("random", 4)] {
+        cases.push(Case {
+            mib: a.extra_size,
+            pattern,
+            procs,
+        });
+    }
+    let mut rows = Vec::new();
+    for c in &cases {
+        eprintln!("stasis bench: {} MiB {} x{} …", c.mib, c.pattern, c.procs);
+        rows.push(measure(c, &base)?);
+    }
+    let _ = std::fs::remove_dir_all(base.join("images"));
+    let report = json!({
+        "machine": {
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "dir": base.display().to_string(),
+        },
+        "rows": rows,
+    });
+    std::fs::write(&a.json_out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", a.json_out.display()))?;
+    std::fs::write(&a.svg_out, svg(&rows))
+        .with_context(|| format!("writing {}", a.svg_out.display()))?;
+    if json_out {
+        println!("{report}");
+    } else {
+        print!("{}", table(&rows));
+        println!(
+            "JSON: {}  chart: {}",
+            a.json_out.display(),
+            a.svg_out.display()
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,61 @@
+//! `stasis bench` measures real checkpoints and restarts of its workload and writes a
+//! table, JSON and an SVG chart (figures are reported, never asserted).
+
+mod common;
+
+use common::Env;
+
+#[test]
+fn bench_measures_every_workload_and_writes_json_and_svg() {
+    let env = Env::new();
+    let json = env.work.join("bench.json");
+    let svg = env.work.join("bench.svg");
+    let out = env.ok(&[
+        "bench",
+        "--sizes",
+        "8,16",
+        "--extra-size",
+        "8",
+        "--dir",
+        env.work.join("bench").to_str().unwrap(),
+        "--json-out",
+        json.to_str().unwrap(),
+        "--svg-out",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.contains("dd-fsync"), "a table: {out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        5,
+        "2 sizes + compressible, sparse, 4 processes: {report}"
+    );
+    for r in rows {
+        for key in [
+            "in_app_stall_ms",
+            "frozen_ms",
+            "checkpoint_ms",
+            "incremental_ms",
+            "kill_checkpoint_ms",
+            "restart_ms",
+            "dd_fsync_ms",
+            "cat_ms",
+        ] {
+            let v = r[key].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && v > 0.0, "{key} measured: {r}");
+        }
+        assert!(r["checkpoint_bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    let random = rows.iter().find(|r| r["mib"] == 16).unwrap();
+    assert!(
+        random["memory_bytes"].as_u64().unwrap() >= 16 << 20,
+        "the workload's memory is saved: {random}"
+    );
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        chart.starts_with("<svg") && chart.contains("polyline"),
+        "{chart}"
+    );
+}
