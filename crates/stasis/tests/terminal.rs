@@ -15,9 +15,18 @@ use serde_json::Value;
 
 const TICKS: u64 = 150;
 
+/// `tick N` lines. What comes before `tick` on a line is skipped: the job's terminal echoes
+/// what reaches it from `script`'s input (at its end of file, `script` sends a control
+/// character, echoed as `^@`).
 fn ticks(out: &str) -> Vec<u64> {
     out.lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("tick ")?.parse().ok())
+        .filter_map(|l| {
+            l[l.find("tick ")?..]
+                .trim_end_matches('\r')
+                .strip_prefix("tick ")?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -176,7 +185,8 @@ fn under_script(env: &Env, shell_command: &str, out: &std::path::Path) -> std::p
 fn tick_numbers(out: &str) -> Vec<u64> {
     out.lines()
         .filter_map(|l| {
-            l.strip_prefix("tick ")?
+            l[l.find("tick ")?..]
+                .strip_prefix("tick ")?
                 .split_whitespace()
                 .next()?
                 .parse()
