@@ -31,7 +31,9 @@ pub enum Compression {
     Zstd(i32),
 }
 
-/// Appends chunks to a pack file.
+/// Appends chunks to a pack file. Compression is tried on every chunk until it stops
+/// paying, then only on probes spaced further and further apart (up to every 33rd chunk),
+/// so that incompressible data costs little more than storing it raw.
 #[derive(Debug)]
 pub struct PackWriter {
     file: BufWriter<File>,
@@ -39,6 +41,11 @@ pub struct PackWriter {
     offset: u64,
     compression: Compression,
     chunks: Vec<ChunkRef>,
+    /// Chunks still to store without trying compression (it did not pay lately).
+    skip: u32,
+    /// How many chunks to skip after the next chunk that does not compress (doubles up to
+    /// 32; back to none once compression pays again).
+    backoff: u32,
 }
 
 impl PackWriter {
@@ -63,6 +70,8 @@ impl PackWriter {
             offset: HEADER_LEN,
             compression,
             chunks: Vec::new(),
+            skip: 0,
+            backoff: 0,
         })
     }
 
@@ -79,9 +88,24 @@ impl PackWriter {
                 limit: u64::from(MAX_CHUNK),
             })?;
         let compressed = match self.compression {
-            Compression::Zstd(level) => zstd::bulk::compress(raw, level)
-                .ok()
-                .filter(|c| c.len() < raw.len() - raw.len() / 8),
+            Compression::Zstd(_) if self.skip > 0 => {
+                self.skip -= 1;
+                None
+            }
+            Compression::Zstd(level) => {
+                let c = zstd::bulk::compress(raw, level)
+                    .ok()
+                    .filter(|c| c.len() < raw.len() - raw.len() / 8);
+                // Incompressible data (random, already compressed) is probed, not
+                // compressed chunk after chunk for nothing.
+                self.backoff = if c.is_some() {
+                    0
+                } else {
+                    (self.backoff * 2).clamp(1, 32)
+                };
+                self.skip = if c.is_some() { 0 } else { self.backoff };
+                c
+            }
             Compression::None => None,
         };
         let stored: &[u8] = compressed.as_deref().unwrap_or(raw);

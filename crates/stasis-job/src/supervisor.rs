@@ -469,6 +469,11 @@ impl Supervisor {
             frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
             // The job runs again; its memory is read from copy-on-write snapshots.
             captured.read_snapshots(writer.pack())?;
+            tracing::debug!(
+                frozen_ms,
+                snapshots_read_ms = t0.elapsed().as_secs_f64() * 1e3 - frozen_ms,
+                "checkpoint phases"
+            );
         }
         let mut manifest = Manifest {
             job: JobInfo {
