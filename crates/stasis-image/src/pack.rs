@@ -43,8 +43,8 @@ pub struct PackWriter {
     chunks: Vec<ChunkRef>,
     /// Chunks still to store without trying compression (it did not pay lately).
     skip: u32,
-    /// How many chunks to skip after the next chunk that does not compress (doubles up to
-    /// 32; back to none once compression pays again).
+    /// Grows with every chunk in a row that does not compress (1, 2, 4 … 32): from 2 on,
+    /// that many chunks are stored without trying; back to 0 once compression pays.
     backoff: u32,
 }
 
@@ -98,12 +98,14 @@ impl PackWriter {
                     .filter(|c| c.len() < raw.len() - raw.len() / 8);
                 // Incompressible data (random, already compressed) is probed, not
                 // compressed chunk after chunk for nothing.
-                self.backoff = if c.is_some() {
-                    0
-                } else {
-                    (self.backoff * 2).clamp(1, 32)
+                // One chunk that does not compress proves little; from the second in a
+                // row on, chunks are skipped between probes.
+                self.backoff = match (c.is_some(), self.backoff) {
+                    (true, _) => 0,
+                    (false, 0) => 1,
+                    (false, b) => (b * 2).min(32),
                 };
-                self.skip = if c.is_some() { 0 } else { self.backoff };
+                self.skip = if self.backoff > 1 { self.backoff } else { 0 };
                 c
             }
             Compression::None => None,
