@@ -131,10 +131,12 @@ impl GenerationWriter {
             manifest.job.generation = n;
             write_manifest(&self.tmp.join(MANIFEST_FILE), manifest)?;
             sync_dir(&self.tmp)?;
+            crate::fault::point("manifest-written");
             let dest = generation_dir(&self.job_dir, n);
             match fs::rename(&self.tmp, &dest) {
                 Ok(()) => {
                     self.done = true;
+                    crate::fault::point("renamed");
                     sync_dir(&self.job_dir)?;
                     return Ok((n, dest));
                 }
@@ -216,6 +218,7 @@ fn remove_hidden(dir: &Path, hidden: &Path) -> ImageResult<()> {
     if let Some(parent) = hidden.parent() {
         sync_dir(parent)?;
     }
+    crate::fault::point("rm-renamed");
     match fs::remove_dir_all(hidden) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod fault;
 pub mod generation;
 pub mod hex;
 pub mod manifest;

@@ -127,6 +127,7 @@ impl PackWriter {
             blake3: blake3::hash(raw).to_hex().to_string(),
         });
         self.offset += HEADER_LEN + u64::from(stored_len);
+        crate::fault::point("pack-chunk");
         Ok(u32::try_from(self.chunks.len() - 1).unwrap_or(u32::MAX))
     }
 
@@ -147,6 +148,7 @@ impl PackWriter {
             source: e.into_error(),
         })?;
         file.sync_all().map_err(io(&self.path))?;
+        crate::fault::point("pack-finished");
         Ok(self.chunks)
     }
 }

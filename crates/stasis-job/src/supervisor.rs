@@ -14,6 +14,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use stasis_core::capture::capture_job;
 use stasis_core::freeze::freeze_job;
 use stasis_core::restore::{RestoreOptions, check_machine, clocks_now, restore_job};
+use stasis_image::fault;
 use stasis_image::generation::{list_generations, prune_generations, resolve};
 use stasis_image::manifest::{JobInfo, Manifest, Namespaces};
 use stasis_image::pack::Compression;
@@ -436,6 +437,12 @@ impl Supervisor {
         let supervisor = i32::try_from(std::process::id()).unwrap_or(0);
         let init = self.init.as_ref().map(|i| i.pid);
         let frozen = freeze_job(supervisor, init, self.pid)?;
+        fault::point("frozen");
+        if fault::reached("kill-job-process")
+            && let Some(victim) = frozen.processes.last()
+        {
+            let _ = process::kill(victim.pid, libc::SIGKILL);
+        }
         let (mono, boot) = clocks_now();
         let mut writer = match GenerationWriter::begin(&self.job_dir, self.spec.compression) {
             Ok(w) => w,
@@ -461,14 +468,17 @@ impl Supervisor {
                 return Err(e.into());
             }
         };
+        fault::point("captured");
         let mut captured = captured;
         let mut frozen = Some(frozen);
         let mut frozen_ms = 0.0;
         if !kill {
             frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
             frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+            fault::point("thawed");
             // The job runs again; its memory is read from copy-on-write snapshots.
             captured.read_snapshots(writer.pack())?;
+            fault::point("snapshots-read");
             tracing::debug!(
                 frozen_ms,
                 snapshots_read_ms = t0.elapsed().as_secs_f64() * 1e3 - frozen_ms,
@@ -521,6 +531,7 @@ impl Supervisor {
                 return Err(e.into());
             }
         };
+        fault::point("finished");
         if let Some(f) = frozen.take() {
             // Killing collects the root's exit too (we are its parent and its tracer).
             f.kill()?;
