@@ -2,8 +2,11 @@
 # The whole test suite of Stasis.
 #
 # 1. As root, installs the Debian packages the tests need (gcc, static libc, python3,
-#    util-linux for setpriv/script, redis and MPICH for real-program tests).
-# 2. Checks formatting and lints, builds, and runs every test as the current user.
+#    util-linux for setpriv/script, redis, MPICH and Open MPI for real-program tests, g++
+#    for libFuzzer).
+# 2. Checks formatting and lints, builds, and runs every test as the current user, then
+#    fuzzes every parser for a bounded time (scripts/fuzz.sh; STASIS_FUZZ_SECONDS per target,
+#    default 40).
 # 3. As root, runs every integration test a second time as the unprivileged user nobody
 #    (setpriv --reuid=65534 --regid=65534 --clear-groups): Stasis must not depend on root.
 set -euo pipefail
@@ -11,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ]; then
     missing=()
-    for pkg in gcc libc6-dev python3 util-linux redis-server redis-tools mpich libmpich-dev openmpi-bin libopenmpi-dev; do
+    for pkg in gcc libc6-dev python3 util-linux redis-server redis-tools mpich libmpich-dev openmpi-bin libopenmpi-dev g++; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -27,6 +30,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "==> tests as $(id -un)"
 cargo test --workspace
+
+echo "==> fuzzing every parser of on-disk and on-wire data (bounded)"
+./scripts/fuzz.sh "${STASIS_FUZZ_SECONDS:-40}"
 
 if [ "$(id -u)" = 0 ]; then
     echo "==> integration tests again as the unprivileged user nobody"

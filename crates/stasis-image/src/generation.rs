@@ -328,9 +328,19 @@ pub fn write_manifest(path: &Path, manifest: &Manifest) -> ImageResult<()> {
 
 /// Reads and checks a manifest file.
 pub fn read_manifest(path: &Path) -> ImageResult<Manifest> {
-    let mut f = fs::File::open(path).map_err(io(path))?;
-    let len = f.metadata().map_err(io(path))?.len();
-    let mut header = [0u8; MANIFEST_HEADER];
+    let f = fs::File::open(path).map_err(io(path))?;
+    let mut bytes = Vec::new();
+    // Never more than the header and the largest body the format allows.
+    f.take(MANIFEST_HEADER as u64 + MAX_MANIFEST + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io(path))?;
+    decode_manifest(path, &bytes)
+}
+
+/// Decodes and checks a manifest file's bytes (`path` only names it in errors): magic,
+/// version, size cap, crc32c, JSON, then [`Manifest::validate`].
+pub fn decode_manifest(path: &Path, bytes: &[u8]) -> ImageResult<Manifest> {
+    let len = bytes.len() as u64;
     if len < MANIFEST_HEADER as u64 {
         return Err(ImageError::Truncated {
             path: path.to_owned(),
@@ -338,7 +348,7 @@ pub fn read_manifest(path: &Path) -> ImageResult<Manifest> {
             expected: MANIFEST_HEADER as u64 - len,
         });
     }
-    f.read_exact(&mut header).map_err(io(path))?;
+    let header = &bytes[..MANIFEST_HEADER];
     if &header[..8] != MANIFEST_MAGIC {
         return Err(ImageError::BadMagic {
             path: path.to_owned(),
@@ -372,9 +382,8 @@ pub fn read_manifest(path: &Path) -> ImageResult<Manifest> {
             expected: body_len - have,
         });
     }
-    let mut body = vec![0u8; usize::try_from(body_len).unwrap_or(0)];
-    f.read_exact(&mut body).map_err(io(path))?;
-    if crc32c::crc32c(&body) != crc {
+    let body = &bytes[MANIFEST_HEADER..MANIFEST_HEADER + usize::try_from(body_len).unwrap_or(0)];
+    if crc32c::crc32c(body) != crc {
         return Err(ImageError::Corrupt {
             path: path.to_owned(),
             offset: MANIFEST_HEADER as u64,
@@ -382,7 +391,7 @@ pub fn read_manifest(path: &Path) -> ImageResult<Manifest> {
         });
     }
     let manifest: Manifest =
-        serde_json::from_slice(&body).map_err(|e| ImageError::InvalidManifest {
+        serde_json::from_slice(body).map_err(|e| ImageError::InvalidManifest {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
