@@ -23,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
         blake3: blake3_of(pack),
     };
     let path = std::env::temp_dir().join(format!("stasis-fuzz-pack-{}", std::process::id()));
-    std::fs::File::create(&path).unwrap().write_all(pack).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(pack)
+        .unwrap();
     if let Ok(mut reader) = PackReader::open(&path) {
         let _ = reader.read(&chunk);
     }
