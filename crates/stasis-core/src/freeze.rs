@@ -204,6 +204,29 @@ pub struct FrozenJob {
 /// Freezes every process below `supervisor` except its `init`: the whole job. Processes
 /// forked while freezing are caught by rescanning until the set is stable.
 pub fn freeze_job(supervisor: i32, init: Option<i32>, root: i32) -> CoreResult<FrozenJob> {
+    freeze_set(|| proc::descendants(supervisor), init, root)
+}
+
+/// Freezes process `root` and all its descendants (a tree that no supervisor started).
+pub fn freeze_tree(root: i32) -> CoreResult<FrozenJob> {
+    freeze_set(
+        || {
+            std::iter::once(root)
+                .chain(proc::descendants(root))
+                .collect()
+        },
+        None,
+        root,
+    )
+}
+
+/// Freezes every process `members` lists (parents before children) except `init`, until
+/// the list is stable.
+fn freeze_set(
+    members: impl Fn() -> Vec<i32>,
+    init: Option<i32>,
+    root: i32,
+) -> CoreResult<FrozenJob> {
     let mut job = FrozenJob {
         processes: Vec::new(),
         zombies: Vec::new(),
@@ -212,7 +235,7 @@ pub fn freeze_job(supervisor: i32, init: Option<i32>, root: i32) -> CoreResult<F
         let known = |p: i32, job: &FrozenJob| {
             job.processes.iter().any(|f| f.pid == p) || job.zombies.contains(&p)
         };
-        let new: Vec<i32> = proc::descendants(supervisor)
+        let new: Vec<i32> = members()
             .into_iter()
             .filter(|&p| Some(p) != init && !known(p, &job))
             .collect();
@@ -235,7 +258,7 @@ pub fn freeze_job(supervisor: i32, init: Option<i32>, root: i32) -> CoreResult<F
         return Err(CoreError::Vanished(root));
     }
     // Parents before children: descendants() order, root first.
-    let order = proc::descendants(supervisor);
+    let order = members();
     job.processes
         .sort_by_key(|f| (f.pid != root, order.iter().position(|&p| p == f.pid)));
     Ok(job)

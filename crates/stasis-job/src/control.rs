@@ -33,6 +33,15 @@ pub enum Request {
     },
     /// End the job now.
     Kill,
+    /// A process of the job that uses libstasis: the supervisor keeps the connection and
+    /// sends it checkpoint events ([`crate::callbacks`]).
+    Attach {
+        /// The process's pid inside the job.
+        pid: u32,
+        /// It attaches again after its connection came back closed from a restart.
+        #[serde(default)]
+        restarted: bool,
+    },
 }
 
 /// The job's state.
@@ -82,6 +91,10 @@ pub struct CheckpointReport {
     /// Older generations removed afterwards by the retention policy (`--keep`).
     #[serde(default)]
     pub removed: Vec<u32>,
+    /// Job pids of processes whose pre-checkpoint callbacks (or critical sections) were not
+    /// done within the callback timeout; the checkpoint went ahead without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub callbacks_late: Vec<u32>,
 }
 
 /// A supervisor's answer.

@@ -2,8 +2,10 @@
 //! protocol the CLI speaks to it, and where a job's images and sockets live.
 #![forbid(unsafe_code)]
 
+pub mod callbacks;
 pub mod control;
 pub mod error;
+pub mod foreign;
 pub mod namespaces;
 pub mod paths;
 pub mod policy;

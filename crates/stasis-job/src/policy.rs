@@ -19,6 +19,9 @@ pub struct CheckpointPolicy {
     /// On this signal, take a checkpoint, end the job and exit with
     /// [`crate::supervisor::EXIT_CHECKPOINTED`].
     pub signal: Option<i32>,
+    /// How long a checkpoint waits for libstasis pre-checkpoint callbacks (default
+    /// [`crate::callbacks::DEFAULT_CALLBACK_TIMEOUT`]).
+    pub callback_timeout: Option<Duration>,
 }
 
 /// Parses a checkpoint signal: `SIGUSR1`, `USR1`, `usr1` or a number (`10`, `SIGRTMIN+2` is

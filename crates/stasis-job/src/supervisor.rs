@@ -22,6 +22,7 @@ use stasis_image::{GenerationWriter, OpenGeneration};
 use stasis_sys::process::{self, ExecSpec};
 use stasis_sys::wait::{WaitStatus, wait_pid};
 
+use crate::callbacks::Callbacks;
 use crate::control::{
     CheckpointReport, JobStatus, Request, Response, read_message, request, write_message,
 };
@@ -87,6 +88,8 @@ pub struct Supervisor {
     unpublished: bool,
     /// The job's pseudo-terminal, relayed to our stdio.
     terminal: Option<Terminal>,
+    /// The job's processes that use libstasis.
+    callbacks: Callbacks,
 }
 
 fn resolve_program(program: &str) -> JobResult<PathBuf> {
@@ -157,6 +160,8 @@ impl Supervisor {
         };
         let socket = paths::socket_path(&spec.name)?;
         ensure_not_running(&spec.name, &socket)?;
+        // Listening before the program starts: libstasis in it may connect at once.
+        let listener = bind(&socket)?;
         process::ignore_signal(libc::SIGXFSZ);
         let mut blocked = vec![
             libc::SIGCHLD,
@@ -183,7 +188,13 @@ impl Supervisor {
                         .iter()
                         .map(|a| cstring(OsStr::new(a)))
                         .collect::<JobResult<_>>()?,
+                    // libstasis finds the supervisor through STASIS_CONTROL.
                     envp: std::env::vars_os()
+                        .filter(|(k, _)| k != "STASIS_CONTROL" && k != "STASIS_JOB")
+                        .chain([
+                            ("STASIS_CONTROL".into(), socket.clone().into_os_string()),
+                            ("STASIS_JOB".into(), spec.name.clone().into()),
+                        ])
                         .map(|(k, v)| {
                             let mut kv = k.as_bytes().to_vec();
                             kv.push(b'=');
@@ -252,9 +263,7 @@ impl Supervisor {
             }
         };
         let job_pid = stasis_core::proc::ns_pid(&format!("/proc/{pid}")).unwrap_or(pid);
-        let listener = bind(&socket)?;
         Ok(Supervisor {
-            spec,
             job_dir,
             socket,
             listener,
@@ -271,6 +280,8 @@ impl Supervisor {
             exit: None,
             unpublished: false,
             terminal,
+            callbacks: Callbacks::new(spec.policy.callback_timeout),
+            spec,
         })
     }
 
@@ -410,6 +421,14 @@ impl Supervisor {
                     },
                 }
             }
+            Ok(Request::Attach { pid, restarted }) => {
+                // Kept open: checkpoint events go to it (no answer now).
+                if let Ok(kept) = stream.try_clone() {
+                    self.callbacks
+                        .attach(kept, pid, restarted, self.restarted_from);
+                }
+                return;
+            }
             Ok(Request::Kill) => {
                 let _ = process::kill(self.pid, libc::SIGKILL);
                 Response::Ok
@@ -426,10 +445,37 @@ impl Supervisor {
         let _ = write_message(stream, &response);
     }
 
-    /// Takes a checkpoint of the whole job: freeze, capture, then resume (or end) the job;
-    /// the generation is renamed into place only once complete and synced.
-    /// `reason` is recorded in the manifest (`checkpoint`, `interval`, `signal SIGUSR1`…).
+    /// Takes a checkpoint of the whole job ([`Supervisor::checkpoint_now`]), first running the
+    /// pre-checkpoint callbacks of the job's libstasis users (up to the callback timeout;
+    /// those late are reported), and telling them afterwards when the job runs on.
     pub fn checkpoint(&mut self, kill: bool, reason: &str) -> JobResult<CheckpointReport> {
+        if self.exit.is_some() {
+            return Err(JobError::Remote("the job has already exited".into()));
+        }
+        let next = list_generations(&self.job_dir).last().map_or(1, |g| g + 1);
+        let late = self.callbacks.pre_checkpoint(next);
+        if !late.is_empty() {
+            log(&format!(
+                "stasis: job {:?}: pre-checkpoint callbacks not done within the callback timeout in job pid(s) {late:?}; checkpointing without waiting",
+                self.spec.name
+            ));
+        }
+        let result = self.checkpoint_now(kill, reason);
+        match &result {
+            Ok(r) if !r.killed => self.callbacks.resumed(r.generation),
+            Err(_) if self.exit.is_none() => self.callbacks.resumed(0),
+            _ => {}
+        }
+        result.map(|mut r| {
+            r.callbacks_late = late;
+            r
+        })
+    }
+
+    /// Freezes, captures, then resumes (or ends) the job; the generation is renamed into
+    /// place only once complete and synced. `reason` is recorded in the manifest
+    /// (`checkpoint`, `interval`, `signal SIGUSR1`…).
+    fn checkpoint_now(&mut self, kill: bool, reason: &str) -> JobResult<CheckpointReport> {
         if self.exit.is_some() {
             return Err(JobError::Remote("the job has already exited".into()));
         }
@@ -549,6 +595,7 @@ impl Supervisor {
             stored_bytes,
             killed: kill,
             removed: Vec::new(),
+            callbacks_late: Vec::new(),
         })
     }
 

@@ -1,9 +1,11 @@
-//! `stasis checkpoint`: a new generation of a running job.
+//! `stasis checkpoint`: a new generation of a running job — or, with `--pid`, of a process
+//! tree that `stasis run` did not start.
 
-use anyhow::{Result, bail};
-use stasis_job::control::{Request, Response, request};
+use anyhow::{Context, Result, bail};
+use stasis_job::control::{CheckpointReport, Request, Response, request};
 use stasis_job::paths;
 
+use super::supervise::ImageArgs;
 use crate::output::{bytes, emit};
 
 /// Arguments of `stasis checkpoint`.
@@ -17,10 +19,33 @@ pub struct Args {
     /// Then keep only the newest N generations of the job (this time only; see `run --keep`).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     keep: Option<u32>,
+    /// Checkpoint the process tree rooted at PID, which `stasis run` did not start, as job
+    /// NAME (you must be allowed to trace it); restart it with `stasis restart NAME`.
+    #[arg(long, value_name = "PID")]
+    pid: Option<i32>,
+    /// Where and how to store images (with `--pid`; a running job's supervisor decides).
+    #[command(flatten)]
+    images: ImageArgs,
+}
+
+/// Prints a checkpoint's report.
+fn show(json: bool, r: &CheckpointReport) {
+    emit(json, r, || describe(r));
 }
 
 /// Runs the verb.
 pub fn run(a: Args, json: bool) -> Result<i32> {
+    if let Some(pid) = a.pid {
+        let spec = a.images.spec(&a.name);
+        let mut r = stasis_job::foreign::checkpoint_pid(&spec, pid, a.kill)
+            .with_context(|| format!("checkpoint of process {pid} as job {:?}", a.name))?;
+        if let Some(keep) = a.keep {
+            let dir = paths::job_dir(&spec.images_root, &a.name);
+            r.removed = stasis_image::generation::prune_generations(&dir, keep)?;
+        }
+        show(json, &r);
+        return Ok(0);
+    }
     let socket = paths::socket_path(&a.name)?;
     match request(
         &a.name,
@@ -31,37 +56,51 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
         },
     )? {
         Response::Checkpoint(r) => {
-            emit(json, &r, || {
-                format!(
-                    "generation {} written to {}\n  frozen {:.1} ms, total {:.1} ms, memory {} stored as {}{}{}",
-                    r.generation,
-                    r.path,
-                    r.frozen_ms,
-                    r.total_ms,
-                    bytes(r.memory_bytes),
-                    bytes(r.stored_bytes),
-                    if r.killed {
-                        "\n  the job was stopped"
-                    } else {
-                        ""
-                    },
-                    if r.removed.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            "\n  removed older generation(s) {}",
-                            r.removed
-                                .iter()
-                                .map(u32::to_string)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    }
-                )
-            });
+            show(json, &r);
             Ok(0)
         }
         Response::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer from the supervisor: {other:?}"),
     }
+}
+
+fn describe(r: &CheckpointReport) -> String {
+    format!(
+        "generation {} written to {}\n  frozen {:.1} ms, total {:.1} ms, memory {} stored as {}{}{}{}",
+        r.generation,
+        r.path,
+        r.frozen_ms,
+        r.total_ms,
+        bytes(r.memory_bytes),
+        bytes(r.stored_bytes),
+        if r.killed {
+            "\n  the job was stopped"
+        } else {
+            ""
+        },
+        if r.removed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n  removed older generation(s) {}",
+                r.removed
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+        if r.callbacks_late.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n  callbacks not done within the callback timeout in job pid(s) {}; checkpointed without waiting",
+                r.callbacks_late
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    )
 }

@@ -56,6 +56,10 @@ pub struct PolicyArgs {
     /// as before a batch scheduler's time limit.
     #[arg(long, value_name = "SIG", value_parser = parse_checkpoint_signal)]
     pub checkpoint_signal: Option<i32>,
+    /// How long a checkpoint waits for the job's libstasis pre-checkpoint callbacks and
+    /// critical sections (e.g. 500ms, 10s); an overrun is reported and the checkpoint proceeds.
+    #[arg(long, value_name = "DURATION", value_parser = parse_callback_timeout)]
+    pub callback_timeout: Option<Duration>,
 }
 
 impl PolicyArgs {
@@ -65,6 +69,7 @@ impl PolicyArgs {
             interval: self.interval,
             keep: self.keep,
             signal: self.checkpoint_signal,
+            callback_timeout: self.callback_timeout,
         }
     }
 }
@@ -76,6 +81,10 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
         return Err("the interval must be at least 10ms".into());
     }
     Ok(d)
+}
+
+fn parse_callback_timeout(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 1m)"))
 }
 
 fn parse_checkpoint_signal(s: &str) -> Result<i32, String> {

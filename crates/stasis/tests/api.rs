@@ -1,0 +1,390 @@
+//! libstasis (issue 6): the examples in `examples/{c,rust,python}` run under the real
+//! supervisor — callbacks in every phase (continue and restart) and their order, the callback
+//! timeout, critical sections held by several threads, checkpoints requested from inside
+//! (blocking and not), a job of several processes — and without Stasis (every call a no-op).
+#![allow(missing_docs)]
+
+mod common;
+
+#[path = "../../../examples/rust/callbacks.rs"]
+mod rust_example;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{EXIT_CHECKPOINTED, Env, Job, assert_all_pass, repo, stasis_bin};
+
+/// Where `libstasis.so` is: `$STASIS_TEST_LIB_DIR`, else in `deps/` next to the `stasis`
+/// binary (where cargo builds it, as a dev-dependency of this package), else next to it (the
+/// staged copy of `scripts/test.sh`).
+fn lib_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STASIS_TEST_LIB_DIR") {
+        return PathBuf::from(dir);
+    }
+    let bin = stasis_bin();
+    let dir = bin.parent().expect("stasis binary has a directory");
+    if dir.join("deps/libstasis.so").exists() {
+        dir.join("deps")
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// Compiles `examples/c/callbacks.c` against `include/stasis.h` and `libstasis.so`.
+fn c_example(env: &Env) -> PathBuf {
+    let lib = lib_dir();
+    assert!(
+        lib.join("libstasis.so").exists(),
+        "no libstasis.so in {}",
+        lib.display()
+    );
+    let out = env.work.join("callbacks");
+    let o = Command::new("gcc")
+        .args(["-O1", "-g", "-pthread", "-Wall", "-Werror", "-I"])
+        .arg(repo().join("include"))
+        .arg("-o")
+        .arg(&out)
+        .arg(repo().join("examples/c/callbacks.c"))
+        .arg("-L")
+        .arg(&lib)
+        .arg("-lstasis")
+        // RPATH (not RUNPATH): found before $LD_LIBRARY_PATH, which cargo sets.
+        .arg("-Wl,--disable-new-dtags")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .output()
+        .expect("gcc runs");
+    assert!(
+        o.status.success(),
+        "gcc failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// `stasis run FLAGS --name NAME -- PROGRAM ARGS` in the background (like `Env::start`).
+fn start(env: &Env, name: &str, flags: &[&str], program: &Path, args: &[&str]) -> Job {
+    let out = env.work.join(format!("{name}.out"));
+    let err = env.work.join(format!("{name}.err"));
+    let child = env
+        .cmd()
+        .args(["run", "--name", name])
+        .args(flags)
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("out file"))
+        .stderr(std::fs::File::create(&err).expect("err file"))
+        .spawn()
+        .expect("spawn stasis run");
+    Job {
+        name: name.to_owned(),
+        child,
+        out,
+    }
+}
+
+fn work(env: &Env) -> &str {
+    env.work.to_str().expect("utf-8 work dir")
+}
+
+/// The `EVENT …` lines of the output, in order.
+fn events(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix("EVENT "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn position(events: &[String], wanted: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e == wanted)
+        .unwrap_or_else(|| panic!("no event {wanted:?} in {events:#?}"))
+}
+
+/// Checkpoint --kill, then restart; returns the restarted job.
+fn kill_and_restart(env: &Env, job: &mut Job) -> Job {
+    env.checkpoint(&job.name, true);
+    assert_eq!(job.wait(), EXIT_CHECKPOINTED);
+    env.restart(job, &[])
+}
+
+fn finish(env: &Env, job: &mut Job) {
+    env.go();
+    assert_eq!(job.wait(), 0, "{}{}", env.output(job), env.stderr(job));
+    assert_all_pass(&env.output(job));
+}
+
+#[test]
+fn c_callbacks_run_in_order_after_checkpoint_and_restart() {
+    let env = Env::new();
+    let prog = c_example(&env);
+    let name = env.name("api-basic");
+    let mut job = start(&env, &name, &[], &prog, &[work(&env), "basic"]);
+    env.wait_output(&job, "READY");
+    assert!(env.output(&job).contains("ACTIVE 1"));
+    let report = env.checkpoint(&name, false);
+    assert_eq!(report["generation"], 1);
+    env.wait_output(&job, "EVENT post first proc=0 gen=1 restart=0");
+    let ev = events(&env.output(&job));
+    let pre1 = position(&ev, "pre first proc=0 gen=1 restart=0");
+    let pre2 = position(&ev, "pre second proc=0 gen=1 restart=0");
+    let post = position(&ev, "post first proc=0 gen=1 restart=0");
+    assert!(pre1 < pre2 && pre2 < post, "order: {ev:#?}");
+    assert!(
+        !ev.iter().any(|e| e.starts_with("restart")),
+        "no restart yet: {ev:#?}"
+    );
+
+    let mut job = kill_and_restart(&env, &mut job);
+    env.wait_output(&job, "EVENT restart first proc=0 gen=2 restart=1");
+    let ev = events(&env.output(&job));
+    position(&ev, "pre first proc=0 gen=2 restart=0");
+    assert!(
+        !ev.iter()
+            .any(|e| e.starts_with("post") && e.contains("gen=2")),
+        "no post-checkpoint callback after --kill: {ev:#?}"
+    );
+    finish(&env, &mut job);
+}
+
+#[test]
+fn c_callback_overrunning_the_timeout_is_reported_and_the_checkpoint_proceeds() {
+    let env = Env::new();
+    let prog = c_example(&env);
+    let name = env.name("api-slow");
+    let mut job = start(
+        &env,
+        &name,
+        &["--callback-timeout", "500ms"],
+        &prog,
+        &[work(&env), "slow"],
+    );
+    env.wait_output(&job, "READY");
+    let t0 = Instant::now();
+    let report = env.checkpoint(&name, false);
+    let took = t0.elapsed();
+    // The callback sleeps 3 s; the checkpoint waited about 0.5 s for it.
+    assert!(
+        took < Duration::from_millis(2500),
+        "checkpoint took {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(450),
+        "checkpoint took {took:?}"
+    );
+    let late = report["callbacks_late"].as_array().expect("callbacks_late");
+    assert_eq!(late.len(), 1, "{report}");
+    assert!(
+        env.output(&job)
+            .contains("EVENT pre slow-begin proc=0 gen=1")
+    );
+    assert!(!env.output(&job).contains("slow-end"));
+    // The callback finishes after the checkpoint; post-checkpoint callbacks follow it.
+    env.wait_output(&job, "EVENT post first proc=0 gen=1 restart=0");
+    let ev = events(&env.output(&job));
+    assert!(
+        position(&ev, "pre slow-end proc=0 gen=1")
+            < position(&ev, "post first proc=0 gen=1 restart=0")
+    );
+    // The next checkpoint is not confused by the late answer: it waits for this one's
+    // callback (300 ms, within the timeout).
+    let t0 = Instant::now();
+    let report = env.checkpoint(&name, false);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_millis(2500),
+        "second checkpoint took {took:?}"
+    );
+    assert_eq!(report["generation"], 2);
+    assert!(report.get("callbacks_late").is_none(), "{report}");
+    env.wait_output(&job, "EVENT post first proc=0 gen=2 restart=0");
+    finish(&env, &mut job);
+}
+
+#[test]
+fn c_critical_sections_of_several_threads_keep_the_checkpoint_out() {
+    let env = Env::new();
+    let prog = c_example(&env);
+    let name = env.name("api-crit");
+    let mut job = start(&env, &name, &[], &prog, &[work(&env), "critical"]);
+    env.wait_output(&job, "READY");
+    for g in 1..=3 {
+        env.checkpoint(&name, false);
+        env.wait_output(&job, &format!("EVENT post first proc=0 gen={g} restart=0"));
+    }
+    let mut job = kill_and_restart(&env, &mut job);
+    env.wait_output(&job, "EVENT restart first proc=0 gen=4 restart=1");
+    env.checkpoint(&name, false);
+    env.wait_output(&job, "EVENT post first proc=0 gen=5 restart=0");
+    // Any thread found inside a section by a post callback printed a FAIL line.
+    finish(&env, &mut job);
+}
+
+#[test]
+fn c_checkpoint_requested_from_inside_blocking_and_not() {
+    let env = Env::new();
+    let prog = c_example(&env);
+    let name = env.name("api-req");
+    let mut job = start(&env, &name, &[], &prog, &[work(&env), "request"]);
+    env.wait_output(&job, "NONBLOCKING-DONE");
+    env.wait_output(&job, "CONTINUED");
+    let out = env.output(&job);
+    assert!(out.contains("REQUEST rc=0"), "{out}");
+    // Generation 1 came from the non-blocking request, 2 from the blocking one.
+    assert!(env.job_dir(&name).join("gen-0002").is_dir());
+    assert!(!env.job_dir(&name).join("gen-0003").exists());
+    env.ok(&["kill", &name]);
+    job.wait();
+    // Restarted from the blocking request's own checkpoint: the call returns again, saying so.
+    let mut job = env.restart(&job, &["--generation", "2"]);
+    env.wait_output(&job, "RESTARTED");
+    env.wait_output(&job, "EVENT restart first proc=0 gen=2 restart=1");
+    assert!(env.output(&job).contains("REQUEST rc=2"));
+    finish(&env, &mut job);
+}
+
+#[test]
+fn c_every_process_of_a_job_runs_its_callbacks() {
+    let env = Env::new();
+    let prog = c_example(&env);
+    let name = env.name("api-multi");
+    let mut job = start(&env, &name, &[], &prog, &[work(&env), "multi"]);
+    for p in 0..3 {
+        env.wait_output(&job, &format!("READY proc={p}"));
+    }
+    env.checkpoint(&name, false);
+    for p in 0..3 {
+        env.wait_output(&job, &format!("EVENT post first proc={p} gen=1 restart=0"));
+    }
+    // Every process's pre-checkpoint callbacks finished before any process was frozen.
+    let ev = events(&env.output(&job));
+    let last_pre = (0..3)
+        .map(|p| position(&ev, &format!("pre done proc={p} gen=1")))
+        .max();
+    let first_post = (0..3)
+        .map(|p| position(&ev, &format!("post first proc={p} gen=1 restart=0")))
+        .min();
+    assert!(last_pre < first_post, "{ev:#?}");
+    let mut job = kill_and_restart(&env, &mut job);
+    for p in 0..3 {
+        env.wait_output(
+            &job,
+            &format!("EVENT restart first proc={p} gen=2 restart=1"),
+        );
+    }
+    finish(&env, &mut job);
+}
+
+#[test]
+fn examples_without_stasis_are_unchanged() {
+    let env = Env::new();
+    let prog = c_example(&env);
+    env.go();
+    for mode in ["basic", "slow", "critical", "request", "multi"] {
+        // Not under Stasis at all, and with a STASIS_CONTROL nobody listens on.
+        for control in [None, Some(env.work.join("nobody.sock"))] {
+            let mut cmd = Command::new(&prog);
+            cmd.args([work(&env), mode]).env_remove("STASIS_CONTROL");
+            if let Some(c) = &control {
+                cmd.env("STASIS_CONTROL", c);
+            }
+            let o = cmd.output().expect("example runs");
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success(), "{mode} {control:?}: {out}");
+            assert!(out.starts_with("ACTIVE 0\n"), "{mode}: {out}");
+            assert!(!out.contains("EVENT"), "{mode}: {out}");
+            assert_all_pass(&out);
+        }
+    }
+    let o = Command::new("python3")
+        .arg(repo().join("examples/python/callbacks.py"))
+        .arg(work(&env))
+        .env("STASIS_LIB", lib_dir().join("libstasis.so"))
+        .env_remove("STASIS_CONTROL")
+        .output()
+        .expect("python3 runs");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.starts_with("ACTIVE 0\n"), "{out}");
+    assert_all_pass(&out);
+}
+
+/// The tests' binary itself runs the Rust example when `RUN_RUST_EXAMPLE` is set (it is then
+/// the job's program); otherwise this does nothing.
+#[test]
+fn rust_example_entry() {
+    if std::env::var_os("RUN_RUST_EXAMPLE").is_some() {
+        rust_example::main();
+        std::process::exit(0);
+    }
+}
+
+#[test]
+fn rust_and_python_examples_under_stasis() {
+    let env = Env::new();
+    let me = std::env::current_exe().expect("test binary");
+    let python = Path::new("/usr/bin/python3");
+    let rust_args = [
+        "--exact",
+        "rust_example_entry",
+        "--nocapture",
+        "--quiet",
+        "--test-threads=1",
+    ];
+    let py_script = repo().join("examples/python/callbacks.py");
+    let lib = lib_dir().join("libstasis.so");
+    for (label, program, args) in [
+        ("rust", me.as_path(), rust_args.to_vec()),
+        (
+            "python",
+            python,
+            vec![py_script.to_str().expect("utf-8"), work(&env)],
+        ),
+    ] {
+        env.ungo();
+        let name = env.name(&format!("api-{label}"));
+        // Both examples find their work directory and the library in the environment.
+        let mut job = {
+            let out = env.work.join(format!("{name}.out"));
+            let err = env.work.join(format!("{name}.err"));
+            let child = env
+                .cmd()
+                .args(["run", "--name", &name, "--"])
+                .arg(program)
+                .args(&args)
+                .env("RUN_RUST_EXAMPLE", "1")
+                .env("EXAMPLE_WORKDIR", &env.work)
+                .env("STASIS_LIB", &lib)
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&out).expect("out file"))
+                .stderr(std::fs::File::create(&err).expect("err file"))
+                .spawn()
+                .expect("spawn stasis run");
+            Job {
+                name: name.clone(),
+                child,
+                out,
+            }
+        };
+        env.wait_output(&job, "READY");
+        assert!(env.output(&job).contains("ACTIVE 1"), "{label}");
+        env.checkpoint(&name, false);
+        env.wait_output(&job, &format!("EVENT post {label} gen=1 restart=0"));
+        let ev = events(&env.output(&job));
+        assert!(
+            position(&ev, &format!("pre {label} gen=1 restart=0"))
+                < position(&ev, &format!("post {label} gen=1 restart=0"))
+        );
+        let mut job = kill_and_restart(&env, &mut job);
+        env.wait_output(&job, &format!("EVENT restart {label} gen=2 restart=1"));
+        finish(&env, &mut job);
+    }
+}
