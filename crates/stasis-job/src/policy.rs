@@ -22,6 +22,9 @@ pub struct CheckpointPolicy {
     /// How long a checkpoint waits for libstasis pre-checkpoint callbacks (default
     /// [`crate::callbacks::DEFAULT_CALLBACK_TIMEOUT`]).
     pub callback_timeout: Option<Duration>,
+    /// When pre-checkpoint callbacks overrun the timeout: fail the checkpoint (the job runs
+    /// on) instead of taking it without them.
+    pub fail_on_late_callbacks: bool,
 }
 
 /// Parses a checkpoint signal: `SIGUSR1`, `USR1`, `usr1` or a number (`10`, `SIGRTMIN+2` is

@@ -454,6 +454,12 @@ impl Supervisor {
         }
         let next = list_generations(&self.job_dir).last().map_or(1, |g| g + 1);
         let late = self.callbacks.pre_checkpoint(next);
+        if !late.is_empty() && self.spec.policy.fail_on_late_callbacks {
+            self.callbacks.resumed(0);
+            return Err(JobError::Refused(format!(
+                "pre-checkpoint callbacks of job pid(s) {late:?} did not finish within the callback timeout, so no checkpoint was taken (--callback-overrun fail); the job runs on"
+            )));
+        }
         if !late.is_empty() {
             log(&format!(
                 "stasis: job {:?}: pre-checkpoint callbacks not done within the callback timeout in job pid(s) {late:?}; checkpointing without waiting",

@@ -57,9 +57,14 @@ pub struct PolicyArgs {
     #[arg(long, value_name = "SIG", value_parser = parse_checkpoint_signal)]
     pub checkpoint_signal: Option<i32>,
     /// How long a checkpoint waits for the job's libstasis pre-checkpoint callbacks and
-    /// critical sections (e.g. 500ms, 10s); an overrun is reported and the checkpoint proceeds.
+    /// critical sections (e.g. 500ms, 10s); an overrun is reported and the checkpoint
+    /// proceeds, or fails with `--callback-overrun fail`.
     #[arg(long, value_name = "DURATION", value_parser = parse_callback_timeout)]
     pub callback_timeout: Option<Duration>,
+    /// What a checkpoint does when callbacks overrun `--callback-timeout`: `proceed` (take it
+    /// without them) or `fail` (do not take it; the job runs on).
+    #[arg(long, value_name = "WHAT", default_value = "proceed", value_parser = ["proceed", "fail"])]
+    pub callback_overrun: String,
 }
 
 impl PolicyArgs {
@@ -70,6 +75,7 @@ impl PolicyArgs {
             keep: self.keep,
             signal: self.checkpoint_signal,
             callback_timeout: self.callback_timeout,
+            fail_on_late_callbacks: self.callback_overrun == "fail",
         }
     }
 }
