@@ -202,6 +202,10 @@ pub struct ProcessImage {
     /// A zombie: its raw wait status. Zombies have no threads, memory or descriptors.
     #[serde(default)]
     pub zombie: Option<i32>,
+    /// It shares its descriptor table with its parent (created with `CLONE_FILES`): it is
+    /// created the same way again, and its descriptors are the parent's.
+    #[serde(default)]
+    pub shares_parent_files: bool,
     /// `/proc/PID/exe` target.
     pub exe: String,
     /// Command line, for display.

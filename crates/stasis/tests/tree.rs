@@ -800,11 +800,12 @@ fn a_pidfd_is_refused_and_the_job_runs_on() {
     });
 }
 
-/// Two processes sharing one descriptor table (clone with CLONE_FILES) cannot be restored
-/// as such: refused, naming it.
+/// W2a shares W2's descriptor table (created with clone(CLONE_FILES)): restored the same
+/// way, kcmp says the table is still W2's.
 #[test]
-fn a_shared_descriptor_table_is_refused_and_the_job_runs_on() {
-    refused("clone-files", |_| vec!["descriptor table".to_owned()]);
+fn a_descriptor_table_shared_with_the_parent_survives() {
+    let line = "PASS W2a: my descriptor table is still W2's";
+    held_resource_survives("clone-files", line, line);
 }
 
 /// A process already traced by another process of the job cannot be frozen: the processes

@@ -96,34 +96,46 @@ fn job_ppid(pid: i32, supervisor: i32, init: Option<i32>) -> CoreResult<i32> {
     }
 }
 
-/// Refuses processes that share an address space or a descriptor table (`CLONE_VM`,
-/// `CLONE_FILES` without `CLONE_THREAD`, e.g. a `vfork` child before it execs): they would
-/// come back as independent copies.
-fn refuse_shared_tables(job: &FrozenJob) -> CoreResult<()> {
+/// Refuses processes that share an address space (`CLONE_VM` without `CLONE_THREAD`, e.g.
+/// a `vfork` child before it execs) or a descriptor table (`CLONE_FILES`) other than a
+/// child sharing its parent's: they would come back as independent copies. Returns the
+/// host pids of the children that share their parent's table.
+fn refuse_shared_tables(job: &FrozenJob) -> CoreResult<Vec<i32>> {
     use stasis_sys::process::{Shared, share};
+    let parent_of = |x: i32| proc::stat(x).map(|s| s.ppid).unwrap_or(0);
+    let mut sharing_children = Vec::new();
     for (i, a) in job.processes.iter().enumerate() {
         for b in &job.processes[i + 1..] {
-            for (what, name) in [
-                (
-                    Shared::Memory,
-                    "its address space (CLONE_VM, e.g. vfork before exec)",
+            let refuse = |name: &str| CoreError::Unsupported {
+                pid: b.pid,
+                what: name.into(),
+                why: format!(
+                    "it shares it with process {}; processes sharing one are not supported yet",
+                    a.pid
                 ),
-                (Shared::Descriptors, "its descriptor table (CLONE_FILES)"),
-            ] {
-                if share(a.pid, b.pid, what).unwrap_or(false) {
-                    return Err(CoreError::Unsupported {
-                        pid: b.pid,
-                        what: name.into(),
-                        why: format!(
-                            "it shares it with process {}; processes sharing one are not supported yet",
-                            a.pid
-                        ),
-                    });
+            };
+            if share(a.pid, b.pid, Shared::Memory).unwrap_or(false) {
+                return Err(refuse(
+                    "its address space (CLONE_VM, e.g. vfork before exec)",
+                ));
+            }
+            if share(a.pid, b.pid, Shared::Descriptors).unwrap_or(false) {
+                let child = if parent_of(b.pid) == a.pid {
+                    b.pid
+                } else if parent_of(a.pid) == b.pid {
+                    a.pid
+                } else {
+                    return Err(refuse(
+                        "its descriptor table (CLONE_FILES), shared other than between a parent and its child",
+                    ));
+                };
+                if !sharing_children.contains(&child) {
+                    sharing_children.push(child);
                 }
             }
         }
     }
-    Ok(())
+    Ok(sharing_children)
 }
 
 /// Refuses sessions and process groups whose leader has exited, except where the restore
@@ -265,7 +277,7 @@ fn capture_all(
     snapshots: Option<&mut Vec<snapshot::PendingMemory>>,
     pack: &mut PackWriter,
 ) -> CoreResult<CapturedJob> {
-    refuse_shared_tables(job)?;
+    let sharing_children = refuse_shared_tables(job)?;
     let terminal = match terminal {
         Some(fd) => Some((
             stasis_sys::pty::index(fd).ctx(|| "reading the job terminal's index".into())?,
@@ -287,7 +299,8 @@ fn capture_all(
     let mut vdso_blake3 = None;
     for f in &job.processes {
         let ppid = job_ppid(f.pid, supervisor, init)?;
-        let (image, vdso) = capture_process(f, ppid, &mut tables)?;
+        let (mut image, vdso) = capture_process(f, ppid, &mut tables)?;
+        image.shares_parent_files = sharing_children.contains(&f.pid);
         if vdso_blake3.as_ref().is_some_and(|b| *b != vdso.blake3) {
             return Err(CoreError::Unsupported {
                 pid: f.pid,

@@ -116,6 +116,7 @@ pub fn capture_process(
         pgid: proc::ns_field(pid, "NSpgid"),
         sid: proc::ns_field(pid, "NSsid"),
         zombie: None,
+        shares_parent_files: false,
         exe: proc::link(pid, "exe")?,
         cmdline: proc::cmdline(pid),
         cwd: proc::link(pid, "cwd")?,

@@ -69,6 +69,14 @@ pub(super) fn install_fds(
             &[from as u64, fd.fd as u64, flags as u64],
         )?;
     }
+    // A child sharing this table (CLONE_FILES), rebuilt later, still needs the staged
+    // descriptors: it closes them, for both.
+    if m.processes
+        .iter()
+        .any(|q| q.shares_parent_files && q.ppid == p.pid && q.zombie.is_none())
+    {
+        return Ok(());
+    }
     c.call(
         "closing staged descriptors",
         libc::SYS_close_range,

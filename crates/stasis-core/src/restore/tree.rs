@@ -220,7 +220,12 @@ fn create_into(tree: &mut Tree, m: &Manifest, opts: &RestoreOptions, insn: u64) 
                     &[0, 0],
                 )?;
             }
-            pc.fork(set, 0, libc::SIGCHLD as u64)?
+            let flags = if p.shares_parent_files {
+                libc::CLONE_FILES as u64
+            } else {
+                0
+            };
+            pc.fork(set, flags, libc::SIGCHLD as u64)?
         } else if p.ppid == 1 && opts.set_pids {
             fork_orphan(p, set, &ids, &mut next_free, insn)?
         } else if p.ppid <= 1 {
