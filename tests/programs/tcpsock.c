@@ -63,12 +63,44 @@ int main(int argc, char **argv) {
     int udp = socket(AF_INET, SOCK_DGRAM, 0);
     bind(udp, (struct sockaddr *)&u, sizeof u);
     getsockname(udp, (struct sockaddr *)&u, &ulen);
+    /* Datagrams queued on udp: two from another socket of the process, one from a socket
+     * closed since (its port free again). */
+    struct sockaddr_in pa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t palen = sizeof pa;
+    int peer = socket(AF_INET, SOCK_DGRAM, 0);
+    bind(peer, (struct sockaddr *)&pa, sizeof pa);
+    getsockname(peer, (struct sockaddr *)&pa, &palen);
+    sendto(peer, "one", 3, 0, (struct sockaddr *)&u, sizeof u);
+    sendto(peer, "two", 3, 0, (struct sockaddr *)&u, sizeof u);
+    struct sockaddr_in ta = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t talen = sizeof ta;
+    int gone = socket(AF_INET, SOCK_DGRAM, 0);
+    bind(gone, (struct sockaddr *)&ta, sizeof ta);
+    getsockname(gone, (struct sockaddr *)&ta, &talen);
+    sendto(gone, "three", 5, 0, (struct sockaddr *)&u, sizeof u);
+    close(gone);
     struct timespec settle = {0, 50 * 1000 * 1000};
     nanosleep(&settle, NULL);
     printf("READY\n");
     wait_go(argv[1]);
 
     char buf[128];
+    const char *want[] = {"one", "two", "three"};
+    for (int i = 0; i < 3; i++) {
+        struct sockaddr_in from;
+        socklen_t fl = sizeof from;
+        memset(buf, 0, sizeof buf);
+        ssize_t n = recvfrom(udp, buf, sizeof buf - 1, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+        struct sockaddr_in *exp = i < 2 ? &pa : &ta;
+        CHECK(n == (ssize_t)strlen(want[i]) && !strcmp(buf, want[i]) && from.sin_port == exp->sin_port &&
+                  from.sin_addr.s_addr == exp->sin_addr.s_addr,
+              "a queued datagram, in order, from its sender", "#%d: %zd '%s' from port %d (want %d)", i, n, buf,
+              ntohs(from.sin_port), ntohs(exp->sin_port));
+        if (i == 0)
+            CHECK(sendto(udp, "ack", 3, 0, (struct sockaddr *)&from, fl) == 3 && get(peer, buf, sizeof buf) == 3 &&
+                      !strcmp(buf, "ack"),
+                  "a reply reaches the datagram's sender", "'%s'", buf);
+    }
     CHECK(get(acc, buf, sizeof buf) == 13 && !strcmp(buf, "request bytes"), "bytes queued for the server side", "'%s'", buf);
     CHECK(get(cli, buf, sizeof buf) == 8 && !strcmp(buf, "response"), "bytes queued for the client side", "'%s'", buf);
     CHECK(send(cli, "more", 4, 0) == 4 && get(acc, buf, sizeof buf) == 4, "the connection still carries data", "errno %d", errno);

@@ -557,8 +557,12 @@ pub enum OpenFile {
         peer: u64,
         /// The connection leads to a socket of the job (else it is restored closed).
         peer_in_job: bool,
-        /// Queued incoming bytes (TCP: one message).
+        /// Queued incoming bytes (TCP: one message; UDP: one per datagram).
         queued: Vec<Vec<u32>>,
+        /// UDP: the sender of each queued datagram (`127.0.0.1:4000`), index-aligned with
+        /// `queued`.
+        #[serde(default)]
+        senders: Vec<String>,
         /// Socket options.
         options: SocketOptions,
     },

@@ -100,10 +100,52 @@ pub fn capture_unix(
     })
 }
 
+/// The datagrams queued on UDP socket `s`, oldest first, with their senders, read without
+/// consuming them (a temporary `SO_PEEK_OFF`, put back afterwards).
+fn peek_datagrams(s: &OwnedFd) -> Result<Vec<(std::net::SocketAddr, Vec<u8>)>, String> {
+    use nix::sys::socket::{SockaddrStorage, recvmsg};
+    let original = sysfd::peek_offset(s.as_fd()).map_err(|e| e.to_string())?;
+    sysfd::set_peek_offset(s.as_fd(), 0)
+        .map_err(|e| format!("cannot read its queued datagrams: {e}"))?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let result = loop {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let got = recvmsg::<SockaddrStorage>(
+            s.as_raw_fd(),
+            &mut iov,
+            None,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        );
+        let (n, from) = match got {
+            Ok(m) => (m.bytes, m.address),
+            Err(nix::errno::Errno::EAGAIN) => break Ok(()),
+            Err(e) => break Err(format!("peeking at its queued datagrams: {e}")),
+        };
+        let from = from.and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| std::net::SocketAddr::V4((*v4).into()))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|v6| std::net::SocketAddr::V6((*v6).into()))
+                })
+        });
+        match from {
+            Some(from) => out.push((from, buf[..n].to_vec())),
+            None => break Err("a queued datagram has no sender address".into()),
+        }
+        if out.len() > 1 << 20 {
+            break Err("too many queued datagrams".into());
+        }
+    };
+    sysfd::set_peek_offset(s.as_fd(), original).map_err(|e| e.to_string())?;
+    result.map(|()| out)
+}
+
 /// Captures a TCP or UDP socket fetched from the job (`ours` is a duplicate of it);
 /// `peer` is the inode of the other end of its connection when that end is in the job.
-/// `Err` says why it cannot be captured. Datagrams queued on a UDP socket are not kept
-/// (UDP may lose datagrams; their senders' addresses could not be restored).
+/// `Err` says why it cannot be captured. Datagrams queued on a UDP socket are kept with
+/// their senders when those are on this host (loopback); others are dropped, as UDP may.
 pub fn capture_inet(
     ours: &OwnedFd,
     s: &InetSocket,
@@ -133,6 +175,21 @@ pub fn capture_inet(
         ));
     }
     let mut queued = Vec::new();
+    let mut senders = Vec::new();
+    if !tcp && s.rx_queue > 0 {
+        for (from, data) in peek_datagrams(ours)? {
+            // A datagram from another host cannot be sent again with its sender's address;
+            // UDP may lose it, and so does the restore.
+            if from.ip().is_loopback() {
+                queued.push(
+                    data.chunks(1 << 20)
+                        .map(|c| pack.add(c).map_err(|e| e.to_string()))
+                        .collect::<Result<Vec<_>, _>>()?,
+                );
+                senders.push(from.to_string());
+            }
+        }
+    }
     if tcp && connected && s.rx_queue > 0 {
         let mut buf = vec![0u8; s.rx_queue as usize];
         let n = recv(
@@ -161,6 +218,7 @@ pub fn capture_inet(
         keepalive: getsockopt(ours, sockopt::KeepAlive).unwrap_or(false),
     };
     Ok(OpenFile::InetSocket {
+        senders,
         ino: s.ino,
         protocol: s.protocol,
         flags,

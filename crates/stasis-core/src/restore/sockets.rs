@@ -216,7 +216,12 @@ impl Sockets {
                 }
             })
             .collect();
+        self.refill_datagrams(image, files)?;
         for f in files {
+            if matches!(f, OpenFile::InetSocket { protocol, .. } if *protocol != libc::IPPROTO_TCP)
+            {
+                continue;
+            }
             let (OpenFile::UnixSocket {
                 ino, peer, queued, ..
             }
@@ -298,6 +303,87 @@ impl Sockets {
             if bits & 1 != 0 && !peer_sends {
                 shutdown(end.as_fd().as_raw_fd(), Shutdown::Read)
                     .map_err(errno("shutting a socket down for reading"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sockets {
+    /// Sends every datagram queued on a UDP socket of the job to it again, from its sender:
+    /// the restored socket of the job bound at the sender's address, or else a temporary
+    /// socket bound there. A datagram whose sender's address is taken is dropped (as UDP
+    /// may), with a warning.
+    fn refill_datagrams(&self, image: &mut OpenGeneration, files: &[OpenFile]) -> CoreResult<()> {
+        let bound_at = |addr: &str| {
+            files.iter().find_map(|f| match f {
+                OpenFile::InetSocket {
+                    ino,
+                    protocol,
+                    local,
+                    ..
+                } if *protocol != libc::IPPROTO_TCP && local == addr => self.ends.get(ino),
+                _ => None,
+            })
+        };
+        for f in files {
+            let OpenFile::InetSocket {
+                ino,
+                protocol,
+                local,
+                queued,
+                senders,
+                ..
+            } = f
+            else {
+                continue;
+            };
+            if *protocol == libc::IPPROTO_TCP || queued.is_empty() {
+                continue;
+            }
+            let bad = || CoreError::Incompatible(format!("socket {ino}: malformed address"));
+            let mut to: SocketAddr = local.parse().map_err(|_| bad())?;
+            if to.ip().is_unspecified() {
+                to.set_ip(if to.is_ipv6() {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                });
+            }
+            for (message, sender) in queued.iter().zip(senders) {
+                let mut data = Vec::new();
+                for &c in message {
+                    data.extend_from_slice(&image.chunk(c)?);
+                }
+                let from: SocketAddr = sender.parse().map_err(|_| bad())?;
+                let temp;
+                let via = match bound_at(sender) {
+                    Some(s) => s,
+                    None => {
+                        let family = if from.is_ipv6() {
+                            AddressFamily::Inet6
+                        } else {
+                            AddressFamily::Inet
+                        };
+                        let s = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+                            .map_err(errno("socket"))?;
+                        if let Err(e) = bind(s.as_raw_fd(), &SockaddrStorage::from(from)) {
+                            tracing::warn!(
+                                "a datagram queued for {local} from {from} is dropped: {from} cannot be bound again ({e})"
+                            );
+                            continue;
+                        }
+                        temp = s;
+                        &temp
+                    }
+                };
+                nix::sys::socket::sendto(
+                    via.as_raw_fd(),
+                    &data,
+                    &SockaddrStorage::from(to),
+                    MsgFlags::empty(),
+                )
+                .map_err(errno("refilling a UDP socket"))?;
             }
         }
         Ok(())
