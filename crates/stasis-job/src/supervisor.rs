@@ -139,6 +139,17 @@ fn bind(socket: &Path) -> JobResult<UnixListener> {
     Ok(listener)
 }
 
+/// Removes a control socket when dropped, unless disarmed (its path taken).
+struct Unbind(Option<PathBuf>);
+
+impl Drop for Unbind {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -162,6 +173,8 @@ impl Supervisor {
         ensure_not_running(&spec.name, &socket)?;
         // Listening before the program starts: libstasis in it may connect at once.
         let listener = bind(&socket)?;
+        // Should the launch fail from here on, nobody will serve the socket: remove it.
+        let mut unbind = Unbind(Some(socket.clone()));
         process::ignore_signal(libc::SIGXFSZ);
         let mut blocked = vec![
             libc::SIGCHLD,
@@ -263,6 +276,7 @@ impl Supervisor {
             }
         };
         let job_pid = stasis_core::proc::ns_pid(&format!("/proc/{pid}")).unwrap_or(pid);
+        unbind.0 = None;
         Ok(Supervisor {
             job_dir,
             socket,
