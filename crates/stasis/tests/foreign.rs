@@ -33,6 +33,9 @@ fn plain_counter(env: &Env) -> (std::process::Child, std::path::PathBuf) {
         .args([env.work.to_str().unwrap(), &TICKS.to_string()])
         .stdin(Stdio::null())
         .stdout(fs::File::create(&out).unwrap())
+        // Not the test's own stderr: a file the test runner opened (a CI log owned by
+        // another user) could not be opened again by the restarted program.
+        .stderr(fs::File::create(env.work.join("plain.err")).unwrap())
         .spawn()
         .unwrap();
     (child, out)
