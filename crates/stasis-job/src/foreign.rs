@@ -16,26 +16,14 @@ use stasis_core::error::CoreError;
 use stasis_core::freeze::freeze_tree;
 use stasis_core::restore::clocks_now;
 use stasis_image::GenerationWriter;
-use stasis_image::manifest::{JobInfo, Manifest, Namespaces};
+use stasis_image::manifest::Namespaces;
 use stasis_sys::process;
 
 use crate::control::CheckpointReport;
 use crate::error::{JobError, JobResult};
 use crate::paths;
+use crate::record;
 use crate::supervisor::JobSpec;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
-}
-
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
 
 /// Says why a process cannot be checkpointed from outside, before touching it.
 fn check_target(pid: i32) -> JobResult<()> {
@@ -109,11 +97,9 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
         frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
         captured.read_snapshots(writer.pack())?;
     }
-    let mut manifest = Manifest {
-        job: JobInfo {
+    let mut manifest = record::manifest(
+        record::JobFacts {
             name: spec.name.clone(),
-            generation: 0,
-            created_unix_ms: now_ms(),
             reason: format!(
                 "checkpoint --pid {pid}{}",
                 if kill { " --kill" } else { "" }
@@ -122,21 +108,9 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
             namespaces: Namespaces::default(),
             monotonic_ns: mono,
             boottime_ns: boot,
-            kernel: read_trimmed("/proc/sys/kernel/osrelease"),
-            host: read_trimmed("/proc/sys/kernel/hostname"),
-            vdso_blake3: captured.vdso_blake3.clone(),
-            uid: process::uid(),
-            gid: process::gid(),
         },
-        processes: captured.processes,
-        files: captured.files,
-        shared_memory: captured.shared_memory,
-        sysv_shm: captured.sysv_shm,
-        sysv_sem: captured.sysv_sem,
-        sysv_msg: captured.sysv_msg,
-        ptys: captured.ptys,
-        chunks: Vec::new(),
-    };
+        &mut captured,
+    );
     let (generation, path) = match writer.finish(&mut manifest) {
         Ok(x) => x,
         Err(e) => {

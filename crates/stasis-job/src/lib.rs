@@ -9,6 +9,7 @@ pub mod foreign;
 pub mod namespaces;
 pub mod paths;
 pub mod policy;
+mod record;
 pub mod supervisor;
 pub mod terminal;
 

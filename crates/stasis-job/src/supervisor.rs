@@ -16,7 +16,7 @@ use stasis_core::freeze::freeze_job;
 use stasis_core::restore::{RestoreOptions, check_machine, clocks_now, restore_job};
 use stasis_image::fault;
 use stasis_image::generation::{list_generations, prune_generations, resolve};
-use stasis_image::manifest::{JobInfo, Manifest, Namespaces};
+use stasis_image::manifest::Namespaces;
 use stasis_image::pack::Compression;
 use stasis_image::{GenerationWriter, OpenGeneration};
 use stasis_sys::process::{self, ExecSpec};
@@ -30,6 +30,7 @@ use crate::error::{JobError, JobResult, io_err};
 use crate::namespaces::{self, NamespaceSetup};
 use crate::paths;
 use crate::policy::{CheckpointPolicy, signal_name};
+use crate::record;
 use crate::terminal::Terminal;
 
 /// Exit status of `run`/`restart` when the job was stopped by `checkpoint --kill`
@@ -148,12 +149,6 @@ impl Drop for Unbind {
             let _ = std::fs::remove_file(p);
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
 }
 
 impl Supervisor {
@@ -551,11 +546,9 @@ impl Supervisor {
                 "checkpoint phases"
             );
         }
-        let mut manifest = Manifest {
-            job: JobInfo {
+        let mut manifest = record::manifest(
+            record::JobFacts {
                 name: self.spec.name.clone(),
-                generation: 0,
-                created_unix_ms: now_ms(),
                 reason: reason.to_owned(),
                 command: self.command.clone(),
                 namespaces: Namespaces {
@@ -566,27 +559,9 @@ impl Supervisor {
                 },
                 monotonic_ns: u64::try_from(mono as i64 + self.time_offsets.0).unwrap_or(0),
                 boottime_ns: u64::try_from(boot as i64 + self.time_offsets.1).unwrap_or(0),
-                kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned(),
-                host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned(),
-                vdso_blake3: captured.vdso_blake3,
-                uid: process::uid(),
-                gid: process::gid(),
             },
-            processes: captured.processes,
-            files: captured.files,
-            shared_memory: captured.shared_memory,
-            sysv_shm: captured.sysv_shm,
-            sysv_sem: captured.sysv_sem,
-            sysv_msg: captured.sysv_msg,
-            ptys: captured.ptys,
-            chunks: Vec::new(),
-        };
+            &mut captured,
+        );
         let stored_bytes = writer.pack().bytes_written();
         let (generation, path) = match writer.finish(&mut manifest) {
             Ok(x) => x,
