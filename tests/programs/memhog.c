@@ -2,7 +2,9 @@
  *
  * Usage: memhog WORKDIR MIB
  * Fills the memory, records its checksum, prints READY, waits for WORKDIR/go (polling every
- * 10 ms), then recomputes the checksum: PASS/FAIL lines and DONE <failures>.
+ * 10 ms), then recomputes the checksum: PASS/FAIL lines and DONE <failures>. While waiting,
+ * each time WORKDIR/touch appears it is removed, one page in 100 is changed (the expected
+ * checksum with it) and TOUCHED N is printed.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,10 +31,18 @@ int main(int argc, char **argv) {
         mem[i] = x;
     }
     uint64_t before = checksum(mem, n);
-    char go[4096];
+    char go[4096], touch[4096];
     snprintf(go, sizeof go, "%s/go", argv[1]);
+    snprintf(touch, sizeof touch, "%s/touch", argv[1]);
     printf("READY\n");
+    int touched = 0;
     while (access(go, F_OK) != 0) {
+        if (unlink(touch) == 0) {
+            touched++;
+            for (size_t i = 0; i < n; i += 100 * 4096 / 8) mem[i] ^= (uint64_t)touched;
+            before = checksum(mem, n);
+            printf("TOUCHED %d\n", touched);
+        }
         struct timespec d = {0, 10 * 1000 * 1000};
         nanosleep(&d, NULL);
     }

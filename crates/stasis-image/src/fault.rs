@@ -3,10 +3,11 @@
 //! `kill -9` there: no destructor runs, nothing is cleaned up. Unset, every point costs
 //! one environment lookup, done once.
 //!
-//! Points: `pack-chunk` (after a chunk is stored), `pack-finished` (pack synced),
-//! `manifest-written` (manifest synced, generation not yet renamed into place), `renamed`
-//! (generation in place, directory not yet synced), `rm-renamed` (generation hidden for
-//! removal, not yet deleted), and in the supervisor `frozen`, `captured`, `thawed`,
+//! Points: `pack-chunk` (after a frame of new blobs is stored), `pack-finished` (pack
+//! synced), `manifest-written` (manifest synced, generation not yet renamed into place),
+//! `renamed` (generation in place, directory not yet synced), `rm-renamed` (generation
+//! hidden for removal, not yet deleted), `rm-removed` (deleted, packs it alone referenced not
+//! yet swept), and in the supervisor `frozen`, `captured`, `thawed`,
 //! `snapshots-read`, `finished`; `kill-job-process` at `frozen` kills a process of the job
 //! instead of the supervisor.
 

@@ -8,6 +8,14 @@
 //! Removal mirrors this: a generation (or a whole job directory) is first renamed to a hidden
 //! `.rm-…` name, which is never read as a generation, then deleted; a leftover of an
 //! interrupted removal is deleted by the next removal or the next generation written.
+//!
+//! Page data lives in pack files in the job's `packs/` directory, shared between
+//! generations: a generation references the blobs of its predecessor that did not change
+//! instead of writing them again ([`crate::index`]). A pack is deleted only when no
+//! generation references it any more, by a mark-and-sweep pass ([`collect_garbage`]) that
+//! runs under an exclusive lock on the job directory's `.lock` file, which every writer
+//! holds shared while it writes: a pack being written, or referenced by a generation being
+//! written, is never swept.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -15,8 +23,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{ImageError, ImageResult, io};
-use crate::manifest::{FORMAT_VERSION, Manifest};
-use crate::pack::{Compression, PACK_FILE, PackReader, PackWriter};
+use crate::index::{ChunkIndex, Frame, INDEX_HEADER, MAX_INDEX, blob_hash};
+use crate::manifest::{FORMAT_VERSION, Manifest, is_pack_name};
+use crate::pack::{Base, Compression, PackReader, PackWriter};
 
 /// Magic bytes at the start of a manifest file.
 pub const MANIFEST_MAGIC: &[u8; 8] = b"STASISMF";
@@ -25,6 +34,12 @@ pub const MANIFEST_FILE: &str = "manifest";
 /// Largest manifest body the reader accepts.
 pub const MAX_MANIFEST: u64 = 256 << 20;
 const MANIFEST_HEADER: usize = 24;
+
+/// Directory of a job's pack files.
+pub const PACKS_DIR: &str = "packs";
+/// Lock file of a job's packs (in [`PACKS_DIR`]): shared by writers, exclusive for garbage
+/// collection.
+pub const LOCK_FILE: &str = ".lock";
 
 /// Path of generation `n` in `job_dir`.
 pub fn generation_dir(job_dir: &Path, n: u32) -> PathBuf {
@@ -75,36 +90,101 @@ pub fn create_private_dir(dir: &Path) -> ImageResult<()> {
     Ok(())
 }
 
+/// Opens (creating it 0600 if missing) the lock file of `job_dir`'s packs.
+fn lock_file(job_dir: &Path) -> ImageResult<fs::File> {
+    let path = job_dir.join(PACKS_DIR).join(LOCK_FILE);
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(&path))
+}
+
+/// The chunks of the newest generation of `job_dir`, for a new generation to share; none
+/// when there is no generation, or when its manifest or one of its packs cannot be read (the
+/// new generation is then written in full).
+fn newest_base(job_dir: &Path) -> Base {
+    let Some(&n) = list_generations(job_dir).last() else {
+        return Base::default();
+    };
+    let Ok(m) = read_manifest(&generation_dir(job_dir, n).join(MANIFEST_FILE)) else {
+        return Base::default();
+    };
+    let packs = job_dir.join(PACKS_DIR);
+    if !m.packs.iter().all(|p| packs.join(p).is_file()) {
+        return Base::default();
+    }
+    Base {
+        index: m.chunks,
+        packs: m.packs,
+    }
+}
+
 /// A generation being written. Dropping it without [`GenerationWriter::finish`] removes it.
 #[derive(Debug)]
 pub struct GenerationWriter {
     job_dir: PathBuf,
     tmp: PathBuf,
     pack: Option<PackWriter>,
+    pack_path: PathBuf,
     done: bool,
+    /// Held shared until the generation is in place: no garbage collection meanwhile.
+    _lock: fs::File,
 }
 
 impl GenerationWriter {
-    /// Starts a generation in `job_dir` (created 0700 if missing).
+    /// Starts a generation in `job_dir` (created 0700 if missing) that shares unchanged
+    /// data with the newest generation already there.
     pub fn begin(job_dir: &Path, compression: Compression) -> ImageResult<Self> {
+        Self::begin_with(job_dir, compression, true)
+    }
+
+    /// Starts a generation; `incremental: false` writes every chunk anew instead of sharing
+    /// data with the newest generation.
+    pub fn begin_with(
+        job_dir: &Path,
+        compression: Compression,
+        incremental: bool,
+    ) -> ImageResult<Self> {
         create_private_dir(job_dir)?;
         fs::set_permissions(job_dir, fs::Permissions::from_mode(0o700)).map_err(io(job_dir))?;
-        remove_stale_temporaries(job_dir);
+        let packs = job_dir.join(PACKS_DIR);
+        create_private_dir(&packs)?;
+        let lock = lock_file(job_dir)?;
+        // Sweep what crashed writers and removals left, if nobody else is writing; then
+        // hold the lock shared for the whole write.
+        if lock.try_lock().is_ok() {
+            remove_stale_temporaries(job_dir);
+            let _ = sweep_packs(job_dir);
+        }
+        lock.lock_shared().map_err(io(packs.join(LOCK_FILE)))?;
+        let base = if incremental {
+            newest_base(job_dir)
+        } else {
+            Base::default()
+        };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let tmp = job_dir.join(format!(".tmp-gen-{}-{nanos}", std::process::id()));
+        let stamp = format!("{}-{nanos}", std::process::id());
+        let tmp = job_dir.join(format!(".tmp-gen-{stamp}"));
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&tmp)
             .map_err(io(&tmp))?;
+        let pack_path = packs.join(format!("pack-{stamp}.pack"));
         let mut w = GenerationWriter {
             job_dir: job_dir.to_owned(),
             tmp,
             pack: None,
+            pack_path,
             done: false,
+            _lock: lock,
         };
-        w.pack = Some(PackWriter::create(&w.tmp.join(PACK_FILE), compression)?);
+        w.pack = Some(PackWriter::create(&w.pack_path, compression, base)?);
         Ok(w)
     }
 
@@ -121,11 +201,14 @@ impl GenerationWriter {
     /// Writes the manifest, syncs everything and renames the generation into place. The
     /// generation number is chosen here and stored in `manifest.job.generation`.
     pub fn finish(mut self, manifest: &mut Manifest) -> ImageResult<(u32, PathBuf)> {
-        manifest.chunks = self
+        let written = self
             .pack
             .take()
             .expect("pack is present until finish")
             .finish()?;
+        manifest.chunks = written.index;
+        manifest.packs = written.packs;
+        sync_dir(&self.job_dir.join(PACKS_DIR))?;
         loop {
             let n = list_generations(&self.job_dir).last().map_or(1, |g| g + 1);
             manifest.job.generation = n;
@@ -159,8 +242,49 @@ impl Drop for GenerationWriter {
     fn drop(&mut self) {
         if !self.done {
             let _ = fs::remove_dir_all(&self.tmp);
+            let _ = fs::remove_file(&self.pack_path);
         }
     }
+}
+
+/// Deletes the pack files of `job_dir` that no generation references, if no writer holds
+/// the job's lock (else nothing: the next removal or checkpoint tries again). Returns the
+/// packs deleted. Nothing is deleted when any generation's manifest cannot be read, since
+/// what it references is then unknown.
+pub fn collect_garbage(job_dir: &Path) -> ImageResult<Vec<String>> {
+    if !job_dir.join(PACKS_DIR).is_dir() {
+        return Ok(Vec::new());
+    }
+    let lock = lock_file(job_dir)?;
+    if lock.try_lock().is_err() {
+        return Ok(Vec::new());
+    }
+    sweep_packs(job_dir)
+}
+
+/// The sweep of [`collect_garbage`]; the caller holds the lock exclusively.
+fn sweep_packs(job_dir: &Path) -> ImageResult<Vec<String>> {
+    let mut live = std::collections::HashSet::new();
+    for n in list_generations(job_dir) {
+        match read_manifest(&generation_dir(job_dir, n).join(MANIFEST_FILE)) {
+            Ok(m) => live.extend(m.packs),
+            // What a damaged generation references is unknown: keep every pack.
+            Err(_) => return Ok(Vec::new()),
+        }
+    }
+    let packs = job_dir.join(PACKS_DIR);
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(&packs).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_pack_name(&name) && !live.contains(&name) {
+            fs::remove_file(entry.path()).map_err(io(entry.path()))?;
+            removed.push(name);
+        }
+    }
+    if !removed.is_empty() {
+        sync_dir(&packs)?;
+    }
+    Ok(removed)
 }
 
 fn remove_stale_temporaries(job_dir: &Path) {
@@ -244,7 +368,10 @@ pub fn remove_generation(job_dir: &Path, n: u32) -> ImageResult<()> {
             ),
         });
     }
-    remove_hidden(&dir, &job_dir.join(hidden_name(&format!("gen-{n:04}"))))
+    remove_hidden(&dir, &job_dir.join(hidden_name(&format!("gen-{n:04}"))))?;
+    crate::fault::point("rm-removed");
+    collect_garbage(job_dir)?;
+    Ok(())
 }
 
 /// Removes a job's whole image directory (every generation and its output log),
@@ -286,15 +413,19 @@ pub fn prune_generations(job_dir: &Path, keep: u32) -> ImageResult<Vec<u32>> {
     Ok(removed)
 }
 
-/// Bytes held by the files of a generation directory (0 for what cannot be read).
+/// Bytes a generation added to the disk: its manifest and the pack it wrote (data it shares
+/// with older generations is not counted). 0 for what cannot be read.
 pub fn generation_size(dir: &Path) -> u64 {
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| if m.is_file() { m.len() } else { 0 })
-        .sum()
+    let manifest = dir.join(MANIFEST_FILE);
+    let own = read_manifest(&manifest)
+        .ok()
+        .and_then(|m| m.packs.first().cloned())
+        .and_then(|p| {
+            let packs = dir.parent()?.join(PACKS_DIR);
+            fs::metadata(packs.join(p)).ok()
+        })
+        .map_or(0, |m| m.len());
+    own + fs::metadata(&manifest).map_or(0, |m| m.len())
 }
 
 fn sync_dir(dir: &Path) -> ImageResult<()> {
@@ -303,7 +434,8 @@ fn sync_dir(dir: &Path) -> ImageResult<()> {
         .map_err(io(dir))
 }
 
-/// Writes a manifest file: header (magic, version, crc32c of the body, body length) + JSON.
+/// Writes a manifest file: header (magic, version, crc32c of the body, body length), JSON
+/// body, then the binary chunk index.
 pub fn write_manifest(path: &Path, manifest: &Manifest) -> ImageResult<()> {
     let body = serde_json::to_vec(manifest).map_err(|e| ImageError::InvalidManifest {
         path: path.to_owned(),
@@ -315,6 +447,7 @@ pub fn write_manifest(path: &Path, manifest: &Manifest) -> ImageResult<()> {
     out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&body);
+    out.extend_from_slice(&manifest.chunks.encode());
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -331,14 +464,14 @@ pub fn read_manifest(path: &Path) -> ImageResult<Manifest> {
     let f = fs::File::open(path).map_err(io(path))?;
     let mut bytes = Vec::new();
     // Never more than the header and the largest body the format allows.
-    f.take(MANIFEST_HEADER as u64 + MAX_MANIFEST + 1)
+    f.take(MANIFEST_HEADER as u64 + MAX_MANIFEST + MAX_INDEX + 1)
         .read_to_end(&mut bytes)
         .map_err(io(path))?;
     decode_manifest(path, &bytes)
 }
 
 /// Decodes and checks a manifest file's bytes (`path` only names it in errors): magic,
-/// version, size cap, crc32c, JSON, then [`Manifest::validate`].
+/// version, size cap, crc32c, JSON, the chunk index, then [`Manifest::validate`].
 pub fn decode_manifest(path: &Path, bytes: &[u8]) -> ImageResult<Manifest> {
     let len = bytes.len() as u64;
     if len < MANIFEST_HEADER as u64 {
@@ -390,11 +523,43 @@ pub fn decode_manifest(path: &Path, bytes: &[u8]) -> ImageResult<Manifest> {
             what: "manifest crc32c".into(),
         });
     }
-    let manifest: Manifest =
+    let mut manifest: Manifest =
         serde_json::from_slice(body).map_err(|e| ImageError::InvalidManifest {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+    let index_at = MANIFEST_HEADER as u64 + body_len;
+    let index = &bytes[index_at as usize..];
+    if index.len() as u64 > MAX_INDEX {
+        return Err(ImageError::TooLarge {
+            path: path.to_owned(),
+            what: "chunk index",
+            offset: index_at,
+            size: index.len() as u64,
+            limit: MAX_INDEX,
+        });
+    }
+    if index.len() < INDEX_HEADER {
+        return Err(ImageError::Truncated {
+            path: path.to_owned(),
+            offset: len,
+            expected: (INDEX_HEADER - index.len()) as u64,
+        });
+    }
+    manifest.chunks = ChunkIndex::decode(index, manifest.packs.len()).map_err(|(at, what)| {
+        if what.contains("crc32c") {
+            ImageError::Corrupt {
+                path: path.to_owned(),
+                offset: index_at + at,
+                what,
+            }
+        } else {
+            ImageError::InvalidManifest {
+                path: path.to_owned(),
+                message: format!("{what} (at offset {})", index_at + at),
+            }
+        }
+    })?;
     manifest
         .validate()
         .map_err(|message| ImageError::InvalidManifest {
@@ -411,12 +576,18 @@ pub struct OpenGeneration {
     pub dir: PathBuf,
     /// Its manifest, checked.
     pub manifest: Manifest,
-    /// Its page pack.
-    pub pack: PackReader,
+    /// The packs it references, in the order of `manifest.packs`.
+    pub packs: Vec<PackReader>,
+    /// Frames read last, most recent first: a chunk's blobs mostly lie in one frame.
+    cache: Vec<(u32, Vec<u8>)>,
 }
 
+/// Frames kept decompressed while reading chunks.
+const FRAME_CACHE: usize = 4;
+
 impl OpenGeneration {
-    /// Opens the generation in `dir`, checking the manifest and pack headers.
+    /// Opens the generation in `dir`, checking the manifest and the headers of every pack
+    /// it references.
     pub fn open(dir: &Path) -> ImageResult<Self> {
         if !dir.is_dir() {
             return Err(ImageError::NoGeneration {
@@ -425,25 +596,59 @@ impl OpenGeneration {
             });
         }
         let manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
-        let pack = PackReader::open(&dir.join(PACK_FILE))?;
+        let packs_dir = dir
+            .parent()
+            .map_or_else(|| PathBuf::from(PACKS_DIR), |p| p.join(PACKS_DIR));
+        let packs = manifest
+            .packs
+            .iter()
+            .map(|p| PackReader::open(&packs_dir.join(p)))
+            .collect::<ImageResult<Vec<_>>>()?;
         Ok(OpenGeneration {
             dir: dir.to_owned(),
             manifest,
-            pack,
+            packs,
+            cache: Vec::new(),
         })
     }
 
-    /// Reads chunk `index`, checked.
+    /// The raw bytes of frame `f`, from the cache or its pack.
+    fn frame(&mut self, f: u32) -> ImageResult<&[u8]> {
+        if let Some(at) = self.cache.iter().position(|(i, _)| *i == f) {
+            let hit = self.cache.remove(at);
+            self.cache.insert(0, hit);
+        } else {
+            let frame: Frame = self.manifest.chunks.frames[f as usize];
+            let raw = self.packs[frame.pack as usize].read_frame(&frame)?;
+            self.cache.insert(0, (f, raw));
+            self.cache.truncate(FRAME_CACHE);
+        }
+        Ok(&self.cache[0].1)
+    }
+
+    /// Reads chunk `index`, every blob checked against its content address.
     pub fn chunk(&mut self, index: u32) -> ImageResult<Vec<u8>> {
-        let chunk = self
-            .manifest
-            .chunks
-            .get(index as usize)
-            .cloned()
-            .ok_or_else(|| ImageError::InvalidManifest {
+        if index as usize >= self.manifest.chunks.len() {
+            return Err(ImageError::InvalidManifest {
                 path: self.dir.join(MANIFEST_FILE),
                 message: format!("chunk index {index} out of range"),
-            })?;
-        self.pack.read(&chunk)
+            });
+        }
+        let blobs = self.manifest.chunks.blobs_of(index).to_vec();
+        let mut out = Vec::with_capacity(blobs.iter().map(|b| b.len as usize).sum());
+        for b in blobs {
+            let raw = self.frame(b.frame)?;
+            let piece = &raw[b.start as usize..(b.start + b.len) as usize];
+            if blob_hash(piece) != b.hash {
+                let frame = self.manifest.chunks.frames[b.frame as usize];
+                return Err(ImageError::Corrupt {
+                    path: self.packs[frame.pack as usize].path().to_owned(),
+                    offset: frame.offset,
+                    what: format!("blob of chunk {index}: content hash"),
+                });
+            }
+            out.extend_from_slice(piece);
+        }
+        Ok(out)
     }
 }

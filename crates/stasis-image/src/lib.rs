@@ -11,6 +11,7 @@ pub mod error;
 pub mod fault;
 pub mod generation;
 pub mod hex;
+pub mod index;
 pub mod manifest;
 pub mod pack;
 pub mod verify;

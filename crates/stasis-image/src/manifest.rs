@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Format version of the manifest and page pack written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// One generation of one job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -35,8 +35,13 @@ pub struct Manifest {
     /// Pseudo-terminal pairs the job holds (either end), with their modes.
     #[serde(default)]
     pub ptys: Vec<Pty>,
-    /// Chunks of the page pack, referenced by index.
-    pub chunks: Vec<ChunkRef>,
+    /// Pack files (in the job's `packs/` directory) that hold this generation's data; the
+    /// first is the one this generation wrote, the others older ones it shares data with.
+    pub packs: Vec<String>,
+    /// Where each chunk's bytes live, referenced by chunk index. Stored in binary after the
+    /// JSON body (see [`crate::index`]), not in the JSON.
+    #[serde(skip)]
+    pub chunks: crate::index::ChunkIndex,
 }
 
 /// A SysV shared memory segment.
@@ -418,21 +423,6 @@ pub struct PageRun {
     pub chunk: u32,
 }
 
-/// One chunk of the page pack.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ChunkRef {
-    /// Offset of the chunk's frame in the pack file.
-    pub offset: u64,
-    /// Bytes stored in the pack (after compression).
-    pub stored_len: u32,
-    /// Bytes after decompression.
-    pub raw_len: u32,
-    /// Compressed with zstd.
-    pub zstd: bool,
-    /// blake3 of the raw bytes, hex.
-    pub blake3: String,
-}
-
 /// Identity of a file at checkpoint time, checked again at restore.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileId {
@@ -663,28 +653,29 @@ impl Manifest {
     /// mapping and page-aligned, register and descriptor tables well-formed.
     pub fn validate(&self) -> Result<(), String> {
         let nchunks = self.chunks.len();
-        for c in &self.chunks {
-            if c.raw_len > crate::pack::MAX_CHUNK || c.stored_len > crate::pack::MAX_CHUNK {
-                return Err(format!(
-                    "chunk at offset {} is larger than the format allows",
-                    c.offset
-                ));
+        if self.packs.is_empty() {
+            return Err("no pack file named".into());
+        }
+        for p in &self.packs {
+            if !is_pack_name(p) {
+                return Err(format!("pack file name {p:?} is not a Stasis pack name"));
             }
         }
         if self.processes.is_empty() {
             return Err("no processes".into());
         }
         let run_len = |run: &PageRun| -> Result<u64, String> {
-            let chunk = self.chunks.get(run.chunk as usize).ok_or_else(|| {
-                format!(
+            if run.chunk as usize >= nchunks {
+                return Err(format!(
                     "page run at {:#x} names chunk {} of {nchunks}",
                     run.addr, run.chunk
-                )
-            })?;
-            if !run.addr.is_multiple_of(4096) || !chunk.raw_len.is_multiple_of(4096) {
+                ));
+            }
+            let len = self.chunks.chunk_len(run.chunk);
+            if !run.addr.is_multiple_of(4096) || !len.is_multiple_of(4096) {
                 return Err(format!("page run at {:#x} is not page-aligned", run.addr));
             }
-            Ok(u64::from(chunk.raw_len))
+            Ok(len)
         };
         for seg in &self.sysv_shm {
             for run in &seg.pages {
@@ -807,4 +798,14 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Whether `name` is a pack file name Stasis writes (`pack-PID-NANOS.pack`: ASCII letters,
+/// digits and `-`), so that no manifest can name a file outside the `packs/` directory.
+pub fn is_pack_name(name: &str) -> bool {
+    name.len() <= 64
+        && name.starts_with("pack-")
+        && name
+            .strip_suffix(".pack")
+            .is_some_and(|stem| stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }

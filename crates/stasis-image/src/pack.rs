@@ -1,28 +1,29 @@
-//! The page pack: one file of independently compressed chunks.
+//! Pack files: compressed frames of new blobs, and the writer that deduplicates them.
 //!
 //! Layout: a 16-byte header (`STASISPK`, format version u32 LE, reserved u32), then frames.
 //! A frame is a 16-byte header (`CHNK`, stored length u32, raw length u32, flags u32 with bit 0
-//! = zstd) followed by the stored bytes. The manifest's [`ChunkRef`] gives each frame's offset
-//! and the blake3 of its raw bytes, checked on every read.
+//! = zstd) followed by the stored bytes. The generation's [`ChunkIndex`] says which blobs
+//! each frame holds and which frames make up each chunk; every blob is checked against its
+//! content address on every read.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{ImageError, ImageResult, io};
-use crate::manifest::{ChunkRef, FORMAT_VERSION};
+use crate::index::{BLOB_LEN, Blob, BlobHash, ChunkIndex, Frame, blob_hash};
+use crate::manifest::FORMAT_VERSION;
 
 /// Magic bytes at the start of a pack file.
 pub const PACK_MAGIC: &[u8; 8] = b"STASISPK";
 const FRAME_MAGIC: &[u8; 4] = b"CHNK";
 /// Size of the pack header and of each frame header.
 pub const HEADER_LEN: u64 = 16;
-/// Largest raw chunk the format allows (a size cap for readers).
+/// Largest raw chunk or frame the format allows (a size cap for readers).
 pub const MAX_CHUNK: u32 = 16 << 20;
-/// File name of the pack inside a generation directory.
-pub const PACK_FILE: &str = "pages.pack";
 
-/// Whether chunks are compressed when written.
+/// Whether frames are compressed when written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     /// Store raw bytes.
@@ -31,26 +32,64 @@ pub enum Compression {
     Zstd(i32),
 }
 
-/// Appends chunks to a pack file. Compression is tried on every chunk until it stops
-/// paying, then only on probes spaced further and further apart (up to every 33rd chunk),
-/// so that incompressible data costs little more than storing it raw.
+/// The chunks of an earlier generation that a new one may reference instead of writing
+/// them again.
+#[derive(Debug, Clone, Default)]
+pub struct Base {
+    /// Its chunk index.
+    pub index: ChunkIndex,
+    /// The pack names its frames refer to.
+    pub packs: Vec<String>,
+}
+
+/// Where a known blob lies.
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    /// In a frame of the index being built.
+    Ours(u32, u32, u32),
+    /// In a frame of the base (frame index in the base).
+    Base(u32, u32, u32),
+}
+
+/// What a finished pack writer produced.
+#[derive(Debug)]
+pub struct Written {
+    /// The chunk index of the generation.
+    pub index: ChunkIndex,
+    /// Pack names its frames refer to; the first is the pack this writer wrote.
+    pub packs: Vec<String>,
+}
+
+/// Stores chunks: each is cut into blobs, a blob already known (written earlier by this
+/// writer or present in the base generation) is referenced where it lies, and the new blobs
+/// of a chunk are written as one frame. Compression is tried on every frame until it stops
+/// paying, then only on probes spaced further and further apart (up to every 33rd frame), so
+/// that incompressible data costs little more than storing it raw.
 #[derive(Debug)]
 pub struct PackWriter {
     file: BufWriter<File>,
     path: PathBuf,
     offset: u64,
     compression: Compression,
-    chunks: Vec<ChunkRef>,
-    /// Chunks still to store without trying compression (it did not pay lately).
+    index: ChunkIndex,
+    packs: Vec<String>,
+    known: HashMap<BlobHash, Known>,
+    base: Base,
+    /// Base frame index → frame index in ours, for frames referenced so far.
+    imported: HashMap<u32, u32>,
+    /// Frames still to store without trying compression (it did not pay lately).
     skip: u32,
-    /// Grows with every chunk in a row that does not compress (1, 2, 4 … 32): from 2 on,
-    /// that many chunks are stored without trying; back to 0 once compression pays.
+    /// Grows with every frame in a row that does not compress (1, 2, 4 … 32): from 2 on,
+    /// that many frames are stored without trying; back to 0 once compression pays.
     backoff: u32,
+    /// Raw bytes of blobs written (not deduplicated).
+    new_bytes: u64,
 }
 
 impl PackWriter {
-    /// Creates a new pack file at `path` (mode 0600).
-    pub fn create(path: &Path, compression: Compression) -> ImageResult<Self> {
+    /// Creates a new pack file at `path` (mode 0600), deduplicating against `base`. The
+    /// file's name (without directory) is how indexes refer to it.
+    pub fn create(path: &Path, compression: Compression, base: Base) -> ImageResult<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -64,29 +103,121 @@ impl PackWriter {
         header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
         file.write_all(&header).map_err(io(path))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut known = HashMap::with_capacity(base.index.blobs.len());
+        for b in &base.index.blobs {
+            known.insert(b.hash, Known::Base(b.frame, b.start, b.len));
+        }
         Ok(PackWriter {
             file,
             path: path.to_owned(),
             offset: HEADER_LEN,
             compression,
-            chunks: Vec::new(),
+            index: ChunkIndex::default(),
+            packs: vec![name],
+            known,
+            base,
+            imported: HashMap::new(),
             skip: 0,
             backoff: 0,
+            new_bytes: 0,
         })
     }
 
     /// Stores one chunk and returns its index.
     pub fn add(&mut self, raw: &[u8]) -> ImageResult<u32> {
-        let raw_len = u32::try_from(raw.len())
-            .ok()
-            .filter(|&l| l <= MAX_CHUNK)
-            .ok_or_else(|| ImageError::TooLarge {
+        if raw.len() > MAX_CHUNK as usize {
+            return Err(ImageError::TooLarge {
                 path: self.path.clone(),
                 what: "chunk",
                 offset: self.offset,
                 size: raw.len() as u64,
                 limit: u64::from(MAX_CHUNK),
-            })?;
+            });
+        }
+        let chunk = u32::try_from(self.index.starts.len()).unwrap_or(u32::MAX);
+        self.index
+            .starts
+            .push(u32::try_from(self.index.blobs.len()).unwrap_or(u32::MAX));
+        // New blobs of this chunk go to one frame, written last; until then they name it
+        // by a placeholder (base frames imported meanwhile take the indices before it).
+        const PENDING: u32 = u32::MAX;
+        let first_blob = self.index.blobs.len();
+        let mut fresh: Vec<u8> = Vec::new();
+        let mut fresh_hashes = Vec::new();
+        for piece in raw.chunks(BLOB_LEN) {
+            let hash = blob_hash(piece);
+            let len = piece.len() as u32;
+            let (frame, start) = match self.known.get(&hash) {
+                Some(&Known::Ours(f, s, l)) if l == len => (f, s),
+                Some(&Known::Base(f, s, l)) if l == len => (self.import(f)?, s),
+                _ => {
+                    let start = fresh.len() as u32;
+                    fresh.extend_from_slice(piece);
+                    self.known.insert(hash, Known::Ours(PENDING, start, len));
+                    fresh_hashes.push(hash);
+                    (PENDING, start)
+                }
+            };
+            self.index.blobs.push(Blob {
+                frame,
+                start,
+                len,
+                hash,
+            });
+        }
+        if !fresh.is_empty() {
+            let frame = u32::try_from(self.index.frames.len()).unwrap_or(u32::MAX - 1);
+            self.write_frame(&fresh)?;
+            for b in &mut self.index.blobs[first_blob..] {
+                if b.frame == PENDING {
+                    b.frame = frame;
+                }
+            }
+            for h in fresh_hashes {
+                if let Some(Known::Ours(f, _, _)) = self.known.get_mut(&h) {
+                    *f = frame;
+                }
+            }
+        }
+        Ok(chunk)
+    }
+
+    /// The frame index in ours of base frame `f`, importing it on first use.
+    fn import(&mut self, f: u32) -> ImageResult<u32> {
+        if let Some(&ours) = self.imported.get(&f) {
+            return Ok(ours);
+        }
+        let corrupt = || ImageError::Corrupt {
+            path: self.path.clone(),
+            offset: 0,
+            what: format!("base generation's frame {f}"),
+        };
+        let mut frame = *self.base.index.frames.get(f as usize).ok_or_else(corrupt)?;
+        let name = self
+            .base
+            .packs
+            .get(frame.pack as usize)
+            .ok_or_else(corrupt)?;
+        frame.pack = match self.packs.iter().position(|p| p == name) {
+            Some(p) => p as u32,
+            None => {
+                self.packs.push(name.clone());
+                (self.packs.len() - 1) as u32
+            }
+        };
+        let ours = self.index.frames.len() as u32;
+        self.index.frames.push(frame);
+        self.imported.insert(f, ours);
+        Ok(ours)
+    }
+
+    /// Compresses (when it pays) and appends one frame of new blobs.
+    fn write_frame(&mut self, raw: &[u8]) -> ImageResult<()> {
+        let raw_len = raw.len() as u32;
         let compressed = match self.compression {
             Compression::Zstd(_) if self.skip > 0 => {
                 self.skip -= 1;
@@ -97,9 +228,9 @@ impl PackWriter {
                     .ok()
                     .filter(|c| c.len() < raw.len() - raw.len() / 8);
                 // Incompressible data (random, already compressed) is probed, not
-                // compressed chunk after chunk for nothing.
-                // One chunk that does not compress proves little; from the second in a
-                // row on, chunks are skipped between probes.
+                // compressed frame after frame for nothing. One frame that does not
+                // compress proves little; from the second in a row on, frames are skipped
+                // between probes.
                 self.backoff = match (c.is_some(), self.backoff) {
                     (true, _) => 0,
                     (false, 0) => 1,
@@ -119,37 +250,46 @@ impl PackWriter {
         header[12..16].copy_from_slice(&u32::from(compressed.is_some()).to_le_bytes());
         self.file.write_all(&header).map_err(io(&self.path))?;
         self.file.write_all(stored).map_err(io(&self.path))?;
-        self.chunks.push(ChunkRef {
+        self.index.frames.push(Frame {
+            pack: 0,
             offset: self.offset,
             stored_len,
             raw_len,
             zstd: compressed.is_some(),
-            blake3: blake3::hash(raw).to_hex().to_string(),
         });
         self.offset += HEADER_LEN + u64::from(stored_len);
+        self.new_bytes += u64::from(raw_len);
         crate::fault::point("pack-chunk");
-        Ok(u32::try_from(self.chunks.len() - 1).unwrap_or(u32::MAX))
+        Ok(())
     }
 
     /// Raw length of chunk `index`, if it was written by this writer.
-    pub fn chunk_len(&self, index: u32) -> Option<u32> {
-        self.chunks.get(index as usize).map(|c| c.raw_len)
+    pub fn chunk_len(&self, index: u32) -> Option<u64> {
+        ((index as usize) < self.index.len()).then(|| self.index.chunk_len(index))
     }
 
-    /// Bytes written so far.
+    /// Bytes written to the pack file so far.
     pub fn bytes_written(&self) -> u64 {
         self.offset
     }
 
-    /// Flushes and syncs the file; returns the chunk table for the manifest.
-    pub fn finish(self) -> ImageResult<Vec<ChunkRef>> {
+    /// Raw bytes stored as new blobs so far (the rest was found in the base or earlier).
+    pub fn new_bytes(&self) -> u64 {
+        self.new_bytes
+    }
+
+    /// Flushes and syncs the file; returns the index and the packs it names.
+    pub fn finish(self) -> ImageResult<Written> {
         let file = self.file.into_inner().map_err(|e| ImageError::Io {
             path: self.path.clone(),
             source: e.into_error(),
         })?;
         file.sync_all().map_err(io(&self.path))?;
         crate::fault::point("pack-finished");
-        Ok(self.chunks)
+        Ok(Written {
+            index: self.index,
+            packs: self.packs,
+        })
     }
 }
 
@@ -201,23 +341,24 @@ impl PackReader {
         &self.path
     }
 
-    /// Reads one chunk, checking its frame against `chunk` and its blake3.
-    pub fn read(&mut self, chunk: &ChunkRef) -> ImageResult<Vec<u8>> {
+    /// Reads one frame's raw bytes, checking its header against `frame`. (Blobs in it are
+    /// checked against their content addresses by the caller.)
+    pub fn read_frame(&mut self, frame: &Frame) -> ImageResult<Vec<u8>> {
         let corrupt = |what: &str| ImageError::Corrupt {
             path: self.path.clone(),
-            offset: chunk.offset,
+            offset: frame.offset,
             what: what.to_owned(),
         };
-        if chunk.raw_len > MAX_CHUNK || chunk.stored_len > MAX_CHUNK {
+        if frame.raw_len > MAX_CHUNK || frame.stored_len > MAX_CHUNK {
             return Err(ImageError::TooLarge {
                 path: self.path.clone(),
-                what: "chunk",
-                offset: chunk.offset,
-                size: u64::from(chunk.raw_len.max(chunk.stored_len)),
+                what: "frame",
+                offset: frame.offset,
+                size: u64::from(frame.raw_len.max(frame.stored_len)),
                 limit: u64::from(MAX_CHUNK),
             });
         }
-        let end = chunk.offset + HEADER_LEN + u64::from(chunk.stored_len);
+        let end = frame.offset + HEADER_LEN + u64::from(frame.stored_len);
         if end > self.len {
             return Err(ImageError::Truncated {
                 path: self.path.clone(),
@@ -226,31 +367,29 @@ impl PackReader {
             });
         }
         self.file
-            .seek(SeekFrom::Start(chunk.offset))
+            .seek(SeekFrom::Start(frame.offset))
             .map_err(io(&self.path))?;
         let mut header = [0u8; 16];
         self.file.read_exact(&mut header).map_err(io(&self.path))?;
         let word =
             |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
         if &header[..4] != FRAME_MAGIC
-            || word(4) != chunk.stored_len
-            || word(8) != chunk.raw_len
-            || (word(12) & 1 == 1) != chunk.zstd
+            || word(4) != frame.stored_len
+            || word(8) != frame.raw_len
+            || (word(12) & 1 == 1) != frame.zstd
         {
-            return Err(corrupt("chunk frame header"));
+            return Err(corrupt("frame header"));
         }
-        let mut stored = vec![0u8; chunk.stored_len as usize];
+        let mut stored = vec![0u8; frame.stored_len as usize];
         self.file.read_exact(&mut stored).map_err(io(&self.path))?;
-        let raw = if chunk.zstd {
-            zstd::bulk::decompress(&stored, chunk.raw_len as usize)
+        let raw = if frame.zstd {
+            zstd::bulk::decompress(&stored, frame.raw_len as usize)
                 .map_err(|_| corrupt("zstd data"))?
         } else {
             stored
         };
-        if raw.len() != chunk.raw_len as usize
-            || blake3::hash(&raw).to_hex().as_str() != chunk.blake3
-        {
-            return Err(corrupt("chunk blake3"));
+        if raw.len() != frame.raw_len as usize {
+            return Err(corrupt("frame length"));
         }
         Ok(raw)
     }

@@ -4,12 +4,14 @@
 use std::path::Path;
 
 use stasis_image::generation::{
-    MANIFEST_FILE, generation_dir, list_generations, read_manifest, resolve, write_manifest,
+    MANIFEST_FILE, PACKS_DIR, generation_dir, list_generations, read_manifest, resolve,
+    write_manifest,
 };
+use stasis_image::manifest::FORMAT_VERSION;
 use stasis_image::manifest::{
     JobInfo, Manifest, MmFields, Namespaces, PageRun, ProcessImage, Rseq, ThreadImage, Vma, VmaKind,
 };
-use stasis_image::pack::{Compression, PACK_FILE};
+use stasis_image::pack::Compression;
 use stasis_image::verify::verify;
 use stasis_image::{GenerationWriter, ImageError, OpenGeneration};
 
@@ -60,7 +62,7 @@ fn manifest(chunk: u32) -> Manifest {
             }],
             vmas: vec![Vma {
                 start: 0x10000,
-                end: 0x20000,
+                end: 0x410000,
                 prot: 3,
                 shared: false,
                 growsdown: false,
@@ -83,8 +85,20 @@ fn manifest(chunk: u32) -> Manifest {
         sysv_sem: vec![],
         sysv_msg: vec![],
         ptys: vec![],
-        chunks: vec![],
+        packs: vec![],
+        chunks: Default::default(),
     }
+}
+
+/// The pack file generation `dir` wrote.
+fn own_pack(dir: &Path) -> std::path::PathBuf {
+    let m = read_manifest(&dir.join(MANIFEST_FILE)).unwrap();
+    dir.parent().unwrap().join(PACKS_DIR).join(&m.packs[0])
+}
+
+/// The frame holding the first blob of chunk `c`.
+fn frame_of(m: &Manifest, c: u32) -> stasis_image::index::Frame {
+    m.chunks.frames[m.chunks.blobs_of(c)[0].frame as usize]
 }
 
 /// Writes a generation with one compressible and one incompressible chunk.
@@ -118,10 +132,13 @@ fn round_trip_and_numbering() {
     let mut g = OpenGeneration::open(&dir1).unwrap();
     assert_eq!(g.manifest.job.generation, 1);
     assert!(
-        !g.manifest.chunks[0].zstd,
+        !frame_of(&g.manifest, 0).zstd,
         "incompressible data is stored raw"
     );
-    assert!(g.manifest.chunks[1].zstd, "compressible data is compressed");
+    assert!(
+        frame_of(&g.manifest, 1).zstd,
+        "compressible data is compressed"
+    );
     assert_eq!(g.chunk(0).unwrap(), noise);
     assert_eq!(g.chunk(1).unwrap(), vec![9u8; 4096]);
     let report = verify(&dir1).unwrap();
@@ -162,11 +179,12 @@ fn files_are_private() {
             p.display()
         );
     }
-    for f in [MANIFEST_FILE, PACK_FILE] {
+    for f in [dir.join(MANIFEST_FILE), own_pack(&dir)] {
         assert_eq!(
-            std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777,
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
             0o600,
-            "{f}"
+            "{}",
+            f.display()
         );
     }
 }
@@ -182,15 +200,16 @@ fn bit_flip_in_page_data_names_file_and_offset() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, dir, _) = write_generation(&tmp.path().join("job"));
     let m = read_manifest(&dir.join(MANIFEST_FILE)).unwrap();
-    flip(&dir.join(PACK_FILE), m.chunks[0].offset as usize + 16 + 100);
+    let frame = frame_of(&m, 0);
+    flip(&own_pack(&dir), frame.offset as usize + 16 + 100);
     let e = verify(&dir).unwrap_err();
     assert!(
-        matches!(e, ImageError::Corrupt { offset, .. } if offset == m.chunks[0].offset),
+        matches!(e, ImageError::Corrupt { offset, .. } if offset == frame.offset),
         "{e}"
     );
     let text = e.to_string();
     assert!(
-        text.contains("pages.pack") && text.contains(&m.chunks[0].offset.to_string()),
+        text.contains(&m.packs[0]) && text.contains(&frame.offset.to_string()),
         "{text}"
     );
 }
@@ -199,7 +218,7 @@ fn bit_flip_in_page_data_names_file_and_offset() {
 fn truncation_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, dir, _) = write_generation(&tmp.path().join("job"));
-    let pack = dir.join(PACK_FILE);
+    let pack = own_pack(&dir);
     let len = std::fs::metadata(&pack).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -243,7 +262,7 @@ fn foreign_version_bad_magic_and_bad_crc_are_refused() {
             e,
             ImageError::UnsupportedVersion {
                 found: 9,
-                supported: 1,
+                supported: FORMAT_VERSION,
                 ..
             }
         ),
@@ -257,13 +276,22 @@ fn foreign_version_bad_magic_and_bad_crc_are_refused() {
         ImageError::BadMagic { .. }
     ));
     let mut c = good.clone();
-    let last = c.len() - 2;
-    c[last] ^= 1;
+    c[30] ^= 1;
     std::fs::write(&man, &c).unwrap();
     assert!(matches!(
         read_manifest(&man).unwrap_err(),
         ImageError::Corrupt { offset: 24, .. }
     ));
+    // The binary chunk index after the JSON body has its own checksum.
+    let mut x = good.clone();
+    let last = x.len() - 2;
+    x[last] ^= 1;
+    std::fs::write(&man, &x).unwrap();
+    let e = read_manifest(&man).unwrap_err();
+    assert!(
+        matches!(e, ImageError::Corrupt { offset, .. } if offset > 24),
+        "{e}"
+    );
     let mut big = good;
     big[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&man, &big).unwrap();
@@ -290,7 +318,7 @@ fn inconsistent_manifest_is_invalid() {
         "{e}"
     );
     m.processes[0].vmas[0].pages[0] = PageRun {
-        addr: 0x1f000,
+        addr: 0x40f000,
         chunk: 0,
     };
     write_manifest(&man, &m).unwrap();
@@ -304,7 +332,7 @@ fn inconsistent_manifest_is_invalid() {
         &man,
         [
             &b"STASISMF"[..],
-            &1u32.to_le_bytes(),
+            &FORMAT_VERSION.to_le_bytes(),
             &crc32c::crc32c(b"{}").to_le_bytes(),
             &2u64.to_le_bytes(),
             b"{}",
@@ -316,4 +344,134 @@ fn inconsistent_manifest_is_invalid() {
         read_manifest(&man).unwrap_err(),
         ImageError::InvalidManifest { .. }
     ));
+}
+
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for b in &mut v {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    v
+}
+
+fn write_one(job: &Path, data: &[u8], incremental: bool) -> std::path::PathBuf {
+    let mut w = GenerationWriter::begin_with(job, Compression::Zstd(1), incremental).unwrap();
+    let c = w.pack().add(data).unwrap();
+    w.finish(&mut manifest(c)).unwrap().1
+}
+
+fn packs(job: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(job.join(PACKS_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".pack"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn unchanged_data_is_shared_and_survives_deleting_older_generations() {
+    use stasis_image::generation::{collect_garbage, generation_size, remove_generation};
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let mut data = noise(4 << 20, 7);
+    let gen1 = write_one(&job, &data, true);
+    // 1% of the pages change.
+    for page in data.chunks_mut(4096).step_by(100) {
+        page[0] ^= 1;
+    }
+    let gen2 = write_one(&job, &data, true);
+    let (size1, size2) = (generation_size(&gen1), generation_size(&gen2));
+    assert!(
+        size2 * 20 < size1,
+        "an incremental generation after a 1% change adds {size2} bytes, the full one {size1}"
+    );
+    let report = verify(&gen2).unwrap();
+    assert_eq!(report.raw_bytes, 4 << 20);
+    assert_eq!(
+        report.shared_bytes,
+        (4 << 20) - 11 * 4096,
+        "11 pages changed"
+    );
+    assert_eq!(OpenGeneration::open(&gen2).unwrap().chunk(0).unwrap(), data);
+    let m2 = read_manifest(&gen2.join(MANIFEST_FILE)).unwrap();
+    let m1 = read_manifest(&gen1.join(MANIFEST_FILE)).unwrap();
+    assert_eq!(m2.packs, vec![m2.packs[0].clone(), m1.packs[0].clone()]);
+
+    // Deleting the generation whose pack the newer one shares keeps that pack.
+    remove_generation(&job, 1).unwrap();
+    assert_eq!(packs(&job), {
+        let mut v = m2.packs.clone();
+        v.sort();
+        v
+    });
+    verify(&gen2).unwrap();
+    assert_eq!(OpenGeneration::open(&gen2).unwrap().chunk(0).unwrap(), data);
+
+    // A full generation shares nothing; once generation 2 is gone, both old packs go.
+    let gen3 = write_one(&job, &data, false);
+    assert_eq!(verify(&gen3).unwrap().shared_bytes, 0);
+    remove_generation(&job, 2).unwrap();
+    let m3 = read_manifest(&gen3.join(MANIFEST_FILE)).unwrap();
+    assert_eq!(packs(&job), m3.packs);
+    assert!(collect_garbage(&job).unwrap().is_empty());
+    assert_eq!(OpenGeneration::open(&gen3).unwrap().chunk(0).unwrap(), data);
+}
+
+#[test]
+fn identical_blobs_within_a_generation_are_stored_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let page = noise(4096, 3);
+    let data = page.repeat(64);
+    let dir = write_one(&job, &data, true);
+    let report = verify(&dir).unwrap();
+    assert!(report.stored_bytes < 2 * 4096 + 64, "{report:?}");
+    assert_eq!(OpenGeneration::open(&dir).unwrap().chunk(0).unwrap(), data);
+}
+
+#[test]
+fn packs_of_crashed_writers_are_swept_but_never_a_live_writers() {
+    use stasis_image::generation::collect_garbage;
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    write_one(&job, &noise(8192, 1), true);
+    let stray = job.join(PACKS_DIR).join("pack-1-1.pack");
+    std::fs::write(&stray, b"left by a writer that crashed").unwrap();
+    let mut w = GenerationWriter::begin(&job, Compression::None).unwrap();
+    assert!(
+        !stray.exists(),
+        "a new writer sweeps packs no generation references"
+    );
+    w.pack().add(&noise(4096, 2)).unwrap();
+    std::fs::write(&stray, b"another").unwrap();
+    assert!(
+        collect_garbage(&job).unwrap().is_empty(),
+        "no sweep while a writer is active"
+    );
+    assert!(stray.exists());
+    assert_eq!(packs(&job).len(), 3, "the writer's own pack is kept");
+    drop(w);
+    assert_eq!(packs(&job).len(), 2, "an abandoned writer removes its pack");
+    assert_eq!(
+        collect_garbage(&job).unwrap(),
+        vec!["pack-1-1.pack".to_string()]
+    );
+    assert_eq!(packs(&job).len(), 1);
+}
+
+#[test]
+fn a_manifest_cannot_name_a_pack_outside_the_packs_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dir, _) = write_generation(&tmp.path().join("job"));
+    let man = dir.join(MANIFEST_FILE);
+    let mut m = read_manifest(&man).unwrap();
+    m.packs[0] = "../../../etc/passwd".into();
+    write_manifest(&man, &m).unwrap();
+    let e = read_manifest(&man).unwrap_err();
+    assert!(e.to_string().contains("pack file name"), "{e}");
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use stasis_image::ImageError;
 use stasis_image::generation::{
-    REMOVING_PREFIX, generation_dir, generation_size, list_generations, prune_generations,
-    remove_generation, remove_job_dir, remove_leftovers,
+    REMOVING_PREFIX, generation_dir, list_generations, prune_generations, remove_generation,
+    remove_job_dir, remove_leftovers,
 };
 
 /// A pid no process can have (above the kernel's largest `pid_max`, 2^22).
@@ -96,12 +96,4 @@ fn remove_job_dir_removes_everything() {
     assert_eq!(names(root.path()), vec!["other"]);
     let err = remove_job_dir(&job).unwrap_err();
     assert!(err.to_string().contains("job"), "{err}");
-}
-
-#[test]
-fn generation_size_counts_its_files() {
-    let root = tempfile::tempdir().unwrap();
-    fake_generation(root.path(), 1, 1000);
-    assert_eq!(generation_size(&generation_dir(root.path(), 1)), 2000);
-    assert_eq!(generation_size(&root.path().join("missing")), 0);
 }

@@ -129,13 +129,8 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
         path: path.display().to_string(),
         frozen_ms,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
-        memory_bytes: manifest.chunks.iter().map(|c| u64::from(c.raw_len)).sum(),
-        stored_bytes: manifest
-            .chunks
-            .iter()
-            .map(|c| u64::from(c.stored_len) + stasis_image::pack::HEADER_LEN)
-            .sum::<u64>()
-            + stasis_image::pack::HEADER_LEN,
+        memory_bytes: manifest.chunks.raw_bytes(),
+        stored_bytes: manifest.chunks.stored_bytes_in(0) + stasis_image::pack::HEADER_LEN,
         killed: kill,
         removed: Vec::new(),
         callbacks_late: Vec::new(),

@@ -55,6 +55,7 @@ pub(crate) fn manifest(facts: JobFacts, captured: &mut CapturedJob) -> Manifest 
         sysv_sem: std::mem::take(&mut captured.sysv_sem),
         sysv_msg: std::mem::take(&mut captured.sysv_msg),
         ptys: std::mem::take(&mut captured.ptys),
-        chunks: Vec::new(),
+        packs: Vec::new(),
+        chunks: Default::default(),
     }
 }

@@ -586,7 +586,7 @@ impl Supervisor {
             path: path.display().to_string(),
             frozen_ms,
             total_ms: t0.elapsed().as_secs_f64() * 1e3,
-            memory_bytes: manifest.chunks.iter().map(|c| u64::from(c.raw_len)).sum(),
+            memory_bytes: manifest.chunks.raw_bytes(),
             stored_bytes,
             killed: kill,
             removed: Vec::new(),

@@ -139,6 +139,13 @@ fn clone_job(env: &Env, from: &str, prefix: &str) -> (String, PathBuf) {
     (name, gen1)
 }
 
+/// The pack file generation `generation` wrote, and its name.
+fn own_pack(generation: &Path) -> (PathBuf, String) {
+    let m = read_manifest(&generation.join("manifest")).unwrap();
+    let name = m.packs[0].clone();
+    (generation.parent().unwrap().join("packs").join(&name), name)
+}
+
 fn patch(path: &Path, offset: usize, bytes: &[u8]) {
     let mut b = fs::read(path).unwrap();
     b[offset..offset + bytes.len()].copy_from_slice(bytes);
@@ -168,22 +175,22 @@ fn flipped_bit_in_a_pack_chunk_is_detected() {
         .map(|r| r.chunk as usize)
         .next()
         .expect("the image holds memory pages");
-    let chunk = &m.chunks[index];
-    let pack = gen1.join("pages.pack");
-    let at = (chunk.offset + 16 + u64::from(chunk.stored_len) / 2) as usize;
+    let frame = m.chunks.frames[m.chunks.blobs_of(index as u32)[0].frame as usize];
+    let (pack, pack_name) = own_pack(&gen1);
+    let at = (frame.offset + 16 + u64::from(frame.stored_len) / 2) as usize;
     let mut bytes = fs::read(&pack).unwrap();
     bytes[at] ^= 0x10;
     fs::write(&pack, bytes).unwrap();
-    let offset = format!("offset {}", chunk.offset);
+    let offset = format!("offset {}", frame.offset);
 
     let text = fails_clean(&env, &["verify", gen1.to_str().unwrap()]);
     assert_mentions(&text, &[pack.to_str().unwrap(), &offset]);
     let text = fails_clean(&env, &["--json", "verify", gen1.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(text.trim()).expect("JSON error report");
     let e = v["error"].as_str().expect("error field");
-    assert!(e.contains("pages.pack") && e.contains(&offset), "{e}");
+    assert!(e.contains(&pack_name) && e.contains(&offset), "{e}");
     let text = fails_clean(&env, &["restart", &bad]);
-    assert_mentions(&text, &["pages.pack", &offset]);
+    assert_mentions(&text, &[&pack_name, &offset]);
 
     // The undamaged original still verifies and restarts into a correct program.
     env.ok(&["verify", env.job_dir(&s.name).to_str().unwrap()]);
@@ -199,7 +206,7 @@ fn truncated_pack_is_detected() {
     let s = stopped_reader(&env, "trpack", false);
     // Cut in the middle of the chunks.
     let (bad, gen1) = clone_job(&env, &s.name, "trpack-half");
-    let pack = gen1.join("pages.pack");
+    let (pack, pack_name) = own_pack(&gen1);
     let half = fs::metadata(&pack).unwrap().len() / 2;
     truncate(&pack, half);
     let text = fails_clean(&env, &["verify", gen1.to_str().unwrap()]);
@@ -212,15 +219,15 @@ fn truncated_pack_is_detected() {
         ],
     );
     let text = fails_clean(&env, &["restart", &bad]);
-    assert_mentions(&text, &["pages.pack", "truncated"]);
+    assert_mentions(&text, &[&pack_name, "truncated"]);
     // Cut inside the header.
     let (bad, gen1) = clone_job(&env, &s.name, "trpack-head");
-    let pack = gen1.join("pages.pack");
+    let (pack, pack_name) = own_pack(&gen1);
     truncate(&pack, 10);
     let text = fails_clean(&env, &["verify", gen1.to_str().unwrap()]);
     assert_mentions(&text, &[pack.to_str().unwrap(), "truncated at offset 10"]);
     let text = fails_clean(&env, &["restart", &bad]);
-    assert_mentions(&text, &["pages.pack", "truncated at offset 10"]);
+    assert_mentions(&text, &[&pack_name, "truncated at offset 10"]);
 }
 
 #[test]
@@ -252,19 +259,19 @@ fn other_format_version_is_refused() {
     let s = stopped_reader(&env, "version", false);
     let (bad, gen1) = clone_job(&env, &s.name, "version-m");
     let manifest = gen1.join("manifest");
-    patch(&manifest, 8, &2u32.to_le_bytes());
+    patch(&manifest, 8, &9u32.to_le_bytes());
     for verb in ["verify", "inspect"] {
         let text = fails_clean(&env, &[verb, gen1.to_str().unwrap()]);
         assert_mentions(
             &text,
-            &[manifest.to_str().unwrap(), "version 2 is not supported"],
+            &[manifest.to_str().unwrap(), "version 9 is not supported"],
         );
     }
     let text = fails_clean(&env, &["restart", &bad]);
-    assert_mentions(&text, &["manifest", "version 2 is not supported"]);
+    assert_mentions(&text, &["manifest", "version 9 is not supported"]);
 
     let (bad, gen1) = clone_job(&env, &s.name, "version-p");
-    let pack = gen1.join("pages.pack");
+    let (pack, pack_name) = own_pack(&gen1);
     patch(&pack, 8, &7u32.to_le_bytes());
     let text = fails_clean(&env, &["verify", gen1.to_str().unwrap()]);
     assert_mentions(
@@ -272,7 +279,7 @@ fn other_format_version_is_refused() {
         &[pack.to_str().unwrap(), "version 7 is not supported"],
     );
     let text = fails_clean(&env, &["restart", &bad]);
-    assert_mentions(&text, &["pages.pack", "version 7 is not supported"]);
+    assert_mentions(&text, &[&pack_name, "version 7 is not supported"]);
 }
 
 #[test]
@@ -424,11 +431,12 @@ fn not_an_image_is_refused() {
     // A generation directory with a good manifest but no pack.
     let s = stopped_reader(&env, "nopack", false);
     let (bad, gen1) = clone_job(&env, &s.name, "nopack");
-    fs::remove_file(gen1.join("pages.pack")).unwrap();
+    let (pack, pack_name) = own_pack(&gen1);
+    fs::remove_file(&pack).unwrap();
     let text = fails_clean(&env, &["verify", gen1.to_str().unwrap()]);
-    assert_mentions(&text, &[gen1.join("pages.pack").to_str().unwrap()]);
+    assert_mentions(&text, &[pack.to_str().unwrap()]);
     let text = fails_clean(&env, &["restart", &bad]);
-    assert_mentions(&text, &["pages.pack"]);
+    assert_mentions(&text, &[&pack_name]);
 }
 
 #[test]

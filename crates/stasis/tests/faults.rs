@@ -69,6 +69,25 @@ fn leftovers(env: &Env, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Pack files of the job that no generation references (what a crash may leave until the
+/// next sweep).
+fn unreferenced_packs(env: &Env, name: &str) -> Vec<String> {
+    let dir = env.job_dir(name);
+    let mut live = std::collections::HashSet::new();
+    for g in generations(env, name) {
+        let m = stasis_image::generation::read_manifest(
+            &dir.join(format!("gen-{g:04}")).join("manifest"),
+        )
+        .unwrap();
+        live.extend(m.packs);
+    }
+    fs::read_dir(dir.join("packs"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".pack") && !live.contains(n))
+        .collect()
+}
+
 /// Kills the supervisor at `point` during a checkpoint of a restarted job (generation 1,
 /// written by `checkpoint --kill`, is the earlier good one); `survives` says whether the
 /// interrupted checkpoint's generation is complete by then.
@@ -154,6 +173,11 @@ fn supervisor_dies_at(point: &str, kill: bool, survives: bool) {
         Vec::<String>::new(),
         "after {point}"
     );
+    assert_eq!(
+        unreferenced_packs(&env, &name),
+        Vec::<String>::new(),
+        "the pack of the interrupted checkpoint is swept, after {point}"
+    );
 }
 
 #[test]
@@ -193,10 +217,17 @@ fn supervisor_killed_once_the_generation_is_in_place() {
     supervisor_dies_at("finished", true, true);
 }
 
-/// `stasis rm` of an old generation killed between hiding and deleting it: the generation
-/// is gone from every listing, the newer one restarts, and the leftover is cleaned up.
+/// `stasis rm` of an old generation killed between hiding and deleting it, or between
+/// deleting it and sweeping the packs no generation references any more: the generation is
+/// gone from every listing, the newer one (which shares its data) restarts, and the leftovers
+/// are cleaned up by the next removal.
 #[test]
 fn removal_killed_halfway() {
+    removal_killed_at("rm-renamed");
+    removal_killed_at("rm-removed");
+}
+
+fn removal_killed_at(point: &str) {
     let env = Env::new();
     let name = env.name("rm");
     let mut job = env.start(
@@ -210,7 +241,7 @@ fn removal_killed_halfway() {
     job.wait();
     let rm = env
         .cmd()
-        .env("STASIS_FAULT", "rm-renamed")
+        .env("STASIS_FAULT", point)
         .args(["rm", &name, "--generation", "1"])
         .output()
         .unwrap();
@@ -224,6 +255,11 @@ fn removal_killed_halfway() {
     assert!(
         left.is_empty(),
         "leftovers cleaned up by the next rm: {left:?}"
+    );
+    assert_eq!(
+        unreferenced_packs(&env, &name),
+        Vec::<String>::new(),
+        "no generation is left, nor any pack, after {point}"
     );
 }
 

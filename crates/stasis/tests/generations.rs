@@ -421,3 +421,50 @@ fn failed_periodic_and_signalled_checkpoints_leave_the_job_running() {
         Vec::<String>::new()
     );
 }
+
+/// Checkpoints share the pages that did not change with the generation before: after 1% of
+/// a program's pages changed, the next generation adds a small fraction of the first one's
+/// bytes. Removing the older generation (whose pack the newer one shares) keeps the newer
+/// one whole: it verifies and restarts into a program whose memory checks out.
+#[test]
+fn incremental_generations_share_unchanged_pages_and_survive_removing_older_ones() {
+    let env = Env::new();
+    let name = env.name("incr");
+    let prog = program("memhog", false);
+    let mut job = env.start(&name, &prog, &[env.work.to_str().unwrap(), "32"]);
+    env.wait_output(&job, "READY\n");
+    env.checkpoint(&name, false);
+    fs::write(env.work.join("touch"), b"").unwrap();
+    env.wait_output(&job, "TOUCHED 1\n");
+    env.checkpoint(&name, false);
+    let h = history(&env, &name);
+    let size = |i: usize| h[i]["size_bytes"].as_u64().expect("size_bytes");
+    assert!(
+        size(1) * 8 < size(0),
+        "the second generation adds {} bytes, the first {}",
+        size(1),
+        size(0)
+    );
+    let dir = env.job_dir(&name);
+    let gen2 = dir.join("gen-0002");
+    let v: Value =
+        serde_json::from_str(env.ok(&["--json", "verify", gen2.to_str().unwrap()]).trim()).unwrap();
+    assert!(
+        v["shared_bytes"].as_u64().unwrap() > 30 << 20,
+        "most of the memory is shared with generation 1: {v}"
+    );
+
+    env.ok(&["rm", &name, "--generation", "1"]);
+    env.ok(&["verify", gen2.to_str().unwrap()]);
+    // Once more after a change, then kill and restart from the newest.
+    fs::write(env.work.join("touch"), b"").unwrap();
+    env.wait_output(&job, "TOUCHED 2\n");
+    env.checkpoint(&name, true);
+    assert_eq!(job.wait(), EXIT_CHECKPOINTED);
+    env.ok(&["rm", &name, "--generation", "2"]);
+    assert_eq!(gens(&env, &name), vec![3]);
+    let mut restarted = env.restart(&job, &[]);
+    env.go();
+    assert_eq!(restarted.wait(), 0, "{}", env.stderr(&restarted));
+    assert_all_pass(&env.output(&restarted));
+}

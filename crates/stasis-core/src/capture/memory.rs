@@ -190,7 +190,7 @@ impl SharedObjects {
             pack,
         )?;
         for r in &runs {
-            let len = u64::from(pack.chunk_len(r.chunk).unwrap_or(0));
+            let len = pack.chunk_len(r.chunk).unwrap_or(0);
             saved.extend((r.addr..r.addr + len).step_by(PAGE as usize));
         }
         obj.pages.extend(runs);

@@ -28,12 +28,23 @@ pub fn generation_dir(dir: &Path) -> Result<PathBuf> {
 pub fn run(a: Args, json: bool) -> Result<i32> {
     let dir = generation_dir(&a.image_dir)?;
     let m = read_manifest(&dir.join(MANIFEST_FILE))?;
-    emit(json, &m, || {
+    // The chunk index is binary on disk; JSON shows its totals.
+    let mut value = serde_json::to_value(&m)?;
+    value["chunks"] = serde_json::json!({
+        "count": m.chunks.len(),
+        "blobs": m.chunks.blobs.len(),
+        "frames": m.chunks.frames.len(),
+        "raw_bytes": m.chunks.raw_bytes(),
+        "new_bytes": m.chunks.raw_bytes_in(0),
+        "stored_bytes": m.chunks.stored_bytes_in(0),
+    });
+    emit(json, &value, || {
         let j = &m.job;
-        let raw: u64 = m.chunks.iter().map(|c| u64::from(c.raw_len)).sum();
-        let stored: u64 = m.chunks.iter().map(|c| u64::from(c.stored_len)).sum();
+        let raw = m.chunks.raw_bytes();
+        let stored = m.chunks.stored_bytes_in(0);
+        let shared = raw - m.chunks.raw_bytes_in(0);
         let mut t = format!(
-            "generation {} of job {:?} ({})\n  taken:      {} ms since the epoch on host {} (kernel {})\n  command:    {}\n  namespaces: user={} pid={} time={}\n  memory:     {} in {} chunks, stored as {}",
+            "generation {} of job {:?} ({})\n  taken:      {} ms since the epoch on host {} (kernel {})\n  command:    {}\n  namespaces: user={} pid={} time={}\n  memory:     {} in {} chunks, {} of it new, stored as {}; {} shared with older generations",
             j.generation,
             j.name,
             j.reason,
@@ -46,7 +57,9 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
             j.namespaces.time,
             bytes(raw),
             m.chunks.len(),
-            bytes(stored)
+            bytes(raw - shared),
+            bytes(stored),
+            bytes(shared)
         );
         for p in &m.processes {
             t.push_str(&format!(
@@ -65,7 +78,7 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                 let saved: usize = v
                     .pages
                     .iter()
-                    .map(|r| m.chunks[r.chunk as usize].raw_len as usize)
+                    .map(|r| m.chunks.chunk_len(r.chunk) as usize)
                     .sum();
                 t.push_str(&format!(
                     "\n    {:#014x}-{:#014x} prot={} {} saved={} {}",

@@ -1,0 +1,258 @@
+//! The chunk index of a generation: where each chunk's bytes live.
+//!
+//! Data is content-addressed in *blobs* of at most [`BLOB_LEN`] bytes, identified by a
+//! 128-bit blake3 prefix. New blobs are written in compressed *frames* to the pack file of
+//! the generation that first stored them; a blob unchanged since the previous generation is
+//! not written again but referenced where it already lies, in an older pack. A *chunk*, the
+//! unit the manifest refers to (a run of pages, a pipe's contents, …), is a sequence of
+//! blobs.
+//!
+//! The index is binary (it has one entry per page of saved memory) and follows the
+//! manifest's JSON body in the manifest file; its layout is in `docs/image-format.md`.
+
+use crate::pack::MAX_CHUNK;
+
+/// Largest blob: the unit of deduplication (one page).
+pub const BLOB_LEN: usize = 4096;
+/// Magic bytes that start the index section.
+pub const INDEX_MAGIC: &[u8; 8] = b"STASISCX";
+/// Length of the index section's header.
+pub const INDEX_HEADER: usize = 24;
+/// Largest index section the reader accepts (about 9 million blobs: 36 GiB of pages).
+pub const MAX_INDEX: u64 = 256 << 20;
+const FRAME_RECORD: usize = 24;
+const BLOB_RECORD: usize = 28;
+const CHUNK_RECORD: usize = 4;
+
+/// The content address of a blob: the first 16 bytes of its blake3 hash.
+pub type BlobHash = [u8; 16];
+
+/// Hashes a blob.
+pub fn blob_hash(data: &[u8]) -> BlobHash {
+    let full = blake3::hash(data);
+    let mut h = [0u8; 16];
+    h.copy_from_slice(&full.as_bytes()[..16]);
+    h
+}
+
+/// One compressed frame of a pack file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// Index into the manifest's `packs` (0: the pack this generation wrote).
+    pub pack: u32,
+    /// Offset of the frame header in the pack.
+    pub offset: u64,
+    /// Bytes stored after the header.
+    pub stored_len: u32,
+    /// Bytes after decompression.
+    pub raw_len: u32,
+    /// Compressed with zstd.
+    pub zstd: bool,
+}
+
+/// One blob: a slice of a frame's raw bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blob {
+    /// Index into [`ChunkIndex::frames`].
+    pub frame: u32,
+    /// Offset in the frame's raw bytes.
+    pub start: u32,
+    /// Length.
+    pub len: u32,
+    /// Content address, checked on every read.
+    pub hash: BlobHash,
+}
+
+/// Frames, blobs and chunks of one generation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkIndex {
+    /// Frames referenced, in this generation's pack or older ones.
+    pub frames: Vec<Frame>,
+    /// Blobs, chunk after chunk.
+    pub blobs: Vec<Blob>,
+    /// For each chunk, the index of its first blob; it runs to the next chunk's first blob.
+    pub starts: Vec<u32>,
+}
+
+impl ChunkIndex {
+    /// Number of chunks.
+    pub fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// No chunks.
+    pub fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+
+    /// The blobs of chunk `i` (empty when out of range).
+    pub fn blobs_of(&self, i: u32) -> &[Blob] {
+        let i = i as usize;
+        let Some(&first) = self.starts.get(i) else {
+            return &[];
+        };
+        let end = self
+            .starts
+            .get(i + 1)
+            .map_or(self.blobs.len(), |&e| e as usize);
+        self.blobs
+            .get(first as usize..end.max(first as usize))
+            .unwrap_or(&[])
+    }
+
+    /// Raw length of chunk `i`.
+    pub fn chunk_len(&self, i: u32) -> u64 {
+        self.blobs_of(i).iter().map(|b| u64::from(b.len)).sum()
+    }
+
+    /// Raw bytes of all chunks.
+    pub fn raw_bytes(&self) -> u64 {
+        self.blobs.iter().map(|b| u64::from(b.len)).sum()
+    }
+
+    /// Bytes stored in frames of `pack` (0: the generation's own), headers included.
+    pub fn stored_bytes_in(&self, pack: u32) -> u64 {
+        self.frames
+            .iter()
+            .filter(|f| f.pack == pack)
+            .map(|f| u64::from(f.stored_len) + crate::pack::HEADER_LEN)
+            .sum()
+    }
+
+    /// Raw bytes of the blobs that lie in `pack`'s frames.
+    pub fn raw_bytes_in(&self, pack: u32) -> u64 {
+        self.blobs
+            .iter()
+            .filter(|b| {
+                self.frames
+                    .get(b.frame as usize)
+                    .is_some_and(|f| f.pack == pack)
+            })
+            .map(|b| u64::from(b.len))
+            .sum()
+    }
+
+    /// Encodes the index section.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut records = Vec::with_capacity(
+            self.frames.len() * FRAME_RECORD
+                + self.blobs.len() * BLOB_RECORD
+                + self.starts.len() * CHUNK_RECORD,
+        );
+        for f in &self.frames {
+            records.extend_from_slice(&f.pack.to_le_bytes());
+            records.extend_from_slice(&u32::from(f.zstd).to_le_bytes());
+            records.extend_from_slice(&f.offset.to_le_bytes());
+            records.extend_from_slice(&f.stored_len.to_le_bytes());
+            records.extend_from_slice(&f.raw_len.to_le_bytes());
+        }
+        for b in &self.blobs {
+            records.extend_from_slice(&b.frame.to_le_bytes());
+            records.extend_from_slice(&b.start.to_le_bytes());
+            records.extend_from_slice(&b.len.to_le_bytes());
+            records.extend_from_slice(&b.hash);
+        }
+        for s in &self.starts {
+            records.extend_from_slice(&s.to_le_bytes());
+        }
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+        let mut out = Vec::with_capacity(INDEX_HEADER + records.len());
+        out.extend_from_slice(INDEX_MAGIC);
+        out.extend_from_slice(&count(self.frames.len()));
+        out.extend_from_slice(&count(self.blobs.len()));
+        out.extend_from_slice(&count(self.starts.len()));
+        out.extend_from_slice(&crc32c::crc32c(&records).to_le_bytes());
+        out.extend_from_slice(&records);
+        out
+    }
+
+    /// Decodes an index section, checking its size against `bytes` before allocating, its
+    /// crc32c and every cross-reference (`packs` is the number of packs the manifest names).
+    /// `Err` says what is wrong and at which offset of the section.
+    pub fn decode(bytes: &[u8], packs: usize) -> Result<ChunkIndex, (u64, String)> {
+        if bytes.len() < INDEX_HEADER {
+            return Err((0, "chunk index truncated".into()));
+        }
+        if &bytes[..8] != INDEX_MAGIC {
+            return Err((0, "chunk index: bad magic".into()));
+        }
+        let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+        let (nframes, nblobs, nchunks, crc) = (word(8), word(12), word(16), word(20));
+        let need = nframes as u64 * FRAME_RECORD as u64
+            + nblobs as u64 * BLOB_RECORD as u64
+            + nchunks as u64 * CHUNK_RECORD as u64;
+        let have = (bytes.len() - INDEX_HEADER) as u64;
+        if need != have {
+            return Err((
+                INDEX_HEADER as u64,
+                format!("chunk index announces {need} bytes of records but holds {have}"),
+            ));
+        }
+        let records = &bytes[INDEX_HEADER..];
+        if crc32c::crc32c(records) != crc {
+            return Err((INDEX_HEADER as u64, "chunk index crc32c mismatch".into()));
+        }
+        let rword = |i: usize| u32::from_le_bytes(records[i..i + 4].try_into().expect("4 bytes"));
+        let mut at = 0;
+        let mut index = ChunkIndex {
+            frames: Vec::with_capacity(nframes as usize),
+            blobs: Vec::with_capacity(nblobs as usize),
+            starts: Vec::with_capacity(nchunks as usize),
+        };
+        for i in 0..nframes {
+            let f = Frame {
+                pack: rword(at),
+                zstd: rword(at + 4) & 1 == 1,
+                offset: u64::from_le_bytes(records[at + 8..at + 16].try_into().expect("8")),
+                stored_len: rword(at + 16),
+                raw_len: rword(at + 20),
+            };
+            if f.pack as usize >= packs {
+                return Err((at as u64, format!("frame {i} names pack {}", f.pack)));
+            }
+            if f.stored_len > MAX_CHUNK || f.raw_len > MAX_CHUNK {
+                return Err((
+                    at as u64,
+                    format!("frame {i} is larger than the format allows"),
+                ));
+            }
+            index.frames.push(f);
+            at += FRAME_RECORD;
+        }
+        for i in 0..nblobs {
+            let mut hash = [0u8; 16];
+            hash.copy_from_slice(&records[at + 12..at + 28]);
+            let b = Blob {
+                frame: rword(at),
+                start: rword(at + 4),
+                len: rword(at + 8),
+                hash,
+            };
+            let frame = index
+                .frames
+                .get(b.frame as usize)
+                .ok_or_else(|| (at as u64, format!("blob {i} names frame {}", b.frame)))?;
+            if u64::from(b.start) + u64::from(b.len) > u64::from(frame.raw_len) {
+                return Err((at as u64, format!("blob {i} lies beyond its frame")));
+            }
+            index.blobs.push(b);
+            at += BLOB_RECORD;
+        }
+        let mut previous = 0;
+        for i in 0..nchunks {
+            let s = rword(at);
+            if s < previous || s > nblobs {
+                return Err((at as u64, format!("chunk {i} starts at blob {s}")));
+            }
+            previous = s;
+            index.starts.push(s);
+            at += CHUNK_RECORD;
+        }
+        for i in 0..nchunks {
+            if index.chunk_len(i) > u64::from(MAX_CHUNK) {
+                return Err((0, format!("chunk {i} is larger than the format allows")));
+            }
+        }
+        Ok(index)
+    }
+}
