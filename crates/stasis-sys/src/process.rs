@@ -447,3 +447,11 @@ pub fn ignore_signal(sig: i32) {
     // SAFETY: installing SIG_IGN has no memory-safety preconditions.
     unsafe { libc::signal(sig, libc::SIG_IGN) };
 }
+
+/// Gives `SIGPIPE` its default disposition in this process, for a command whose output may
+/// be piped into `head`: it then ends quietly when the reader goes away, as `cat` does,
+/// instead of failing on `EPIPE`.
+pub fn default_sigpipe() {
+    // SAFETY: installing SIG_DFL has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}

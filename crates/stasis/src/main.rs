@@ -62,6 +62,17 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let json = cli.json;
+    // Verbs that only print end quietly when their reader goes away (`stasis inspect | head`).
+    if matches!(
+        cli.command,
+        Command::Status(_)
+            | Command::List(_)
+            | Command::History(_)
+            | Command::Inspect(_)
+            | Command::Verify(_)
+    ) {
+        stasis_sys::process::default_sigpipe();
+    }
     let result = match cli.command {
         Command::Run(a) => cmd::run::run(a, json),
         Command::Checkpoint(a) => cmd::checkpoint::run(a, json),
