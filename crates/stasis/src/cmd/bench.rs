@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Memory sizes in MiB of the single-process random workloads.
-    #[arg(long, value_delimiter = ',', default_values_t = [64u64, 256, 1024])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [64u64, 256, 1024])]
     sizes: Vec<u64>,
     /// Size in MiB of the extra workloads: compressible, sparse, and a 4-process job.
     #[arg(long, default_value_t = 256)]
@@ -138,13 +138,14 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
         )?;
         let incr = stasis_json(&images, &["checkpoint", &name])?;
         let kill = stasis_json(&images, &["checkpoint", &name, "--kill"])?;
-        let generation = kill["path"].as_str().unwrap_or_default().to_owned();
+        // The baselines copy and read the bytes of the first, full checkpoint.
+        let generation = full["path"].as_str().unwrap_or_default().to_owned();
         std::thread::sleep(Duration::from_millis(200));
         let t = Instant::now();
         stasis(&images, &["restart", &name, "--detach"])?;
         let restart_ms = ms(t.elapsed());
         let _ = stasis(&images, &["kill", &name]);
-        let pack = Path::new(&generation).join("pages.pack");
+        let pack = own_pack(Path::new(&generation))?;
         let stored = std::fs::metadata(&pack).map(|m| m.len()).unwrap_or(0);
         let dd = timed_shell(&format!(
             "dd if='{}' of='{}' bs=1M conv=fsync status=none",
@@ -176,6 +177,14 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
     let _ = stasis(&images, &["rm", &name]);
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// The pack file that generation `dir` wrote.
+fn own_pack(dir: &Path) -> Result<PathBuf> {
+    use stasis_image::generation::{MANIFEST_FILE, PACKS_DIR, read_manifest};
+    let m = read_manifest(&dir.join(MANIFEST_FILE))?;
+    let job = dir.parent().context("a generation has a job directory")?;
+    Ok(job.join(PACKS_DIR).join(&m.packs[0]))
 }
 
 fn num(v: &Value, k: &str) -> f64 {
