@@ -149,7 +149,9 @@ int stasis_critical_leave(void);
  * STASIS_EDEADLK inside a critical section or from a callback (the checkpoint would wait for
  * the caller); STASIS_EFAIL if the checkpoint failed.
  *
- * Thread-safe. Not async-signal-safe (allocates).
+ * Thread-safe. blocking == 0 is async-signal-safe once stasis_is_active() has returned
+ * outside a signal handler: it then makes only the system calls socket(), connect(), send()
+ * and close(), and keeps errno. blocking != 0 is not async-signal-safe (allocates).
  */
 int stasis_request_checkpoint(int blocking);
 

@@ -137,10 +137,22 @@ pub extern "C" fn stasis_critical_leave() -> c_int {
 /// STASIS_EDEADLK inside a critical section or from a callback (the checkpoint would wait for
 /// the caller); STASIS_EFAIL if the checkpoint failed.
 ///
-/// Thread-safe. Not async-signal-safe (allocates).
+/// Thread-safe. blocking == 0 is async-signal-safe once stasis_is_active() has returned
+/// outside a signal handler: it then makes only the system calls socket(), connect(), send()
+/// and close(), and keeps errno. blocking != 0 is not async-signal-safe (allocates).
 #[unsafe(no_mangle)]
 pub extern "C" fn stasis_request_checkpoint(blocking: c_int) -> c_int {
-    match client::request_checkpoint(blocking != 0) {
+    if blocking == 0 {
+        let errno = nix::errno::Errno::last_raw();
+        let rc = match client::request_checkpoint_nowait() {
+            Ok(true) => STASIS_OK,
+            Ok(false) => STASIS_NOT_ACTIVE,
+            Err(_) => STASIS_EFAIL,
+        };
+        nix::errno::Errno::set_raw(errno);
+        return rc;
+    }
+    match client::request_checkpoint(true) {
         Ok(Requested::NotActive) => STASIS_NOT_ACTIVE,
         Ok(Requested::Sent | Requested::Written(_)) => STASIS_OK,
         Ok(Requested::Restarted) => STASIS_RESTARTED,
