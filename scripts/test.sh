@@ -43,7 +43,7 @@ if [ "$(id -u)" = 0 ]; then
     cp -r tests/programs "$stage/repo/tests/"
     cp -r include examples "$stage/repo/"
     cp target/debug/stasis "$stage/bin/stasis"
-    cp target/debug/deps/libstasis.so "$stage/bin/"
+    cp target/debug/deps/libstasis.so target/debug/deps/libstasis.a "$stage/bin/"
     mapfile -t tests < <(cargo test -p stasis --tests --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
 for l in sys.stdin:

@@ -14,17 +14,21 @@
 //!   `"restarted":true` and receive `{"event":"restarted","generation":G}`: we run the
 //!   post-restart callbacks, then reopen critical sections;
 //! - `{"event":"attached"}`: the attach was accepted.
+//!
+//! A forked child inherits none of this: `pthread_atfork` handlers hold the state's lock across
+//! `fork()`, and in the child reset the state and close the inherited connection (which would
+//! otherwise keep the parent attached after it exits).
 
 use std::cell::Cell;
-use std::ffi::c_void;
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{MsgFlags, send};
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr, send, socket};
 use serde::Deserialize;
 
 use crate::error::Error;
@@ -74,8 +78,8 @@ pub struct Event {
     pub is_restart: bool,
 }
 
-/// A C callback: the function and its argument (kept as an address).
-pub(crate) type CFunc = extern "C" fn(*const StasisEvent, *mut c_void);
+/// A C callback (a non-null `stasis_callback`).
+pub(crate) type CFunc = extern "C" fn(*const StasisEvent, *mut std::ffi::c_void);
 
 /// A registered callback.
 pub(crate) enum Callback {
@@ -121,6 +125,26 @@ struct State {
     closed: bool,
     /// Threads inside a critical section.
     inside: u32,
+    /// Our thread's connection to the supervisor, while it has one.
+    conn: Option<RawFd>,
+}
+
+impl State {
+    /// Forgets everything of the parent's in a forked child: its callbacks (without dropping
+    /// them: their destructors belong to the parent), its thread, its connection (closed
+    /// here: the child must not keep the parent attached). The forking thread's own critical
+    /// sections are the child's.
+    fn reset_in_child(&mut self) {
+        self.pid = std::process::id();
+        std::mem::forget(std::mem::take(&mut self.callbacks));
+        self.thread = false;
+        self.attached = false;
+        self.closed = false;
+        self.inside = u32::from(DEPTH.get() > 0);
+        if let Some(fd) = self.conn.take() {
+            let _ = nix::unistd::close(fd);
+        }
+    }
 }
 
 struct Lib {
@@ -133,35 +157,52 @@ thread_local! {
     static DEPTH: Cell<u32> = const { Cell::new(0) };
     /// This is the library's own thread.
     static LIB_THREAD: Cell<bool> = const { Cell::new(false) };
+    /// The state's lock, held by the forking thread across `fork()`.
+    static FORK_GUARD: Cell<Option<MutexGuard<'static, State>>> = const { Cell::new(None) };
 }
 
 fn lib() -> &'static Lib {
     static LIB: OnceLock<Lib> = OnceLock::new();
-    LIB.get_or_init(|| Lib {
-        state: Mutex::new(State {
-            pid: std::process::id(),
-            callbacks: Vec::new(),
-            thread: false,
-            attached: false,
-            closed: false,
-            inside: 0,
-        }),
-        changed: Condvar::new(),
+    LIB.get_or_init(|| {
+        crate::atfork::register(before_fork, after_fork_in_parent, after_fork_in_child);
+        Lib {
+            state: Mutex::new(State {
+                pid: std::process::id(),
+                callbacks: Vec::new(),
+                thread: false,
+                attached: false,
+                closed: false,
+                inside: 0,
+                conn: None,
+            }),
+            changed: Condvar::new(),
+        }
     })
+}
+
+/// `pthread_atfork` prepare handler: no other thread holds the state's lock during `fork()`,
+/// so the child finds it consistent.
+extern "C" fn before_fork() {
+    let guard = lib().state.lock().unwrap_or_else(|e| e.into_inner());
+    FORK_GUARD.set(Some(guard));
+}
+
+extern "C" fn after_fork_in_parent() {
+    drop(FORK_GUARD.take());
+}
+
+extern "C" fn after_fork_in_child() {
+    if let Some(mut guard) = FORK_GUARD.take() {
+        guard.reset_in_child();
+    }
 }
 
 impl Lib {
     fn lock(&self) -> MutexGuard<'_, State> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let me = std::process::id();
-        if s.pid != me {
-            // We are a forked child: nothing of the parent's registrations applies.
-            s.pid = me;
-            s.callbacks.clear();
-            s.thread = false;
-            s.attached = false;
-            s.closed = false;
-            s.inside = u32::from(DEPTH.get() > 0);
+        if s.pid != std::process::id() {
+            // A child made without the fork handlers (a raw clone()).
+            s.reset_in_child();
         }
         s
     }
@@ -173,15 +214,26 @@ impl Lib {
 }
 
 /// The supervisor's control socket, from `STASIS_CONTROL` (read once).
-pub(crate) fn control() -> Option<&'static Path> {
-    static CONTROL: OnceLock<Option<PathBuf>> = OnceLock::new();
+struct Control {
+    path: PathBuf,
+    /// Its address, made once so that a request from a signal handler need not.
+    addr: Option<UnixAddr>,
+}
+
+fn control_socket() -> Option<&'static Control> {
+    static CONTROL: OnceLock<Option<Control>> = OnceLock::new();
     CONTROL
         .get_or_init(|| {
-            std::env::var_os("STASIS_CONTROL")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
+            let path = PathBuf::from(std::env::var_os("STASIS_CONTROL").filter(|v| !v.is_empty())?);
+            let addr = UnixAddr::new(&path).ok();
+            Some(Control { path, addr })
         })
-        .as_deref()
+        .as_ref()
+}
+
+/// The supervisor's control socket, from `STASIS_CONTROL` (read once).
+pub(crate) fn control() -> Option<&'static Path> {
+    control_socket().map(|c| c.path.as_path())
 }
 
 /// Whether this process runs under a Stasis supervisor: `STASIS_CONTROL` is set and the
@@ -287,27 +339,59 @@ struct Answer {
     message: String,
 }
 
+/// The checkpoint request, as sent on the control socket.
+const CHECKPOINT_REQUEST: &[u8] = b"{\"op\":\"checkpoint\",\"kill\":false}\n";
+
+/// Asks for a checkpoint without waiting for it: `Ok(false)` when not under Stasis. Once
+/// [`is_active`] has returned, this is async-signal-safe: it only reads what that call set up
+/// and makes system calls (socket, connect, send, close), allocating nothing.
+pub(crate) fn request_checkpoint_nowait() -> Result<bool, Errno> {
+    let Some(c) = control_socket().filter(|_| is_active()) else {
+        return Ok(false);
+    };
+    let addr = c.addr.as_ref().ok_or(Errno::ENAMETOOLONG)?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    nix::sys::socket::connect(fd.as_raw_fd(), addr)?;
+    let mut sent = 0;
+    while sent < CHECKPOINT_REQUEST.len() {
+        match send(
+            fd.as_raw_fd(),
+            &CHECKPOINT_REQUEST[sent..],
+            MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(n) => sent += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
 /// Asks the supervisor for a checkpoint of the job (it continues afterwards).
 pub fn request_checkpoint(blocking: bool) -> Result<Requested, Error> {
     let Some(path) = control().filter(|_| is_active()) else {
         return Ok(Requested::NotActive);
     };
-    if blocking && (DEPTH.get() > 0 || LIB_THREAD.get()) {
-        return Err(Error::WouldDeadlock);
-    }
     let io = |source| Error::Io {
         path: path.display().to_string(),
         source,
     };
-    let stream = UnixStream::connect(path).map_err(io)?;
-    send_line(
-        &stream,
-        &serde_json::json!({"op": "checkpoint", "kill": false}),
-    )
-    .map_err(io)?;
     if !blocking {
-        return Ok(Requested::Sent);
+        return match request_checkpoint_nowait() {
+            Ok(_) => Ok(Requested::Sent),
+            Err(e) => Err(io(e.into())),
+        };
     }
+    if DEPTH.get() > 0 || LIB_THREAD.get() {
+        return Err(Error::WouldDeadlock);
+    }
+    let stream = UnixStream::connect(path).map_err(io)?;
+    send_line_bytes(&stream, CHECKPOINT_REQUEST).map_err(io)?;
     let mut line = String::new();
     let n = BufReader::new(&stream).read_line(&mut line).map_err(io)?;
     if n == 0 {
@@ -326,6 +410,11 @@ pub fn request_checkpoint(blocking: bool) -> Result<Requested, Error> {
 fn send_line(stream: &UnixStream, msg: &serde_json::Value) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
+    send_line_bytes(stream, &bytes)
+}
+
+/// Writes a whole line without raising `SIGPIPE`.
+fn send_line_bytes(stream: &UnixStream, bytes: &[u8]) -> std::io::Result<()> {
     let mut sent = 0;
     while sent < bytes.len() {
         match send(stream.as_raw_fd(), &bytes[sent..], MsgFlags::MSG_NOSIGNAL) {
@@ -365,13 +454,18 @@ fn run_callbacks(phase: Phase, generation: u32, is_restart: bool) {
 }
 
 /// Connects, retrying for up to `patience` (a restarted job may run before its new
-/// supervisor listens).
+/// supervisor listens). The connection is recorded as ours under the state's lock, so that a
+/// fork() never sees it unrecorded.
 fn connect(path: &Path, patience: Duration) -> Option<UnixStream> {
     let deadline = Instant::now() + patience;
     let mut pause = Duration::from_millis(5);
     loop {
-        if let Ok(s) = UnixStream::connect(path) {
-            return Some(s);
+        {
+            let mut s = lib().lock();
+            if let Ok(stream) = UnixStream::connect(path) {
+                s.conn = Some(stream.as_raw_fd());
+                return Some(stream);
+            }
         }
         if Instant::now() >= deadline {
             return None;
@@ -399,6 +493,9 @@ fn run(path: &'static Path) {
         if send_line(&stream, &attach).is_ok() {
             serve(&stream);
         }
+        // Forgotten before it is closed, so that a fork never closes a reused descriptor.
+        lib().lock().conn = None;
+        drop(stream);
         restarted = true;
     }
     // The supervisor is gone for good: nothing will ever close critical sections again.

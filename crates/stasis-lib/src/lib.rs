@@ -16,6 +16,9 @@
 //! }
 //! ```
 
+// pthread_atfork needs `unsafe`; nothing else outside the C ABI does.
+#[allow(unsafe_code)]
+mod atfork;
 mod client;
 mod error;
 // The C ABI needs exported, unmangled symbols (`#[unsafe(no_mangle)]`), which the
