@@ -3,8 +3,9 @@
 #
 # 1. As root, installs the Debian packages the tests need (gcc, static libc, python3,
 #    util-linux for setpriv/script, redis, MPICH and Open MPI for real-program tests, g++
-#    for libFuzzer).
-# 2. Checks formatting and lints, builds, and runs every test as the current user, then
+#    for libFuzzer, Slurm and munge for the batch script).
+# 2. Checks formatting and lints, builds, and runs every test as the current user; as root,
+#    runs the Slurm batch script against a real slurmctld/slurmd (tests/slurm/run.sh); then
 #    fuzzes every parser for a bounded time (scripts/fuzz.sh; STASIS_FUZZ_SECONDS per target,
 #    default 40).
 # 3. As root, runs every integration test a second time as the unprivileged user nobody
@@ -14,7 +15,8 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ]; then
     missing=()
-    for pkg in gcc libc6-dev python3 util-linux redis-server redis-tools mpich libmpich-dev openmpi-bin libopenmpi-dev g++; do
+    for pkg in gcc libc6-dev python3 util-linux redis-server redis-tools mpich libmpich-dev openmpi-bin libopenmpi-dev g++ \
+        slurm-wlm munge; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -31,6 +33,11 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> tests as $(id -un)"
 cargo test --workspace
 
+if [ "$(id -u)" = 0 ]; then
+    echo "==> the Slurm batch script against a real slurmctld and slurmd"
+    STASIS_BIN=target/debug/stasis ./tests/slurm/run.sh
+fi
+
 echo "==> fuzzing every parser of on-disk and on-wire data (bounded)"
 ./scripts/fuzz.sh "${STASIS_FUZZ_SECONDS:-40}"
 
@@ -41,7 +48,7 @@ if [ "$(id -u)" = 0 ]; then
     chmod 755 "$stage"
     mkdir -p "$stage/repo/tests" "$stage/bin"
     cp -r tests/programs "$stage/repo/tests/"
-    cp -r include examples "$stage/repo/"
+    cp -r include examples docs "$stage/repo/"
     cp target/debug/stasis "$stage/bin/stasis"
     cp target/debug/deps/libstasis.so target/debug/deps/libstasis.a "$stage/bin/"
     mapfile -t tests < <(cargo test -p stasis --tests --no-run --message-format=json 2>/dev/null |

@@ -2,7 +2,8 @@
 //! generation), `rm` (refusals while the job runs, crash-safe removal, leftovers cleaned up),
 //! `--keep` retention on `checkpoint` and on the supervisor, periodic checkpoints
 //! (`--interval`), the checkpoint signal (`--checkpoint-signal`), and failures of the last two
-//! leaving the job running.
+//! leaving the job running. The Slurm batch script built on them is run against a real
+//! Slurm by `tests/slurm/run.sh`; here, only that docs/slurm.md shows it unchanged.
 
 mod common;
 
@@ -467,4 +468,24 @@ fn incremental_generations_share_unchanged_pages_and_survive_removing_older_ones
     env.go();
     assert_eq!(restarted.wait(), 0, "{}", env.stderr(&restarted));
     assert_all_pass(&env.output(&restarted));
+}
+
+/// docs/slurm.md shows `examples/slurm/stasis-job.sbatch`, the script `tests/slurm/run.sh`
+/// runs against a real slurmctld, exactly as it is: the two cannot drift apart.
+#[test]
+fn slurm_doc_shows_the_tested_batch_script() {
+    let repo = common::repo();
+    let script = fs::read_to_string(repo.join("examples/slurm/stasis-job.sbatch")).unwrap();
+    let doc = fs::read_to_string(repo.join("docs/slurm.md")).unwrap();
+    let link = "](../examples/slurm/stasis-job.sbatch)";
+    let after = &doc[doc.find(link).expect("docs/slurm.md links the script")..];
+    let open = "```bash\n";
+    let start = after.find(open).expect("a bash block after the link") + open.len();
+    let block = &after[start..];
+    let block = &block[..=block.find("\n```\n").expect("the block ends")];
+    assert!(
+        block == script,
+        "docs/slurm.md's batch script differs from examples/slurm/stasis-job.sbatch: copy the \
+         file into the doc"
+    );
 }
