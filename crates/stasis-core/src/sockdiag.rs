@@ -17,7 +17,9 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const UDIAG_SHOW_NAME: u32 = 1;
 const UDIAG_SHOW_PEER: u32 = 4;
+const UDIAG_SHOW_ICONS: u32 = 8;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
+const UNIX_DIAG_ICONS: u16 = 3;
 const UNIX_DIAG_NAME: u16 = 0;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_RQLEN: u16 = 4;
@@ -46,6 +48,8 @@ pub struct UnixSocket {
     pub rqueue: u32,
     /// Shutdown bits: 1 = no more receiving, 2 = no more sending.
     pub shutdown: u8,
+    /// Listening: the inodes of the sockets whose connections wait to be accepted.
+    pub pending: Vec<u64>,
 }
 
 fn err(what: &str) -> CoreError {
@@ -92,6 +96,12 @@ fn parse_socket(msg: &[u8]) -> UnixSocket {
                 s.name = Some(name);
             }
             UNIX_DIAG_PEER => s.peer = u64::from(u32_at(data, 0)),
+            UNIX_DIAG_ICONS => {
+                s.pending = data
+                    .chunks_exact(4)
+                    .map(|c| u64::from(u32_at(c, 0)))
+                    .collect();
+            }
             UNIX_DIAG_RQLEN => s.rqueue = u32_at(data, 0),
             UNIX_DIAG_SHUTDOWN => s.shutdown = data.first().copied().unwrap_or(0),
             _ => {}
@@ -119,7 +129,9 @@ pub fn unix_sockets() -> CoreResult<HashMap<u64, UnixSocket>> {
     req.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
     req.extend_from_slice(&u32::MAX.to_ne_bytes());
     req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    req.extend_from_slice(
+        &(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN).to_ne_bytes(),
+    );
     req.extend_from_slice(&[0u8; 8]);
     sendto(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
@@ -309,7 +321,25 @@ fn parse_addr(text: &str, v6: bool) -> Option<std::net::SocketAddr> {
 
 /// Every TCP and UDP socket of our network namespace, by inode.
 pub fn inet_sockets() -> HashMap<u64, InetSocket> {
-    let mut out = HashMap::new();
+    all_inet()
+        .into_iter()
+        .filter(|s| s.ino != 0)
+        .map(|s| (s.ino, s))
+        .collect()
+}
+
+/// TCP connections that a listening socket of our network namespace holds but that nobody
+/// has accepted yet (established or being established; no inode, no descriptor).
+pub fn pending_connections() -> Vec<InetSocket> {
+    all_inet()
+        .into_iter()
+        .filter(|s| s.ino == 0 && s.protocol == libc::IPPROTO_TCP && matches!(s.state, 1 | 3))
+        .collect()
+}
+
+/// Every entry of `/proc/net/{tcp,udp}{,6}`.
+fn all_inet() -> Vec<InetSocket> {
+    let mut out = Vec::new();
     for (file, protocol, v6) in [
         ("tcp", libc::IPPROTO_TCP, false),
         ("tcp6", libc::IPPROTO_TCP, true),
@@ -333,9 +363,7 @@ pub fn inet_sockets() -> HashMap<u64, InetSocket> {
                     rx_queue: u32::from_str_radix(rx, 16).ok()?,
                 })
             })();
-            if let Some(s) = parsed.filter(|s| s.ino != 0) {
-                out.insert(s.ino, s);
-            }
+            out.extend(parsed);
         }
     }
     out

@@ -528,6 +528,10 @@ pub enum OpenFile {
         queued: Vec<Vec<u32>>,
         /// Shutdown bits: 1 = receiving, 2 = sending.
         shutdown: u8,
+        /// A connection not yet accepted by the job's listening socket of this name (hex):
+        /// restored by connecting to it again.
+        #[serde(default)]
+        connect_to: Option<String>,
     },
     /// A TCP or UDP socket.
     InetSocket {
@@ -553,6 +557,10 @@ pub enum OpenFile {
         /// `queued`.
         #[serde(default)]
         senders: Vec<String>,
+        /// TCP: a connection waiting in the accept queue of a listening socket of the job
+        /// (at `remote`), restored by connecting to it again.
+        #[serde(default)]
+        pending_accept: bool,
         /// Socket options.
         options: SocketOptions,
     },

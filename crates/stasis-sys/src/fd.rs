@@ -32,6 +32,35 @@ pub fn queued_bytes(fd: BorrowedFd<'_>) -> SysResult<usize> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
+/// Bytes a socket has sent that its peer has not yet taken (`SIOCOUTQ`: for TCP, sent but
+/// not acknowledged plus not yet sent; for a unix socket, data not yet read by the peer).
+pub fn unsent_bytes(fd: BorrowedFd<'_>) -> SysResult<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int to a valid pointer.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut n) }.into();
+    check(ret, "ioctl(SIOCOUTQ)", 0)?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Whether a TCP socket is corked (`TCP_CORK`): data it was given waits to be sent.
+pub fn tcp_corked(fd: BorrowedFd<'_>) -> SysResult<bool> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes to a valid int and updates `len`.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
+    }
+    .into();
+    check(ret, "getsockopt(TCP_CORK)", 0)?;
+    Ok(v != 0)
+}
+
 /// `F_GETPIPE_SZ`.
 pub fn pipe_size(fd: BorrowedFd<'_>) -> SysResult<usize> {
     // SAFETY: fcntl with an integer command on a live descriptor.

@@ -78,3 +78,13 @@ fn sysv_semaphores_queues_inotify_and_ptys_survive_kill_and_restart() {
 fn sysv_semaphores_queues_inotify_and_ptys_survive_a_checkpoint_that_continues() {
     run("t_ipc", false, false);
 }
+
+#[test]
+fn backpressured_tcp_and_unaccepted_connections_survive_kill_and_restart() {
+    run("t_backlog", true, false);
+}
+
+#[test]
+fn backpressured_tcp_and_unaccepted_connections_survive_a_checkpoint_that_continues() {
+    run("t_backlog", false, false);
+}

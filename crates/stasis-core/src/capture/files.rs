@@ -37,6 +37,11 @@ pub struct FileTable {
     pty_pairs: HashSet<u32>,
     /// A copy of the master of each pair met so far, for reading the pair's state.
     pub(super) pty_masters: HashMap<u32, OwnedFd>,
+    /// The processes of the job.
+    pids: Vec<i32>,
+    /// Bytes taken out of TCP connections of the job, put back when the table is dropped
+    /// (before the job runs again).
+    refills: Vec<sockets::Refill>,
 }
 
 /// The index of a pseudo-terminal slave path (`/dev/pts/N`).
@@ -128,6 +133,125 @@ fn anon_inode(pid: i32, e: &proc::FdEntry, flags: i32) -> Result<OpenFile, Strin
 }
 
 impl FileTable {
+    /// A descriptor of socket `ino`, fetched from whichever process of the job holds it.
+    fn fetch_socket(&self, ino: u64) -> Option<OwnedFd> {
+        let target = format!("socket:[{ino}]");
+        self.pids.iter().find_map(|&pid| {
+            let e = proc::fds(pid)
+                .ok()?
+                .into_iter()
+                .find(|e| e.target == target)?;
+            let pidfd = process::pidfd_open(pid).ok()?;
+            process::pidfd_getfd(&pidfd, e.fd, pid).ok()
+        })
+    }
+
+    /// The name (hex) of the job's listening unix socket whose accept queue holds the
+    /// connection of socket `ino`, if any.
+    fn unix_listener_of(&self, ino: u64) -> Option<String> {
+        self.unix.as_ref()?.values().find_map(|l| {
+            (l.state == crate::sockdiag::STATE_LISTEN
+                && l.pending.contains(&ino)
+                && self.job_sockets.contains(&l.ino))
+            .then(|| l.name.as_deref().map(stasis_image::hex::encode))
+            .flatten()
+        })
+    }
+
+    /// The not yet accepted connection, held by a listening socket of the job, whose client
+    /// end is TCP socket `s`.
+    fn tcp_pending_of(
+        &self,
+        s: &crate::sockdiag::InetSocket,
+    ) -> Option<crate::sockdiag::InetSocket> {
+        let listens_there = self.inet.as_ref()?.values().any(|l| {
+            l.state == crate::sockdiag::STATE_LISTEN
+                && self.job_sockets.contains(&l.ino)
+                && l.local.port() == s.remote.port()
+                && (l.local.ip().is_unspecified() || l.local.ip() == s.remote.ip())
+        });
+        if !listens_there {
+            return None;
+        }
+        crate::sockdiag::pending_connections()
+            .into_iter()
+            .find(|p| p.local == s.remote && p.remote == s.local)
+    }
+
+    /// Checks the connections waiting in the accept queue of TCP listening socket `l`: one
+    /// whose client is in the job must hold no unread data (it could not be read without
+    /// accepting it); one from outside the job is lost at restart, like every connection to
+    /// the outside.
+    fn check_tcp_backlog(&self, l: &crate::sockdiag::InetSocket) -> Result<(), String> {
+        for p in crate::sockdiag::pending_connections() {
+            if p.local.port() != l.local.port()
+                || !(l.local.ip().is_unspecified() || l.local.ip() == p.local.ip())
+            {
+                continue;
+            }
+            let client_in_job = self.inet.as_ref().is_some_and(|all| {
+                all.values().any(|c| {
+                    c.local == p.remote && c.remote == p.local && self.job_sockets.contains(&c.ino)
+                })
+            });
+            if client_in_job && p.rx_queue > 0 {
+                return Err(format!(
+                    "a connection from {} waits to be accepted with {} bytes the server has not read yet",
+                    p.remote, p.rx_queue
+                ));
+            }
+            if !client_in_job {
+                tracing::warn!(
+                    "a connection from {} outside the job waits to be accepted at {}: after a restart it is gone",
+                    p.remote,
+                    l.local
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// When TCP peer `peer` (a socket of the job) still holds bytes for socket `s` that `s`
+    /// had no room for, takes every byte in flight towards `s` out of the connection, to be
+    /// saved, and arranges for them to be put back through the peer before the job runs
+    /// again. `None` when the receive queue shows everything.
+    fn drain_towards(
+        &mut self,
+        ours: &OwnedFd,
+        s: &crate::sockdiag::InetSocket,
+        peer: u64,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let Some(p) = self.inet.as_ref().and_then(|all| all.get(&peer)).cloned() else {
+            return Ok(None);
+        };
+        if p.tx_queue == 0 {
+            return Ok(None);
+        }
+        if s.state != crate::sockdiag::STATE_ESTABLISHED || p.state != s.state {
+            return Err(format!(
+                "its peer has closed its side with {} bytes still unsent",
+                p.tx_queue
+            ));
+        }
+        let sender = self.fetch_socket(peer).ok_or_else(|| {
+            format!("the peer socket {peer} holding data for it cannot be fetched")
+        })?;
+        let sender_copy = sender
+            .try_clone()
+            .map_err(|e| format!("duplicating socket {peer}: {e}"))?;
+        match sockets::drain_tcp(ours, &sender) {
+            Ok(data) => {
+                self.refills
+                    .push(sockets::Refill::new(sender_copy, data.clone()));
+                Ok(Some(data))
+            }
+            Err((data, why)) => {
+                self.refills.push(sockets::Refill::new(sender_copy, data));
+                Err(why)
+            }
+        }
+    }
+
     /// A table for the job made of processes `pids`; `terminal` is the index of the
     /// pseudo-terminal the supervisor gave the job, if any.
     pub fn new(pids: &[i32], terminal: Option<u32>) -> Self {
@@ -158,6 +282,7 @@ impl FileTable {
         FileTable {
             job_sockets,
             pty_pairs,
+            pids: pids.to_vec(),
             ..FileTable::default()
         }
     }
@@ -249,7 +374,26 @@ impl FileTable {
                 match unix {
                     Some(u) => {
                         let in_job = u.peer != 0 && self.job_sockets.contains(&u.peer);
-                        if e.fd <= 2 && !in_job && u.state != crate::sockdiag::STATE_LISTEN {
+                        let connect_to = if u.peer == 0 {
+                            self.unix_listener_of(u.ino)
+                        } else {
+                            None
+                        };
+                        if u.state == crate::sockdiag::STATE_LISTEN {
+                            for client in &u.pending {
+                                if !self.job_sockets.contains(client) {
+                                    tracing::warn!(
+                                        "a connection from outside the job waits to be accepted by unix socket {}: after a restart it is gone",
+                                        u.ino
+                                    );
+                                }
+                            }
+                        }
+                        if e.fd <= 2
+                            && !in_job
+                            && connect_to.is_none()
+                            && u.state != crate::sockdiag::STATE_LISTEN
+                        {
                             OpenFile::Stdio {
                                 path: e.target.clone(),
                                 flags,
@@ -258,7 +402,7 @@ impl FileTable {
                             let ours = process::pidfd_getfd(&pidfd, e.fd, pid).ctx(|| {
                                 format!("fetching socket descriptor {} of process {pid}", e.fd)
                             })?;
-                            sockets::capture_unix(&ours, &u, in_job, flags, pack)
+                            sockets::capture_unix(&ours, &u, in_job, connect_to, flags, pack)
                                 .map_err(|why| unsupported(&why))?
                         }
                     }
@@ -280,8 +424,15 @@ impl FileTable {
                                         })
                                         .map(|o| o.ino)
                                 });
+                                let tcp = s.protocol == libc::IPPROTO_TCP;
+                                let pending = if tcp && peer.is_none() {
+                                    self.tcp_pending_of(&s)
+                                } else {
+                                    None
+                                };
                                 if e.fd <= 2
                                     && peer.is_none()
+                                    && pending.is_none()
                                     && s.state != crate::sockdiag::STATE_LISTEN
                                 {
                                     OpenFile::Stdio {
@@ -296,8 +447,32 @@ impl FileTable {
                                                 e.fd
                                             )
                                         })?;
-                                    sockets::capture_inet(&ours, &s, peer, flags, pack)
-                                        .map_err(|why| unsupported(&why))?
+                                    if tcp && s.state == crate::sockdiag::STATE_LISTEN {
+                                        self.check_tcp_backlog(&s)
+                                            .map_err(|why| unsupported(&why))?;
+                                    }
+                                    if let Some(p) = pending.as_ref().filter(|p| p.rx_queue > 0) {
+                                        return Err(unsupported(&format!(
+                                            "its connection waits to be accepted with {} bytes the server has not read yet",
+                                            p.rx_queue
+                                        )));
+                                    }
+                                    let drained = match peer {
+                                        Some(p) if tcp => self
+                                            .drain_towards(&ours, &s, p)
+                                            .map_err(|why| unsupported(&why))?,
+                                        _ => None,
+                                    };
+                                    sockets::capture_inet(
+                                        &ours,
+                                        &s,
+                                        peer,
+                                        pending.is_some(),
+                                        drained.as_deref(),
+                                        flags,
+                                        pack,
+                                    )
+                                    .map_err(|why| unsupported(&why))?
                                 }
                             }
                             None if e.fd <= 2 => OpenFile::Stdio {

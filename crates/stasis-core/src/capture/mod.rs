@@ -6,7 +6,7 @@ mod inotify;
 mod memory;
 mod process;
 mod snapshot;
-mod sockets;
+pub(crate) mod sockets;
 mod sysv;
 mod threads;
 

@@ -75,6 +75,7 @@ impl Sockets {
             name,
             peer,
             peer_in_job,
+            connect_to,
             ..
         } = f
         else {
@@ -82,7 +83,15 @@ impl Sockets {
         };
         let ty = sock_type(*socket_type)?;
         if !self.ends.contains_key(ino) {
-            if *peer != 0 && *peer_in_job && peer_of(*peer) == Some(*ino) {
+            if let Some(listener) = connect_to {
+                // Waiting in the accept queue of a listening socket of the job, which is
+                // bound and listening again by now: connect to it again.
+                let s = socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None)
+                    .map_err(errno("socket"))?;
+                connect(s.as_raw_fd(), &address(listener, false)?)
+                    .map_err(errno("connecting to a restored listening socket"))?;
+                self.ends.insert(*ino, s);
+            } else if *peer != 0 && *peer_in_job && peer_of(*peer) == Some(*ino) {
                 let (a, b) = socketpair(AddressFamily::Unix, ty, None, SockFlag::SOCK_CLOEXEC)
                     .map_err(errno("socketpair"))?;
                 self.ends.insert(*ino, a);
@@ -115,10 +124,17 @@ impl Sockets {
     }
 
     /// Binds every TCP/UDP socket that has an address of its own (listeners, bound and UDP
-    /// sockets) before any connection is rebuilt: rebuilding a connection takes loopback
-    /// ports, which must not be one of the job's.
-    pub fn bind_inet_first(&mut self, files: &[OpenFile]) -> CoreResult<()> {
+    /// sockets), and every listening unix socket, before any connection is rebuilt:
+    /// rebuilding a connection takes loopback ports, which must not be one of the job's, and
+    /// a connection not yet accepted is queued again on its listening socket.
+    pub fn bind_first(&mut self, files: &[OpenFile]) -> CoreResult<()> {
         for f in files {
+            if let OpenFile::UnixSocket {
+                listening: true, ..
+            } = f
+            {
+                self.stage(f, |_| None)?;
+            }
             if let OpenFile::InetSocket {
                 protocol, remote, ..
             } = f
@@ -145,6 +161,7 @@ impl Sockets {
             peer,
             peer_in_job,
             options,
+            pending_accept,
             ..
         } = f
         else {
@@ -154,7 +171,25 @@ impl Sockets {
         let local: SocketAddr = local.parse().map_err(|_| bad("local address"))?;
         if !self.ends.contains_key(ino) {
             let tcp = *protocol == libc::IPPROTO_TCP;
-            if tcp && remote.is_some() {
+            if let Some(r) = remote.as_deref().filter(|_| tcp && *pending_accept) {
+                // Waiting in the accept queue of a listening socket of the job, which is
+                // bound and listening again by now: connect to it again.
+                let r: SocketAddr = r.parse().map_err(|_| bad("remote address"))?;
+                let family = if r.is_ipv6() {
+                    AddressFamily::Inet6
+                } else {
+                    AddressFamily::Inet
+                };
+                let s = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+                    .map_err(errno("socket"))?;
+                apply(&s, options, tcp)?;
+                connect(s.as_raw_fd(), &SockaddrStorage::from(r)).map_err(|e| {
+                    CoreError::Incompatible(format!(
+                        "cannot queue a connection to the job's listening socket at {r} again: {e}"
+                    ))
+                })?;
+                self.ends.insert(*ino, s);
+            } else if tcp && remote.is_some() {
                 let (near, far) = connected_pair(local)?;
                 apply(&near, options, tcp)?;
                 if *peer_in_job && peer_of(*peer) == Some(*ino) {
@@ -268,15 +303,19 @@ impl Sockets {
                 for &c in message {
                     data.extend_from_slice(&image.chunk(c)?);
                 }
-                let mut sent = 0;
-                while sent < data.len() || (sent == 0 && data.is_empty()) {
-                    let n = send(far.as_raw_fd(), &data[sent..], MsgFlags::empty())
+                if data.is_empty() {
+                    // An empty datagram is a message too.
+                    send(far.as_raw_fd(), &data, MsgFlags::MSG_DONTWAIT)
                         .map_err(errno("refilling a socket"))?;
-                    sent += n;
-                    if data.is_empty() {
-                        break;
-                    }
+                    continue;
                 }
+                crate::capture::sockets::push_all(far, self.ends.get(ino), &data).map_err(
+                    |why| {
+                        CoreError::Incompatible(format!(
+                            "refilling socket {ino} with the data queued for it: {why}"
+                        ))
+                    },
+                )?;
             }
         }
         self.outside.clear();

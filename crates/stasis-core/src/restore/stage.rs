@@ -157,7 +157,7 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
     let mut pipes: HashMap<u64, (OwnedFd, OwnedFd)> = HashMap::new();
     let mut sockets = Sockets::default();
     let mut fifos: HashMap<u64, OwnedFd> = HashMap::new();
-    sockets.bind_inet_first(&m.files)?;
+    sockets.bind_first(&m.files)?;
     let peer_of = |ino: u64| {
         m.files.iter().find_map(|f| match f {
             OpenFile::UnixSocket { ino: i, peer, .. }
