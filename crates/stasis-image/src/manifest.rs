@@ -701,12 +701,15 @@ impl Manifest {
             }
         }
         for (i, shm) in self.shared_memory.iter().enumerate() {
+            // A file's last page runs past its size when the size is not a page multiple
+            // (a memfd or deleted file of 3000 bytes is saved as one page).
+            let limit = shm.size.div_ceil(4096).saturating_mul(4096);
             for run in &shm.pages {
                 let end = run
                     .addr
                     .checked_add(run_len(run)?)
                     .ok_or("page run overflows")?;
-                if end > shm.size {
+                if end > limit {
                     return Err(format!(
                         "shared memory object {i}: page run {:#x} beyond its size {}",
                         run.addr, shm.size
