@@ -36,11 +36,24 @@ pub enum CoreError {
         why: String,
     },
     /// A file the process had open or mapped is missing or changed since the checkpoint.
-    #[error("{path}: {detail}; restore refused (use --force to restore anyway)")]
+    #[error(
+        "{path}: {detail}; restore refused: put the file back as it was at the checkpoint, or checkpoint with --save-files so that the image keeps it (--force restores anyway)"
+    )]
     FileChanged {
         /// The file.
         path: String,
         /// What changed.
+        detail: String,
+    },
+    /// A file the image keeps (`--save-files`) exists at restart but differs from the saved
+    /// copy, and the job only read it: it is not overwritten.
+    #[error(
+        "{path}: {detail} since the checkpoint, and the image keeps this file as it was then; restore refused: move this file away and restart (Stasis then recreates it from the image), or restart with --force to use it as it is"
+    )]
+    SavedFileDiffers {
+        /// The file.
+        path: String,
+        /// What differs.
         detail: String,
     },
     /// This machine cannot run the image (other kernel vdso, missing CPU features, …).

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// Format version of the manifest and page pack written by this build.
 pub const FORMAT_VERSION: u32 = 2;
 
+/// Regular files up to this size (1 MiB) get a content hash ([`FileId::blake3`]) at
+/// checkpoint time, checked at restart; larger ones are checked by size and mtime only.
+pub const CONTENT_HASH_LIMIT: u64 = 1 << 20;
+
 /// One generation of one job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
@@ -35,6 +39,9 @@ pub struct Manifest {
     /// Pseudo-terminal pairs the job holds (either end), with their modes.
     #[serde(default)]
     pub ptys: Vec<Pty>,
+    /// Regular files whose content the image keeps (`--save-files`), one entry per path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub saved_files: Vec<SavedFile>,
     /// Pack files (in the job's `packs/` directory) that hold this generation's data; the
     /// first is the one this generation wrote, the others older ones it shares data with.
     pub packs: Vec<String>,
@@ -42,6 +49,37 @@ pub struct Manifest {
     /// JSON body (see [`crate::index`]), not in the JSON.
     #[serde(skip)]
     pub chunks: crate::index::ChunkIndex,
+}
+
+/// A regular file kept in the image (`--save-files`): recreated at restart where it is
+/// missing, reopened where it is unchanged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SavedFile {
+    /// Its path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`), given back to a recreated file.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the epoch, given back to a recreated file.
+    pub mtime_ns: i64,
+    /// blake3 of the whole content, hex: a file at the path with this content and size is
+    /// the saved one.
+    pub blake3: String,
+    /// The job had it open for writing (or mapped shared and writable): a different file at
+    /// the path is the job's own later output, moved aside at restart rather than refused.
+    pub written: bool,
+    /// The content, as runs of chunks; bytes no run covers are zero (holes).
+    pub data: Vec<FileRun>,
+}
+
+/// A run of a saved file's bytes, stored as one chunk of the pack.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileRun {
+    /// Offset in the file of the first byte.
+    pub offset: u64,
+    /// Chunk index in [`Manifest::chunks`]; its raw length is the run's length.
+    pub chunk: u32,
 }
 
 /// A SysV shared memory segment.
@@ -175,6 +213,9 @@ pub struct JobInfo {
     pub uid: u32,
     /// Owner gid.
     pub gid: u32,
+    /// Taken with `--save-files` (a job restarted from it keeps saving its files).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub save_files: bool,
 }
 
 /// Which namespaces the job ran in.
@@ -436,6 +477,11 @@ pub struct FileId {
     pub ino: u64,
     /// Regular file (size/mtime are checked) or device (not).
     pub regular: bool,
+    /// blake3 of the content, hex, for regular files of at most [`CONTENT_HASH_LIMIT`]
+    /// bytes that were checked (not for files open only for writing). When present, the
+    /// content decides at restart, not the mtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
 }
 
 /// An open file description, possibly shared by several descriptors.
@@ -700,12 +746,15 @@ impl Manifest {
             }
         }
         for (i, shm) in self.shared_memory.iter().enumerate() {
+            // A file's last page runs past its size when the size is not a page multiple
+            // (a memfd or deleted file of 3000 bytes is saved as one page).
+            let limit = shm.size.div_ceil(4096).saturating_mul(4096);
             for run in &shm.pages {
                 let end = run
                     .addr
                     .checked_add(run_len(run)?)
                     .ok_or("page run overflows")?;
-                if end > shm.size {
+                if end > limit {
                     return Err(format!(
                         "shared memory object {i}: page run {:#x} beyond its size {}",
                         run.addr, shm.size
@@ -802,6 +851,33 @@ impl Manifest {
                 && data.iter().any(|&c| c as usize >= nchunks)
             {
                 return Err("pipe data names a missing chunk".into());
+            }
+        }
+        let mut paths = std::collections::HashSet::new();
+        for f in &self.saved_files {
+            if !f.path.starts_with('/') || !paths.insert(f.path.as_str()) {
+                return Err(format!(
+                    "saved file {:?}: not an absolute path, or saved twice",
+                    f.path
+                ));
+            }
+            for run in &f.data {
+                if run.chunk as usize >= nchunks {
+                    return Err(format!(
+                        "saved file {}: names chunk {} of {nchunks}",
+                        f.path, run.chunk
+                    ));
+                }
+                let end = run
+                    .offset
+                    .checked_add(self.chunks.chunk_len(run.chunk))
+                    .ok_or("saved file run overflows")?;
+                if end > f.size {
+                    return Err(format!(
+                        "saved file {}: run at {} beyond its size {}",
+                        f.path, run.offset, f.size
+                    ));
+                }
             }
         }
         Ok(())

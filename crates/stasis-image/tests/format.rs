@@ -9,7 +9,8 @@ use stasis_image::generation::{
 };
 use stasis_image::manifest::FORMAT_VERSION;
 use stasis_image::manifest::{
-    JobInfo, Manifest, MmFields, Namespaces, PageRun, ProcessImage, Rseq, ThreadImage, Vma, VmaKind,
+    FileRun, JobInfo, Manifest, MmFields, Namespaces, PageRun, ProcessImage, Rseq, SavedFile,
+    ThreadImage, Vma, VmaKind,
 };
 use stasis_image::pack::Compression;
 use stasis_image::verify::verify;
@@ -31,6 +32,7 @@ fn manifest(chunk: u32) -> Manifest {
             vdso_blake3: "00".into(),
             uid: 0,
             gid: 0,
+            save_files: false,
         },
         processes: vec![ProcessImage {
             pid: 2,
@@ -85,6 +87,7 @@ fn manifest(chunk: u32) -> Manifest {
         sysv_sem: vec![],
         sysv_msg: vec![],
         ptys: vec![],
+        saved_files: vec![],
         packs: vec![],
         chunks: Default::default(),
     }
@@ -474,4 +477,50 @@ fn a_manifest_cannot_name_a_pack_outside_the_packs_directory() {
     write_manifest(&man, &m).unwrap();
     let e = read_manifest(&man).unwrap_err();
     assert!(e.to_string().contains("pack file name"), "{e}");
+}
+
+#[test]
+fn saved_files_round_trip_and_are_validated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dir, _) = write_generation(&tmp.path().join("job"));
+    let man = dir.join(MANIFEST_FILE);
+    let mut m = read_manifest(&man).unwrap();
+
+    // Written before saved files existed: the fields read as absent.
+    assert!(m.saved_files.is_empty() && !m.job.save_files);
+    let text = String::from_utf8_lossy(&std::fs::read(&man).unwrap()).into_owned();
+    assert!(!text.contains("saved_files") && !text.contains("save_files"));
+    m.job.save_files = true;
+    m.saved_files.push(SavedFile {
+        path: "/data/in.dat".into(),
+        size: 10000,
+        mode: 0o640,
+        mtime_ns: 7,
+        blake3: "ab".repeat(32),
+        written: true,
+        data: vec![FileRun {
+            offset: 4096,
+            chunk: 1,
+        }],
+    });
+    write_manifest(&man, &m).unwrap();
+    assert_eq!(read_manifest(&man).unwrap(), m);
+    // A run past the file's end, a missing chunk, a relative path, a path saved twice.
+    let bad = |edit: &dyn Fn(&mut Manifest), needle: &str| {
+        let mut b = m.clone();
+        edit(&mut b);
+        write_manifest(&man, &b).unwrap();
+        let e = read_manifest(&man).unwrap_err();
+        assert!(
+            matches!(e, ImageError::InvalidManifest { .. }) && e.to_string().contains(needle),
+            "{needle}: {e}"
+        );
+    };
+    bad(&|b| b.saved_files[0].size = 5000, "beyond its size");
+    bad(&|b| b.saved_files[0].data[0].chunk = 99, "chunk 99");
+    bad(&|b| b.saved_files[0].path = "in.dat".into(), "absolute");
+    bad(
+        &|b| b.saved_files.push(b.saved_files[0].clone()),
+        "saved twice",
+    );
 }

@@ -30,6 +30,10 @@ pub enum Request {
         /// `--keep` says.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         keep: Option<u32>,
+        /// Keep the content of the job's open files in this generation (`--save-files`),
+        /// whatever the supervisor's own policy says.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        save_files: bool,
     },
     /// End the job now.
     Kill,

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use stasis_core::capture::capture_job;
+use stasis_core::capture::{CaptureOptions, capture_job};
 use stasis_core::error::CoreError;
 use stasis_core::freeze::freeze_tree;
 use stasis_core::restore::clocks_now;
@@ -50,7 +50,8 @@ fn check_target(pid: i32) -> JobResult<()> {
 }
 
 /// Checkpoints the process tree rooted at `pid` into a new generation of job `spec.name`;
-/// with `kill`, ends the tree after the snapshot.
+/// with `kill`, ends the tree after the snapshot; with `spec.policy.save_files`, the content
+/// of its open files is kept in the image.
 pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<CheckpointReport> {
     paths::check_name(&spec.name)?;
     check_target(pid)?;
@@ -82,7 +83,12 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
             return Err(e.into());
         }
     };
-    let mut captured = match capture_job(&frozen, parent, None, false, None, !kill, writer.pack()) {
+    let opts = CaptureOptions {
+        ipc_namespace: false,
+        snapshot: !kill,
+        save_files: spec.policy.save_files,
+    };
+    let mut captured = match capture_job(&frozen, parent, None, None, opts, writer.pack()) {
         Ok(c) => c,
         Err(e) => {
             drop(writer);
@@ -108,6 +114,7 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
             namespaces: Namespaces::default(),
             monotonic_ns: mono,
             boottime_ns: boot,
+            save_files: spec.policy.save_files,
         },
         &mut captured,
     );

@@ -25,6 +25,9 @@ pub struct CheckpointPolicy {
     /// When pre-checkpoint callbacks overrun the timeout: fail the checkpoint (the job runs
     /// on) instead of taking it without them.
     pub fail_on_late_callbacks: bool,
+    /// Every checkpoint keeps the content of the job's open files in the image
+    /// (`--save-files`).
+    pub save_files: bool,
 }
 
 /// Parses a checkpoint signal: `SIGUSR1`, `USR1`, `usr1` or a number (`10`, `SIGRTMIN+2` is

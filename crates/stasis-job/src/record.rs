@@ -27,6 +27,8 @@ pub(crate) struct JobFacts {
     /// The job's clocks at the cut (its own view, time-namespace offsets included).
     pub monotonic_ns: u64,
     pub boottime_ns: u64,
+    /// The content of the job's files was saved (`--save-files`).
+    pub save_files: bool,
 }
 
 /// The manifest for `captured` (its saved state is moved out; `insns` and pending
@@ -47,6 +49,7 @@ pub(crate) fn manifest(facts: JobFacts, captured: &mut CapturedJob) -> Manifest 
             vdso_blake3: std::mem::take(&mut captured.vdso_blake3),
             uid: process::uid(),
             gid: process::gid(),
+            save_files: facts.save_files,
         },
         processes: std::mem::take(&mut captured.processes),
         files: std::mem::take(&mut captured.files),
@@ -55,6 +58,7 @@ pub(crate) fn manifest(facts: JobFacts, captured: &mut CapturedJob) -> Manifest 
         sysv_sem: std::mem::take(&mut captured.sysv_sem),
         sysv_msg: std::mem::take(&mut captured.sysv_msg),
         ptys: std::mem::take(&mut captured.ptys),
+        saved_files: std::mem::take(&mut captured.saved_files),
         packs: Vec::new(),
         chunks: Default::default(),
     }

@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use stasis_core::capture::capture_job;
+use stasis_core::capture::{CaptureOptions, capture_job};
 use stasis_core::freeze::freeze_job;
-use stasis_core::restore::{RestoreOptions, check_machine, clocks_now, restore_job};
+use stasis_core::restore::{
+    FileReport, RestoreOptions, check_machine, clocks_now, prepare_files, restore_job,
+};
 use stasis_image::fault;
 use stasis_image::generation::{list_generations, prune_generations, resolve};
 use stasis_image::manifest::Namespaces;
@@ -154,7 +156,7 @@ impl Drop for Unbind {
 impl Supervisor {
     /// Sets up the job: namespaces, init, then the program (started or restored), and the
     /// control socket. Must be called while the process is single-threaded.
-    pub fn launch(spec: JobSpec, start: Start) -> JobResult<Self> {
+    pub fn launch(mut spec: JobSpec, start: Start) -> JobResult<Self> {
         paths::check_name(&spec.name)?;
         let job_dir = if matches!(start, Start::Run { .. }) {
             let dir = paths::job_dir(&spec.images_root, &spec.name);
@@ -243,6 +245,12 @@ impl Supervisor {
                     )));
                 }
                 check_machine(&job.vdso_blake3)?;
+                // Files are checked (and those the image keeps recreated) before anything else
+                // is set up: a refused restart changes nothing.
+                let files = prepare_files(&mut image, force)?;
+                report_files(&spec.name, job.generation, &files);
+                // A job whose files were kept goes on keeping them.
+                spec.policy.save_files |= job.save_files;
                 let (mono, boot) = clocks_now();
                 let offsets = (
                     job.monotonic_ns as i64 - mono as i64,
@@ -253,6 +261,7 @@ impl Supervisor {
                 let mount_ns = job_mount_ns(init.as_ref())?;
                 let opts = RestoreOptions {
                     force,
+                    files_prepared: true,
                     set_pids: ns.pid,
                     mount_ns: mount_ns.as_ref().map(|(fd, _)| fd.as_raw_fd()),
                 };
@@ -419,17 +428,19 @@ impl Supervisor {
         }
         let response = match read_message::<Request>(stream) {
             Ok(Request::Status) => Response::Status(self.status()),
-            Ok(Request::Checkpoint { kill, keep }) => {
-                match self.take_checkpoint(kill, None, keep) {
-                    Ok(r) => Response::Checkpoint(r),
-                    Err(e) => Response::Error {
-                        message: format!(
-                            "checkpoint of job {:?} failed, the job runs on: {e}",
-                            self.spec.name
-                        ),
-                    },
-                }
-            }
+            Ok(Request::Checkpoint {
+                kill,
+                keep,
+                save_files,
+            }) => match self.take_checkpoint(kill, None, keep, save_files) {
+                Ok(r) => Response::Checkpoint(r),
+                Err(e) => Response::Error {
+                    message: format!(
+                        "checkpoint of job {:?} failed, the job runs on: {e}",
+                        self.spec.name
+                    ),
+                },
+            },
             Ok(Request::Attach { pid, restarted }) => {
                 // Kept open: checkpoint events go to it (no answer now).
                 if let Ok(kept) = stream.try_clone() {
@@ -456,8 +467,14 @@ impl Supervisor {
 
     /// Takes a checkpoint of the whole job ([`Supervisor::checkpoint_now`]), first running the
     /// pre-checkpoint callbacks of the job's libstasis users (up to the callback timeout;
-    /// those late are reported), and telling them afterwards when the job runs on.
-    pub fn checkpoint(&mut self, kill: bool, reason: &str) -> JobResult<CheckpointReport> {
+    /// those late are reported), and telling them afterwards when the job runs on. With
+    /// `save_files` (or the policy's), the job's open files are kept in the image.
+    pub fn checkpoint(
+        &mut self,
+        kill: bool,
+        reason: &str,
+        save_files: bool,
+    ) -> JobResult<CheckpointReport> {
         if self.exit.is_some() {
             return Err(JobError::Remote("the job has already exited".into()));
         }
@@ -475,7 +492,8 @@ impl Supervisor {
                 self.spec.name
             ));
         }
-        let result = self.checkpoint_now(kill, reason);
+        let save_files = save_files || self.spec.policy.save_files;
+        let result = self.checkpoint_now(kill, reason, save_files);
         match &result {
             Ok(r) if !r.killed => self.callbacks.resumed(r.generation),
             Err(_) if self.exit.is_none() => self.callbacks.resumed(0),
@@ -490,7 +508,12 @@ impl Supervisor {
     /// Freezes, captures, then resumes (or ends) the job; the generation is renamed into
     /// place only once complete and synced. `reason` is recorded in the manifest
     /// (`checkpoint`, `interval`, `signal SIGUSR1`…).
-    fn checkpoint_now(&mut self, kill: bool, reason: &str) -> JobResult<CheckpointReport> {
+    fn checkpoint_now(
+        &mut self,
+        kill: bool,
+        reason: &str,
+        save_files: bool,
+    ) -> JobResult<CheckpointReport> {
         if self.exit.is_some() {
             return Err(JobError::Remote("the job has already exited".into()));
         }
@@ -513,15 +536,12 @@ impl Supervisor {
             }
         };
         let terminal = self.terminal.as_ref().map(Terminal::master);
-        let captured = match capture_job(
-            &frozen,
-            supervisor,
-            init,
-            self.ns.ipc,
-            terminal,
-            !kill,
-            writer.pack(),
-        ) {
+        let opts = CaptureOptions {
+            ipc_namespace: self.ns.ipc,
+            snapshot: !kill,
+            save_files,
+        };
+        let captured = match capture_job(&frozen, supervisor, init, terminal, opts, writer.pack()) {
             Ok(x) => x,
             Err(e) => {
                 drop(writer);
@@ -559,6 +579,7 @@ impl Supervisor {
                 },
                 monotonic_ns: u64::try_from(mono as i64 + self.time_offsets.0).unwrap_or(0),
                 boottime_ns: u64::try_from(boot as i64 + self.time_offsets.1).unwrap_or(0),
+                save_files,
             },
             &mut captured,
         );
@@ -610,13 +631,14 @@ impl Supervisor {
         kill: bool,
         reason: Option<&str>,
         keep: Option<u32>,
+        save_files: bool,
     ) -> JobResult<CheckpointReport> {
         let default = if kill {
             "checkpoint --kill"
         } else {
             "checkpoint"
         };
-        let mut report = self.checkpoint(kill, reason.unwrap_or(default))?;
+        let mut report = self.checkpoint(kill, reason.unwrap_or(default), save_files)?;
         if let Some(keep) = keep.or(self.spec.policy.keep) {
             match prune_generations(&self.job_dir, keep) {
                 Ok(removed) => report.removed = removed,
@@ -636,7 +658,7 @@ impl Supervisor {
             return;
         }
         let reason = format!("signal {}", signal_name(sig));
-        match self.take_checkpoint(true, Some(&reason), None) {
+        match self.take_checkpoint(true, Some(&reason), None, false) {
             Ok(r) => log(&format!(
                 "stasis: job {:?}: {} received, generation {} written to {}, job stopped",
                 self.spec.name,
@@ -661,7 +683,7 @@ impl Supervisor {
         if self.exit.is_some() || Instant::now() < due {
             return;
         }
-        if let Err(e) = self.take_checkpoint(false, Some("interval"), None) {
+        if let Err(e) = self.take_checkpoint(false, Some("interval"), None, false) {
             log(&format!(
                 "stasis: job {:?}: periodic checkpoint failed, the job runs on: {e}",
                 self.spec.name
@@ -676,6 +698,25 @@ impl Supervisor {
 fn log(line: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Tells the user what a restart did to the job's files (on the supervisor's stderr).
+fn report_files(name: &str, generation: u32, r: &FileReport) {
+    for path in &r.recreated {
+        log(&format!(
+            "stasis: job {name:?}: {path} was missing; recreated from the image"
+        ));
+    }
+    for (path, aside) in &r.moved {
+        log(&format!(
+            "stasis: job {name:?}: {path} was written after generation {generation}; that version was moved to {aside}, and the file recreated as it was at the checkpoint"
+        ));
+    }
+    for (path, what) in &r.kept {
+        log(&format!(
+            "stasis: job {name:?}: {path} differs from the copy in the image ({what}); used as it is (--force)"
+        ));
+    }
 }
 
 /// How long the event loop may sleep: at most a second, and not past the next periodic

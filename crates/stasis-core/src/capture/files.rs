@@ -9,7 +9,7 @@ use stasis_image::manifest::{EpollWatch, Fd, OpenFile};
 use stasis_image::pack::PackWriter;
 use stasis_sys::{fd as sysfd, process};
 
-use super::file_id;
+use super::content::{FileContents, Found};
 use super::memory::SharedObjects;
 use super::sockets;
 use crate::error::{CoreError, CoreResult, SysContext, io_err};
@@ -320,6 +320,7 @@ impl FileTable {
         &mut self,
         pid: i32,
         shared: &mut SharedObjects,
+        contents: &mut FileContents,
         pack: &mut PackWriter,
     ) -> CoreResult<Vec<Fd>> {
         let entries = proc::fds(pid)?;
@@ -560,8 +561,18 @@ impl FileTable {
                         flags,
                     }
                 } else {
+                    let mode = flags & libc::O_ACCMODE;
+                    let found = Found {
+                        pid,
+                        path: &e.target,
+                        meta: &meta,
+                        source: &link,
+                        checked: mode != libc::O_WRONLY,
+                        save: true,
+                        written: mode != libc::O_RDONLY,
+                    };
                     OpenFile::Path {
-                        file: file_id(&e.target, &meta),
+                        file: contents.file_id(&found, pack)?,
                         flags,
                         pos: e.pos,
                     }

@@ -7,7 +7,7 @@ use stasis_image::manifest::{PageRun, SharedMemory, Vma, VmaKind};
 use stasis_image::pack::PackWriter;
 use stasis_sys::mem;
 
-use super::file_id;
+use super::content::{FileContents, Found};
 use crate::error::{CoreError, CoreResult, io_err};
 use crate::proc::{self, MapEntry};
 
@@ -240,6 +240,7 @@ pub fn capture_vmas(
     pid: i32,
     maps: &[MapEntry],
     shared: &mut SharedObjects,
+    contents: &mut FileContents,
     pack: &mut PackWriter,
     mut deferred: Option<&mut Vec<(usize, MapEntry, VmaKind)>>,
 ) -> CoreResult<Vec<Vma>> {
@@ -265,7 +266,18 @@ pub fn capture_vmas(
                         why: "the file was replaced after it was mapped".into(),
                     });
                 }
-                file = Some(file_id(&m.path, &meta));
+                // Shared mappings are data (saved with --save-files); private ones are
+                // programs, libraries and the like: checked, never saved.
+                let found = Found {
+                    pid,
+                    path: &m.path,
+                    meta: &meta,
+                    source: &m.path,
+                    checked: true,
+                    save: m.shared,
+                    written: m.shared && m.has_flag("mw"),
+                };
+                file = Some(contents.file_id(&found, pack)?);
                 if m.shared {
                     Vec::new()
                 } else {

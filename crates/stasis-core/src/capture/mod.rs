@@ -1,6 +1,7 @@
 //! Capturing a frozen job: every process, the open file descriptions and shared memory they
 //! share, and the page data, in one cut.
 
+mod content;
 mod files;
 mod inotify;
 mod memory;
@@ -11,15 +12,15 @@ mod sysv;
 mod threads;
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 
 use stasis_image::manifest::{
-    FileId, OpenFile, ProcessImage, Pty, SharedMemory, SysvMsgQueue, SysvSem, SysvShm, TermModes,
-    VmaKind,
+    OpenFile, ProcessImage, Pty, SavedFile, SharedMemory, SysvMsgQueue, SysvSem, SysvShm,
+    TermModes, VmaKind,
 };
 use stasis_image::pack::PackWriter;
 
 pub use crate::vdso::{VdsoInfo, vdso_info};
+pub use content::FileContents;
 pub use memory::vma_kind;
 pub use process::{JobTables, capture_process, capture_zombie};
 
@@ -29,15 +30,17 @@ use crate::error::{CoreError, CoreResult, SysContext};
 use crate::freeze::FrozenJob;
 use crate::proc;
 
-/// Identity of a file as saved in the image.
-pub(crate) fn file_id(path: &str, meta: &std::fs::Metadata) -> FileId {
-    FileId {
-        path: path.to_owned(),
-        size: meta.len(),
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        ino: meta.ino(),
-        regular: meta.file_type().is_file(),
-    }
+/// What a checkpoint captures besides the processes themselves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CaptureOptions {
+    /// The job has an IPC namespace of its own: its SysV objects are saved.
+    pub ipc_namespace: bool,
+    /// Leave private memory in copy-on-write snapshots, to be read once the job runs again
+    /// ([`CapturedJob::read_snapshots`]).
+    pub snapshot: bool,
+    /// Keep the content of every regular file open in the job, and of every file mapped
+    /// shared, in the image (`--save-files`).
+    pub save_files: bool,
 }
 
 /// A captured job, ready to be written into a manifest.
@@ -57,6 +60,8 @@ pub struct CapturedJob {
     pub sysv_msg: Vec<SysvMsgQueue>,
     /// Pseudo-terminal pairs.
     pub ptys: Vec<Pty>,
+    /// Files whose content was saved (`--save-files`).
+    pub saved_files: Vec<SavedFile>,
     /// The vdso the job runs with.
     pub vdso_blake3: String,
     /// Each frozen process's `syscall` instruction (host pid → address), for thawing.
@@ -231,16 +236,13 @@ fn capture_ptys(
 }
 
 /// Captures every process of a frozen job into `pack`; `terminal` is the master of the
-/// pseudo-terminal the supervisor gave the job, if any. With `snapshot`, private memory is
-/// left in copy-on-write snapshots, to be read once the job runs again
-/// ([`CapturedJob::read_snapshots`]).
+/// pseudo-terminal the supervisor gave the job, if any; `opts` says what else to keep.
 pub fn capture_job(
     job: &FrozenJob,
     supervisor: i32,
     init: Option<i32>,
-    ipc_namespace: bool,
     terminal: Option<BorrowedFd<'_>>,
-    snapshot: bool,
+    opts: CaptureOptions,
     pack: &mut PackWriter,
 ) -> CoreResult<CapturedJob> {
     let mut snapshots = Vec::new();
@@ -248,9 +250,9 @@ pub fn capture_job(
         job,
         supervisor,
         init,
-        ipc_namespace,
         terminal,
-        snapshot.then_some(&mut snapshots),
+        opts,
+        opts.snapshot.then_some(&mut snapshots),
         pack,
     );
     if result.is_err() {
@@ -272,8 +274,8 @@ fn capture_all(
     job: &FrozenJob,
     supervisor: i32,
     init: Option<i32>,
-    ipc_namespace: bool,
     terminal: Option<BorrowedFd<'_>>,
+    opts: CaptureOptions,
     snapshots: Option<&mut Vec<snapshot::PendingMemory>>,
     pack: &mut PackWriter,
 ) -> CoreResult<CapturedJob> {
@@ -292,6 +294,7 @@ fn capture_all(
             terminal.map(|(i, _)| i),
         ),
         shared: memory::SharedObjects::default(),
+        contents: FileContents::new(opts.save_files),
         pending: snapshots,
     };
     let mut processes = Vec::with_capacity(job.processes.len() + job.zombies.len());
@@ -322,7 +325,7 @@ fn capture_all(
         .iter()
         .flat_map(|p| &p.vmas)
         .any(|v| v.kind == VmaKind::SysvShm);
-    let sysv_shm = if ipc_namespace {
+    let sysv_shm = if opts.ipc_namespace {
         sysv::capture_shm(tables.pack)?
     } else if uses_sysv {
         let p = processes
@@ -350,7 +353,7 @@ fn capture_all(
     let ptys = capture_ptys(&files, &masters, terminal, |host| {
         host_to_job.get(&host).copied()
     })?;
-    let (sysv_sem, sysv_msg) = if ipc_namespace {
+    let (sysv_sem, sysv_msg) = if opts.ipc_namespace {
         (sysv::capture_sem()?, sysv::capture_msg(tables.pack)?)
     } else {
         (Vec::new(), Vec::new())
@@ -363,6 +366,7 @@ fn capture_all(
         sysv_sem,
         sysv_msg,
         ptys,
+        saved_files: tables.contents.saved,
         vdso_blake3: vdso_blake3.unwrap_or_default(),
         insns,
         pending: Vec::new(),

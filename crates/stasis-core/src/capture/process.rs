@@ -5,6 +5,7 @@ use stasis_image::pack::PackWriter;
 use stasis_sys::inject::Injector;
 use stasis_sys::{Errno, process, ptrace};
 
+use super::content::FileContents;
 use super::files::FileTable;
 use super::memory::{SharedObjects, capture_vmas};
 use super::snapshot::{PendingMemory, take};
@@ -29,6 +30,8 @@ pub struct JobTables<'a> {
     pub files: FileTable,
     /// Shared memory objects.
     pub shared: SharedObjects,
+    /// Content hashes and saved contents of the job's files.
+    pub contents: FileContents,
     /// With copy-on-write snapshots: the private memory still to be read from them (one
     /// entry per process). `None`: memory is read while the job is frozen.
     pub pending: Option<&'a mut Vec<PendingMemory>>,
@@ -83,15 +86,17 @@ pub fn capture_process(
         .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
         .unwrap_or(0);
     let t_state = std::time::Instant::now();
-    let fds = tables
-        .files
-        .capture_process(pid, &mut tables.shared, tables.pack)?;
+    let fds =
+        tables
+            .files
+            .capture_process(pid, &mut tables.shared, &mut tables.contents, tables.pack)?;
     let t_fds = std::time::Instant::now();
     let mut deferred = Vec::new();
     let vmas = capture_vmas(
         pid,
         &maps,
         &mut tables.shared,
+        &mut tables.contents,
         tables.pack,
         tables.pending.is_some().then_some(&mut deferred),
     )?;

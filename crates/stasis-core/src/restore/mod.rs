@@ -7,6 +7,7 @@
 //! the whole job run at once.
 
 mod child;
+mod files;
 mod inotify;
 mod memory;
 mod sockets;
@@ -14,10 +15,8 @@ mod stage;
 mod state;
 mod tree;
 
-use std::os::unix::fs::MetadataExt;
-
 use stasis_image::OpenGeneration;
-use stasis_image::manifest::{FileId, Manifest, OpenFile, ProcessImage};
+use stasis_image::manifest::{Manifest, ProcessImage};
 use stasis_sys::inject::{Injector, find_syscall_insn};
 use stasis_sys::{mem, process, ptrace};
 
@@ -25,6 +24,8 @@ use crate::error::{CoreError, CoreResult, SysContext};
 use crate::{proc, regs};
 use child::{Child, sys};
 use stage::Staged;
+
+pub use files::{FileReport, check_file, check_files, prepare_files};
 
 const SCRATCH_LEN: u64 = 16 * 4096;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
@@ -34,6 +35,9 @@ const RSEQ_FLAG_UNREGISTER: u64 = 1;
 pub struct RestoreOptions {
     /// Restore even if files changed since the checkpoint.
     pub force: bool,
+    /// The caller already made the files ready ([`prepare_files`], which checks them): they
+    /// are not checked again.
+    pub files_prepared: bool,
     /// Ask for the saved pids (the caller created a pid namespace for its children).
     pub set_pids: bool,
     /// A descriptor (open in the caller, inherited by the restored processes) of the mount
@@ -74,56 +78,6 @@ fn own_vdso() -> CoreResult<(u64, usize)> {
         .find(|m| m.path == "[vdso]")
         .ok_or_else(|| CoreError::Incompatible("this process has no vdso".into()))?;
     Ok((v.start, usize::try_from(v.end - v.start).unwrap_or(0)))
-}
-
-/// Checks that a file is still the one saved (size and mtime for regular files).
-pub fn check_file(id: &FileId) -> CoreResult<()> {
-    let meta = std::fs::metadata(&id.path).map_err(|e| CoreError::FileChanged {
-        path: id.path.clone(),
-        detail: format!("cannot be opened ({e})"),
-    })?;
-    if id.regular {
-        let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-        if meta.len() != id.size || mtime != id.mtime_ns {
-            return Err(CoreError::FileChanged {
-                path: id.path.clone(),
-                detail: format!(
-                    "changed since the checkpoint (size {} -> {}, mtime changed: {})",
-                    id.size,
-                    meta.len(),
-                    mtime != id.mtime_ns
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Checks that every file the job had open for reading, or mapped, is unchanged. Files open
-/// only for writing (logs, output) need only exist: others may have appended to them.
-pub fn check_files(m: &Manifest) -> CoreResult<()> {
-    for f in &m.files {
-        if let OpenFile::Path { file, flags, .. } = f {
-            if flags & libc::O_ACCMODE == libc::O_WRONLY {
-                std::fs::metadata(&file.path).map_err(|e| CoreError::FileChanged {
-                    path: file.path.clone(),
-                    detail: format!("cannot be opened ({e})"),
-                })?;
-            } else {
-                check_file(file)?;
-            }
-        }
-    }
-    for id in m
-        .processes
-        .iter()
-        .flat_map(|p| &p.vmas)
-        .filter(|v| v.shmem.is_none())
-        .filter_map(|v| v.file.as_ref())
-    {
-        check_file(id)?;
-    }
-    Ok(())
 }
 
 /// The current monotonic and boot-time clocks of the caller, in nanoseconds.
@@ -292,10 +246,11 @@ fn recreate_sysv(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<()> {
 }
 
 /// Restores every process of generation `image` as descendants of the caller and lets the
-/// job run. The caller must be single-threaded while this runs, and reaps the root.
+/// job run. The caller must be single-threaded while this runs, and reaps the root. Files
+/// the image keeps must have been recreated first ([`prepare_files`]).
 pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreResult<RestoredJob> {
     let m = image.manifest.clone();
-    if !opts.force {
+    if !opts.force && !opts.files_prepared {
         check_files(&m)?;
     }
     let (vdso_base, vdso_len) = own_vdso()?;

@@ -130,12 +130,16 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
         let file = std::fs::File::from(fd);
         for run in &obj.pages {
             let bytes = image.chunk(run.chunk)?;
-            std::os::unix::fs::FileExt::write_all_at(&file, &bytes, run.addr).map_err(|e| {
-                CoreError::Io {
+            // The last page of a file may run past its size: only the file's bytes.
+            let len = usize::try_from(obj.size.saturating_sub(run.addr))
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            std::os::unix::fs::FileExt::write_all_at(&file, &bytes[..len], run.addr).map_err(
+                |e| CoreError::Io {
                     path: format!("shared memory object {i}"),
                     source: e,
-                }
-            })?;
+                },
+            )?;
         }
         let n = st.push(OwnedFd::from(file))?;
         st.shmem.push(n);

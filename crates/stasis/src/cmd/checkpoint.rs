@@ -23,6 +23,10 @@ pub struct Args {
     /// NAME (you must be allowed to trace it); restart it with `stasis restart NAME`.
     #[arg(long, value_name = "PID")]
     pid: Option<i32>,
+    /// Keep the content of the job's open files (and files it maps shared) in this
+    /// generation, so that it can restart where they are missing (see `run --save-files`).
+    #[arg(long)]
+    save_files: bool,
     /// Where and how to store images (with `--pid`; a running job's supervisor decides).
     #[command(flatten)]
     images: ImageArgs,
@@ -36,7 +40,8 @@ fn show(json: bool, r: &CheckpointReport) {
 /// Runs the verb.
 pub fn run(a: Args, json: bool) -> Result<i32> {
     if let Some(pid) = a.pid {
-        let spec = a.images.spec(&a.name);
+        let mut spec = a.images.spec(&a.name);
+        spec.policy.save_files = a.save_files;
         let mut r = stasis_job::foreign::checkpoint_pid(&spec, pid, a.kill)
             .with_context(|| format!("checkpoint of process {pid} as job {:?}", a.name))?;
         if let Some(keep) = a.keep {
@@ -53,6 +58,7 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
         &Request::Checkpoint {
             kill: a.kill,
             keep: a.keep,
+            save_files: a.save_files,
         },
     )? {
         Response::Checkpoint(r) => {

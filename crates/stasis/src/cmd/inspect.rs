@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use stasis_image::generation::{MANIFEST_FILE, read_manifest, resolve};
-use stasis_image::manifest::{OpenFile, VmaKind};
+use stasis_image::manifest::{CONTENT_HASH_LIMIT, FileId, Manifest, OpenFile, VmaKind};
 
 use crate::output::{bytes, emit};
 
@@ -22,6 +22,78 @@ pub fn generation_dir(dir: &Path) -> Result<PathBuf> {
     } else {
         Ok(resolve(dir, None)?)
     }
+}
+
+/// How the file at `id` is treated at restart: `saved`, `content hash`, `size+mtime`, or
+/// `must exist` (open only for writing); devices have none.
+fn file_check(m: &Manifest, id: &FileId, write_only: bool) -> Option<&'static str> {
+    if m.saved_files.iter().any(|f| f.path == id.path) {
+        Some("saved")
+    } else if !id.regular {
+        None
+    } else if write_only {
+        Some("must exist")
+    } else if id.blake3.is_some() {
+        Some("content hash")
+    } else {
+        Some("size+mtime")
+    }
+}
+
+/// The files section: every regular file the job holds or maps, once, with how it is
+/// checked or kept.
+fn files_section(m: &Manifest) -> String {
+    let mut seen = std::collections::BTreeMap::new();
+    let ids = m
+        .files
+        .iter()
+        .filter_map(|f| match f {
+            OpenFile::Path { file, flags, .. } => {
+                Some((file, flags & libc::O_ACCMODE == libc::O_WRONLY))
+            }
+            _ => None,
+        })
+        .chain(
+            m.processes
+                .iter()
+                .flat_map(|p| &p.vmas)
+                .filter(|v| v.shmem.is_none())
+                .filter_map(|v| v.file.as_ref().map(|f| (f, false))),
+        );
+    for (id, write_only) in ids {
+        if let Some(how) = file_check(m, id, write_only) {
+            // A file both read and written is checked as read.
+            let entry = seen.entry(id.path.clone()).or_insert((how, id.size));
+            if entry.0 == "must exist" {
+                *entry = (how, id.size);
+            }
+        }
+    }
+    let mut t = String::new();
+    if seen.is_empty() {
+        return t;
+    }
+    t.push_str(&format!(
+        "\n  files (checked at restart: by content hash up to {}, else size+mtime; saved: kept in the image):",
+        bytes(CONTENT_HASH_LIMIT)
+    ));
+    for (path, (how, size)) in &seen {
+        let detail = match m.saved_files.iter().find(|f| &f.path == path) {
+            Some(f) => format!(
+                "saved, {} stored, mode {:04o}{}",
+                bytes(f.data.iter().map(|r| m.chunks.chunk_len(r.chunk)).sum()),
+                f.mode,
+                if f.written {
+                    ", written by the job"
+                } else {
+                    ""
+                }
+            ),
+            None => (*how).to_owned(),
+        };
+        t.push_str(&format!("\n    {path} ({}): {detail}", bytes(*size)));
+    }
+    t
 }
 
 /// Runs the verb.
@@ -44,7 +116,7 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
         let stored = m.chunks.stored_bytes_in(0);
         let shared = raw - m.chunks.raw_bytes_in(0);
         let mut t = format!(
-            "generation {} of job {:?} ({})\n  taken:      {} ms since the epoch on host {} (kernel {})\n  command:    {}\n  namespaces: user={} pid={} time={}\n  memory:     {} in {} chunks, {} of it new, stored as {}; {} shared with older generations",
+            "generation {} of job {:?} ({})\n  taken:      {} ms since the epoch on host {} (kernel {})\n  command:    {}\n  namespaces: user={} pid={} time={}\n  memory:     {} in {} chunks, {} of it new, stored as {}; {} shared with older generations\n  files:      {} saved in the image{}",
             j.generation,
             j.name,
             j.reason,
@@ -59,8 +131,11 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
             m.chunks.len(),
             bytes(raw - shared),
             bytes(stored),
-            bytes(shared)
+            bytes(shared),
+            m.saved_files.len(),
+            if j.save_files { " (--save-files)" } else { "" }
         );
+        t.push_str(&files_section(&m));
         for p in &m.processes {
             t.push_str(&format!(
                 "\n  process {} ({}): {} thread(s), cwd {}",
@@ -92,7 +167,12 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
             }
             for fd in &p.fds {
                 let what = match &m.files[fd.file as usize] {
-                    OpenFile::Path { file, pos, .. } => format!("{} @ {pos}", file.path),
+                    OpenFile::Path { file, pos, flags } => {
+                        match file_check(&m, file, flags & libc::O_ACCMODE == libc::O_WRONLY) {
+                            Some(how) => format!("{} @ {pos} [{how}]", file.path),
+                            None => format!("{} @ {pos}", file.path),
+                        }
+                    }
                     OpenFile::Stdio { path, .. } => {
                         format!("stdio of the restart command (was {path})")
                     }

@@ -65,6 +65,11 @@ pub struct PolicyArgs {
     /// without them) or `fail` (do not take it; the job runs on).
     #[arg(long, value_name = "WHAT", default_value = "proceed", value_parser = ["proceed", "fail"])]
     pub callback_overrun: String,
+    /// Keep the content of the job's open files (and files it maps shared) in every
+    /// checkpoint, so that it can restart where they are missing. A job restarted from such
+    /// a checkpoint keeps saving them.
+    #[arg(long)]
+    pub save_files: bool,
 }
 
 impl PolicyArgs {
@@ -76,6 +81,7 @@ impl PolicyArgs {
             signal: self.checkpoint_signal,
             callback_timeout: self.callback_timeout,
             fail_on_late_callbacks: self.callback_overrun == "fail",
+            save_files: self.save_files,
         }
     }
 }
