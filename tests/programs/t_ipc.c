@@ -68,6 +68,17 @@ static void check_inotify(int in, int wd_dir, int wd_file, const char *dir, cons
     report(other == 0, "no stray events (%d)", other);
 }
 
+/* Reads exactly n bytes from fd. */
+static int read_n(int fd, char *buf, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r <= 0) return -1;
+        got += (size_t)r;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     snprintf(work, sizeof work, "%s", argc > 1 ? argv[1] : ".");
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -110,6 +121,9 @@ int main(int argc, char **argv) {
     tcsetattr(slave, TCSANOW, &t);
     struct winsize ws = {33, 111, 0, 0};
     ioctl(master, TIOCSWINSZ, &ws);
+    /* Bytes in flight inside the pair at the cut, both ways. */
+    if (write(slave, "queued output", 13) != 13 || write(master, "typed", 5) != 5)
+        report(0, "queueing bytes in the pty");
     pid_t child = fork();
     if (child == 0) {
         me = "t_ipc child";
@@ -121,6 +135,9 @@ int main(int argc, char **argv) {
         ioctl(slave, TIOCGWINSZ, &w);
         report(!(now.c_lflag & (ECHO | ICANON)), "the pty keeps its raw modes");
         report(w.ws_row == 33 && w.ws_col == 111, "window %dx%d", w.ws_row, w.ws_col);
+        char typed[6] = {0};
+        report(read_n(slave, typed, 5) == 0 && strcmp(typed, "typed") == 0,
+               "input queued in the pty at the cut is read (%s)", typed);
         char c[5] = {0};
         ssize_t n = read(slave, c, 4);
         report(n == 4 && memcmp(c, "ping", 4) == 0, "read the master's ping (%zd)", n);
@@ -132,6 +149,9 @@ int main(int argc, char **argv) {
     wait_go();
     check_sysv(sem, q);
     check_inotify(in, wd_dir, wd_file, dir, file);
+    char out[14] = {0};
+    report(read_n(master, out, 13) == 0 && strcmp(out, "queued output") == 0,
+           "output queued in the pty at the cut is read (%s)", out);
     report(write(master, "ping", 4) == 4, "write to the pty master");
     char c[5] = {0};
     ssize_t n = read(master, c, 4);

@@ -10,6 +10,7 @@ pub mod capture;
 pub mod error;
 pub mod freeze;
 pub mod proc;
+pub mod ptyqueue;
 pub mod regs;
 pub mod restore;
 pub mod sockdiag;

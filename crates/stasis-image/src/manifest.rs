@@ -152,6 +152,12 @@ pub struct Pty {
     pub session: Option<i32>,
     /// Its foreground process group (pid in the job).
     pub foreground: Option<i32>,
+    /// Output its programs wrote that the master's reader had not read, as chunks.
+    #[serde(default)]
+    pub output: Vec<u32>,
+    /// Input its programs had not read (taken only in non-canonical mode), as chunks.
+    #[serde(default)]
+    pub input: Vec<u32>,
 }
 
 /// `termios` modes of a terminal.
@@ -851,6 +857,18 @@ impl Manifest {
                 && data.iter().any(|&c| c as usize >= nchunks)
             {
                 return Err("pipe data names a missing chunk".into());
+            }
+        }
+        for p in &self.ptys {
+            if p.output
+                .iter()
+                .chain(&p.input)
+                .any(|&c| c as usize >= nchunks)
+            {
+                return Err(format!(
+                    "pseudo-terminal {}: queued data names a missing chunk",
+                    p.index
+                ));
             }
         }
         let mut paths = std::collections::HashSet::new();

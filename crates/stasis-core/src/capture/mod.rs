@@ -189,6 +189,8 @@ fn capture_ptys(
     masters: &HashMap<u32, std::os::fd::OwnedFd>,
     terminal: Option<(u32, BorrowedFd<'_>)>,
     job_pid: impl Fn(i32) -> Option<i32>,
+    pack: &mut PackWriter,
+    put_back: &mut Vec<crate::ptyqueue::PutBack>,
 ) -> CoreResult<Vec<Pty>> {
     let mut indices: Vec<u32> = files
         .iter()
@@ -216,6 +218,19 @@ fn capture_ptys(
         let what = || format!("reading the modes of pseudo-terminal /dev/pts/{index}");
         let slave = stasis_sys::pty::open_slave(master, libc::O_RDWR).ctx(what)?;
         let state = stasis_sys::pty::get_state(slave.as_fd()).ctx(what)?;
+        // The bytes queued inside the pair, taken out and put back before the job runs on.
+        let queued = || format!("reading the bytes queued in pseudo-terminal /dev/pts/{index}");
+        let ours = master.try_clone_to_owned().map_err(|e| CoreError::Io {
+            path: format!("/dev/pts/{index}"),
+            source: e,
+        })?;
+        let (output, input) = crate::ptyqueue::take(master).ctx(queued)?;
+        let store = |bytes: &[u8], pack: &mut PackWriter| -> CoreResult<Vec<u32>> {
+            bytes.chunks(1 << 20).map(|c| Ok(pack.add(c)?)).collect()
+        };
+        let (output_chunks, input_chunks) = (store(&output, pack), store(&input, pack));
+        put_back.push(crate::ptyqueue::PutBack::new(ours, output, input));
+        let (output_chunks, input_chunks) = (output_chunks?, input_chunks?);
         out.push(Pty {
             index,
             job_terminal,
@@ -230,6 +245,8 @@ fn capture_ptys(
             winsize: state.winsize,
             session: stasis_sys::pty::session(master).and_then(&job_pid),
             foreground: stasis_sys::pty::foreground(master).and_then(&job_pid),
+            output: output_chunks,
+            input: input_chunks,
         });
     }
     Ok(out)
@@ -350,9 +367,15 @@ fn capture_all(
         .collect();
     let masters = std::mem::take(&mut tables.files.pty_masters);
     let files = tables.files.finish(&processes);
-    let ptys = capture_ptys(&files, &masters, terminal, |host| {
-        host_to_job.get(&host).copied()
-    })?;
+    let mut put_back = Vec::new();
+    let ptys = capture_ptys(
+        &files,
+        &masters,
+        terminal,
+        |host| host_to_job.get(&host).copied(),
+        tables.pack,
+        &mut put_back,
+    )?;
     let (sysv_sem, sysv_msg) = if opts.ipc_namespace {
         (sysv::capture_sem()?, sysv::capture_msg(tables.pack)?)
     } else {

@@ -147,6 +147,14 @@ pub(super) fn stage(image: &mut OpenGeneration, m: &Manifest) -> CoreResult<Stag
     let mut masters: HashMap<u32, OwnedFd> = HashMap::new();
     for pty in &m.ptys {
         let (master, slave) = new_pty(pty)?;
+        let mut queued = [Vec::new(), Vec::new()];
+        for (bytes, chunks) in queued.iter_mut().zip([&pty.output, &pty.input]) {
+            for &c in chunks {
+                bytes.extend_from_slice(&image.chunk(c)?);
+            }
+        }
+        crate::ptyqueue::put(master.as_fd(), &queued[0], &queued[1])
+            .map_err(sys("putting the bytes queued in a pseudo-terminal back"))?;
         let staged_slave = st.push(slave)?;
         st.pty_slaves.insert(pty.index, staged_slave);
         if pty.job_terminal {
