@@ -2,7 +2,8 @@
 //!
 //! A *generation* is one directory holding a checksummed, versioned manifest
 //! ([`manifest::Manifest`], the saved-state structs, kept apart from any runtime object) and a
-//! page pack of independently compressed chunks, each checked by a blake3 hash on every read.
+//! pack files of compressed frames of content-addressed blobs, each checked against its
+//! content address on every read.
 //! Generations are written under a temporary name and renamed into place only when complete
 //! and synced ([`generation`]). The format is documented in `docs/image-format.md`.
 #![forbid(unsafe_code)]

@@ -67,6 +67,9 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
     let t0 = Instant::now();
     // The root's parent stands outside the image, as a supervisor would.
     let parent = stasis_core::proc::stat(pid)?.ppid;
+    // Before the tree is frozen: see the supervisor's checkpoint.
+    let mut writer = GenerationWriter::begin(&job_dir, spec.compression)?;
+    let frozen_at = Instant::now();
     let frozen = freeze_tree(pid).map_err(|e| match e {
         CoreError::Unsupported { pid: p, what, why } if why.contains("ptrace") => {
             JobError::Refused(format!(
@@ -76,13 +79,6 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
         other => other.into(),
     })?;
     let (mono, boot) = clocks_now();
-    let mut writer = match GenerationWriter::begin(&job_dir, spec.compression) {
-        Ok(w) => w,
-        Err(e) => {
-            frozen.thaw(&HashMap::new())?;
-            return Err(e.into());
-        }
-    };
     let opts = CaptureOptions {
         ipc_namespace: false,
         snapshot: !kill,
@@ -100,7 +96,7 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
     let mut frozen_ms = 0.0;
     if !kill {
         frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
-        frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+        frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
         captured.read_snapshots(writer.pack())?;
     }
     let mut manifest = record::manifest(
@@ -129,7 +125,7 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
     };
     if let Some(f) = frozen.take() {
         f.kill()?;
-        frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+        frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
     }
     Ok(CheckpointReport {
         generation,

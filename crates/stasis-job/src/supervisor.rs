@@ -520,6 +520,10 @@ impl Supervisor {
         let t0 = Instant::now();
         let supervisor = i32::try_from(std::process::id()).unwrap_or(0);
         let init = self.init.as_ref().map(|i| i.pid);
+        // Before the job is frozen: choosing the generation to share data with (reading its
+        // index) and sweeping old packs take time the job need not stand still for.
+        let mut writer = GenerationWriter::begin(&self.job_dir, self.spec.compression)?;
+        let frozen_at = Instant::now();
         let frozen = freeze_job(supervisor, init, self.pid)?;
         fault::point("frozen");
         if fault::reached("kill-job-process")
@@ -528,13 +532,6 @@ impl Supervisor {
             let _ = process::kill(victim.pid, libc::SIGKILL);
         }
         let (mono, boot) = clocks_now();
-        let mut writer = match GenerationWriter::begin(&self.job_dir, self.spec.compression) {
-            Ok(w) => w,
-            Err(e) => {
-                frozen.thaw(&HashMap::new())?;
-                return Err(e.into());
-            }
-        };
         let terminal = self.terminal.as_ref().map(Terminal::master);
         let opts = CaptureOptions {
             ipc_namespace: self.ns.ipc,
@@ -555,7 +552,7 @@ impl Supervisor {
         let mut frozen_ms = 0.0;
         if !kill {
             frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
-            frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+            frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
             fault::point("thawed");
             // The job runs again; its memory is read from copy-on-write snapshots.
             captured.read_snapshots(writer.pack())?;
@@ -599,7 +596,7 @@ impl Supervisor {
             f.kill()?;
             self.killed_by_checkpoint = true;
             self.exit = Some(128 + libc::SIGKILL);
-            frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+            frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
         }
         self.checkpoints += 1;
         Ok(CheckpointReport {
