@@ -77,7 +77,8 @@ pub fn run(a: Args, _json: bool) -> Result<i32> {
     fill(
         &mut mem,
         &a.pattern,
-        0x9e37_79b9_7f4a_7c15 ^ a.child.unwrap_or(0) as u64,
+        // A seed per process (above bit 0, which `fill` sets): no two fill the same pages.
+        0x9e37_79b9_7f4a_7c15 ^ ((a.child.unwrap_or(0) as u64) << 16),
     );
     if let Some(i) = a.child {
         write_atomic(&a.dir, &format!("ready-{i}"), "");
