@@ -64,8 +64,9 @@ fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> CoreResult<()> {
         .map_err(io_err(format!("{path} at {addr:#x}")))
 }
 
-/// Saves the wanted pages of `[start, end)`: pages are read in runs, zero pages dropped, and
-/// each non-zero run stored as a chunk. `base` maps an address to the run's recorded address
+/// Saves the wanted pages of `[start, end)`: pages are read in runs (through `mem`, the
+/// process's `/proc/PID/mem`, when given), zero pages dropped, and each non-zero run stored
+/// as a chunk. `base` maps an address to the run's recorded address
 /// (the address itself, or an offset in a shared memory object); `skip` leaves out pages
 /// already saved (by recorded address).
 fn save_pages(
@@ -75,6 +76,7 @@ fn save_pages(
     base: impl Fn(u64) -> u64,
     skip: impl Fn(u64) -> bool,
     pack: &mut PackWriter,
+    mem: Option<&std::fs::File>,
 ) -> CoreResult<Vec<PageRun>> {
     let pagemap = proc::pagemap(pid, m.start, m.end)?;
     let want = |i: usize| wanted(pagemap[i]) && !skip(base(m.start + i as u64 * PAGE));
@@ -92,7 +94,12 @@ fn save_pages(
         }
         let addr = m.start + start as u64 * PAGE;
         let data = &mut buf[..(i - start) * PAGE as usize];
-        read_memory(pid, addr, data)?;
+        match mem {
+            Some(f) => f
+                .read_exact_at(data, addr)
+                .map_err(io_err(format!("/proc/{pid}/mem at {addr:#x}")))?,
+            None => read_memory(pid, addr, data)?,
+        }
         let zero: Vec<bool> = data
             .chunks(PAGE as usize)
             .map(|p| p.iter().all(|&b| b == 0))
@@ -188,6 +195,7 @@ impl SharedObjects {
             |a| m.offset + (a - m.start),
             |off| saved.contains(&off),
             pack,
+            None,
         )?;
         for r in &runs {
             let len = pack.chunk_len(r.chunk).unwrap_or(0);
@@ -200,19 +208,21 @@ impl SharedObjects {
 
 /// The private pages of mapping `m` of process `pid` (of kind `kind`): for a file mapping,
 /// the pages the process wrote (no longer the file's); for anonymous memory, every page
-/// present or swapped out.
+/// present or swapped out. `mem`: read through this `/proc/PID/mem` (see
+/// [`super::snapshot`]) instead of `process_vm_readv`.
 pub(super) fn private_pages(
     pid: i32,
     m: &MapEntry,
     kind: VmaKind,
     pack: &mut PackWriter,
+    mem: Option<&std::fs::File>,
 ) -> CoreResult<Vec<PageRun>> {
     if kind == VmaKind::File {
         let wanted = |e: u64| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
-        save_pages(pid, m, wanted, |a| a, |_| false, pack)
+        save_pages(pid, m, wanted, |a| a, |_| false, pack, mem)
     } else {
         let wanted = |e: u64| e & (PM_PRESENT | PM_SWAPPED) != 0;
-        save_pages(pid, m, wanted, |a| a, |_| false, pack)
+        save_pages(pid, m, wanted, |a| a, |_| false, pack, mem)
     }
 }
 
@@ -229,7 +239,7 @@ fn private_or_deferred(
             list.push((index, m.clone(), kind));
             Ok(Vec::new())
         }
-        _ => private_pages(pid, m, kind, pack),
+        _ => private_pages(pid, m, kind, pack, None),
     }
 }
 

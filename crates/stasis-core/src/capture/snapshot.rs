@@ -103,10 +103,22 @@ pub(super) fn take(frozen: &Frozen, insn: u64) -> CoreResult<Snapshot> {
 
 impl PendingMemory {
     /// Reads the pending pages from the snapshot: (mapping index, pages) per mapping.
+    ///
+    /// Through `/proc/PID/mem`, not `process_vm_readv`: the snapshot's pages are shared
+    /// copy-on-write with the running job, and `process_vm_readv` pins the pages it reads,
+    /// which makes the kernel unshare (copy) every one of them first — in a profile, reading
+    /// a 1 GiB snapshot that way took 2.5 times as long as reading the frozen job itself.
     pub fn read(&self, pack: &mut PackWriter) -> CoreResult<Vec<(usize, Vec<PageRun>)>> {
+        let path = format!("/proc/{}/mem", self.snapshot.pid);
+        let mem = std::fs::File::open(&path).map_err(crate::error::io_err(&path))?;
         self.vmas
             .iter()
-            .map(|(i, m, kind)| Ok((*i, private_pages(self.snapshot.pid, m, *kind, pack)?)))
+            .map(|(i, m, kind)| {
+                Ok((
+                    *i,
+                    private_pages(self.snapshot.pid, m, *kind, pack, Some(&mem))?,
+                ))
+            })
             .collect()
     }
 }
