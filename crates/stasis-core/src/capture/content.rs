@@ -68,20 +68,14 @@ pub(crate) fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 
 /// blake3 of a whole file read from `source`, if it can be read.
 fn hash_file(source: &str) -> Option<String> {
-    let mut f = std::fs::File::open(source).ok()?;
+    file_blake3(source).ok()
+}
+
+/// blake3 of the whole file at `path`, hex (shared with the checks at restart).
+pub(crate) fn file_blake3(path: &str) -> std::io::Result<String> {
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    Some(h.finalize().to_hex().to_string())
+    h.update_reader(std::fs::File::open(path)?)?;
+    Ok(h.finalize().to_hex().to_string())
 }
 
 impl FileContents {

@@ -1,7 +1,7 @@
 //! Capturing a frozen job: every process, the open file descriptions and shared memory they
 //! share, and the page data, in one cut.
 
-mod content;
+pub(crate) mod content;
 mod files;
 mod inotify;
 mod memory;

@@ -10,7 +10,6 @@
 //! recreated, else the restart is refused.
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -40,24 +39,10 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 
 /// blake3 of the file at `path`, hex.
 fn hash(path: &str) -> CoreResult<String> {
-    let cannot = |e: std::io::Error| CoreError::FileChanged {
+    crate::capture::content::file_blake3(path).map_err(|e| CoreError::FileChanged {
         path: path.to_owned(),
         detail: format!("cannot be read to compare its content ({e})"),
-    };
-    let mut f = std::fs::File::open(path).map_err(cannot)?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(cannot(e)),
-        }
-    }
-    Ok(h.finalize().to_hex().to_string())
+    })
 }
 
 /// Checks that a file is still the one saved: by content when the image has its hash (then
