@@ -154,10 +154,10 @@ impl GenerationWriter {
         let packs = job_dir.join(PACKS_DIR);
         create_private_dir(&packs)?;
         let lock = lock_file(job_dir)?;
-        // Sweep what crashed writers and removals left, if nobody else is writing; then
-        // hold the lock shared for the whole write.
-        if lock.try_lock().is_ok() {
-            remove_stale_temporaries(job_dir);
+        // Sweep what crashed writers and removals left, if nobody else is writing (reading
+        // every generation's manifest only when there is such a leftover: removals sweep
+        // after themselves); then hold the lock shared for the whole write.
+        if lock.try_lock().is_ok() && remove_stale_temporaries(job_dir) {
             let _ = sweep_packs(job_dir);
         }
         lock.lock_shared().map_err(io(packs.join(LOCK_FILE)))?;
@@ -287,7 +287,10 @@ fn sweep_packs(job_dir: &Path) -> ImageResult<Vec<String>> {
     Ok(removed)
 }
 
-fn remove_stale_temporaries(job_dir: &Path) {
+/// Removes what dead writers and removers left in `job_dir`; whether there was anything
+/// (then their packs may be unreferenced too).
+fn remove_stale_temporaries(job_dir: &Path) -> bool {
+    let mut found = false;
     for entry in fs::read_dir(job_dir).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(".tmp-gen-")) else {
@@ -295,10 +298,11 @@ fn remove_stale_temporaries(job_dir: &Path) {
         };
         let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
         if !writer_alive(pid) {
+            found = true;
             let _ = fs::remove_dir_all(entry.path());
         }
     }
-    remove_leftovers(job_dir);
+    found | remove_dead_leftovers(job_dir)
 }
 
 /// Whether `pid` names another process that is still alive (it may still be writing or
@@ -322,6 +326,12 @@ fn hidden_name(what: &str) -> String {
 /// Deletes what interrupted removals left in `dir` (entries named `.rm-…-PID-NANOS` whose
 /// remover is gone). Errors are ignored: the next call tries again.
 pub fn remove_leftovers(dir: &Path) {
+    remove_dead_leftovers(dir);
+}
+
+/// [`remove_leftovers`]; whether there was anything to remove.
+fn remove_dead_leftovers(dir: &Path) -> bool {
+    let mut found = false;
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(REMOVING_PREFIX)) else {
@@ -329,9 +339,11 @@ pub fn remove_leftovers(dir: &Path) {
         };
         let pid: Option<u32> = rest.rsplit('-').nth(1).and_then(|p| p.parse().ok());
         if !writer_alive(pid) {
+            found = true;
             let _ = fs::remove_dir_all(entry.path());
         }
     }
+    found
 }
 
 /// Moves `dir` out of sight (renamed to `hidden` in the same parent, which is then synced),

@@ -443,9 +443,12 @@ fn packs_of_crashed_writers_are_swept_but_never_a_live_writers() {
     let tmp = tempfile::tempdir().unwrap();
     let job = tmp.path().join("job");
     write_one(&job, &noise(8192, 1), true);
+    // A writer that crashed: its temporary directory and its pack are left behind.
     let stray = job.join(PACKS_DIR).join("pack-1-1.pack");
     std::fs::write(&stray, b"left by a writer that crashed").unwrap();
+    std::fs::create_dir(job.join(".tmp-gen-4294967-1")).unwrap();
     let mut w = GenerationWriter::begin(&job, Compression::None).unwrap();
+    assert!(!job.join(".tmp-gen-4294967-1").exists());
     assert!(
         !stray.exists(),
         "a new writer sweeps packs no generation references"
