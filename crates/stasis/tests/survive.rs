@@ -218,6 +218,18 @@ fn procstate_survives_a_checkpoint_that_continues() {
     );
 }
 
+/// Periodic timers whose signals wait, blocked, at the cut: the kernel re-arms them only
+/// when the signal is taken, and reports ITIMER_REAL as value 0 meanwhile (t_timers.c).
+#[test]
+fn timers_with_pending_signals_survive_kill_and_restart() {
+    kill_and_restart(&Subject::c("t_timers", false), "timers");
+}
+
+#[test]
+fn timers_with_pending_signals_survive_a_checkpoint_that_continues() {
+    checkpoint_and_continue(&Subject::c("t_timers", false), "timers-cont");
+}
+
 // ---------- descriptors and mappings ----------
 
 #[test]

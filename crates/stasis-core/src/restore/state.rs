@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use stasis_image::manifest::{Manifest, OpenFile, ProcessImage, ThreadImage};
+use stasis_image::manifest::{Itimer, Manifest, OpenFile, ProcessImage, ThreadImage};
 use stasis_sys::inject::Injector;
 use stasis_sys::{mem, ptrace};
 
@@ -123,21 +123,36 @@ pub(super) fn restore_process_state(c: &mut Child, p: &ProcessImage) -> CoreResu
         )?;
     }
     for (which, t) in p.itimers.iter().enumerate() {
-        if t.value_us == 0 {
+        let Some(value_us) = itimer_restart_value(t) else {
             continue;
-        }
+        };
         let v = c.put_words(
             0,
             &[
                 t.interval_us / 1_000_000,
                 t.interval_us % 1_000_000,
-                t.value_us / 1_000_000,
-                t.value_us % 1_000_000,
+                value_us / 1_000_000,
+                value_us % 1_000_000,
             ],
         )?;
         c.call("interval timer", libc::SYS_setitimer, &[which as u64, v, 0])?;
     }
     Ok(())
+}
+
+/// The value to arm a saved itimer with, or `None` when it was disarmed.
+///
+/// A periodic `ITIMER_REAL` that has fired is re-armed by the kernel only when its SIGALRM
+/// is dequeued; until then `getitimer` reports value 0 with the interval still set. That
+/// state cannot be recreated (`setitimer` with value 0 disarms and forgets the interval),
+/// so such a timer is armed to fire one interval from now: the pending SIGALRM, restored
+/// with the other pending signals, is taken first, and the timer goes on as before.
+fn itimer_restart_value(t: &Itimer) -> Option<u64> {
+    match (t.value_us, t.interval_us) {
+        (0, 0) => None,
+        (0, interval) => Some(interval),
+        (value, _) => Some(value),
+    }
 }
 
 pub(super) fn restore_posix_timers(
