@@ -213,14 +213,26 @@ static void *signaller(void *arg) {
 
 /* Outside Stasis the library did nothing: this process has no thread but its own (every
  * mode joins its threads) and no socket. */
-static void check_untouched(void) {
-    int threads = 0, sockets = 0;
+static int count_threads(void) {
+    int threads = 0;
     DIR *d = opendir("/proc/self/task");
     for (struct dirent *e; d && (e = readdir(d));)
         threads += e->d_name[0] != '.';
     if (d)
         closedir(d);
-    d = opendir("/proc/self/fd");
+    return threads;
+}
+
+static void check_untouched(void) {
+    int sockets = 0;
+    /* A thread just joined may linger in /proc/self/task for a moment after pthread_join
+       returns (the kernel wakes the joiner before it unlists the thread): give it a second. */
+    int threads = count_threads();
+    for (int i = 0; i < 100 && threads != 1; i++) {
+        usleep(10000);
+        threads = count_threads();
+    }
+    DIR *d = opendir("/proc/self/fd");
     for (struct dirent *e; d && (e = readdir(d));) {
         char path[300], target[300];
         snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);

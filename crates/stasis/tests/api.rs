@@ -81,29 +81,6 @@ fn compile_c_example(env: &Env, static_lib: bool) -> PathBuf {
     out
 }
 
-/// `stasis run FLAGS --name NAME -- PROGRAM ARGS` in the background (like `Env::start`).
-fn start(env: &Env, name: &str, flags: &[&str], program: &Path, args: &[&str]) -> Job {
-    let out = env.work.join(format!("{name}.out"));
-    let err = env.work.join(format!("{name}.err"));
-    let child = env
-        .cmd()
-        .args(["run", "--name", name])
-        .args(flags)
-        .arg("--")
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("out file"))
-        .stderr(std::fs::File::create(&err).expect("err file"))
-        .spawn()
-        .expect("spawn stasis run");
-    Job {
-        name: name.to_owned(),
-        child,
-        out,
-    }
-}
-
 fn work(env: &Env) -> &str {
     env.work.to_str().expect("utf-8 work dir")
 }
@@ -142,7 +119,7 @@ fn c_callbacks_run_in_order_after_checkpoint_and_restart() {
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-basic");
-    let mut job = start(&env, &name, &[], &prog, &[work(&env), "basic"]);
+    let mut job = env.start_with(&name, &[], &prog, &[work(&env), "basic"]);
     env.wait_output(&job, "READY");
     assert!(env.output(&job).contains("ACTIVE 1"));
     let report = env.checkpoint(&name, false);
@@ -175,8 +152,7 @@ fn c_callback_overrunning_the_timeout_is_reported_and_the_checkpoint_proceeds() 
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-slow");
-    let mut job = start(
-        &env,
+    let mut job = env.start_with(
         &name,
         &["--callback-timeout", "500ms"],
         &prog,
@@ -229,8 +205,7 @@ fn c_callback_overrun_can_fail_the_checkpoint() {
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-fail");
-    let mut job = start(
-        &env,
+    let mut job = env.start_with(
         &name,
         &["--callback-timeout", "500ms", "--callback-overrun", "fail"],
         &prog,
@@ -258,7 +233,7 @@ fn c_critical_sections_of_several_threads_keep_the_checkpoint_out() {
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-crit");
-    let mut job = start(&env, &name, &[], &prog, &[work(&env), "critical"]);
+    let mut job = env.start_with(&name, &[], &prog, &[work(&env), "critical"]);
     env.wait_output(&job, "READY");
     for g in 1..=3 {
         env.checkpoint(&name, false);
@@ -277,7 +252,7 @@ fn c_checkpoint_requested_from_inside_blocking_and_not() {
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-req");
-    let mut job = start(&env, &name, &[], &prog, &[work(&env), "request"]);
+    let mut job = env.start_with(&name, &[], &prog, &[work(&env), "request"]);
     env.wait_output(&job, "NONBLOCKING-DONE");
     env.wait_output(&job, "CONTINUED");
     let out = env.output(&job);
@@ -300,7 +275,7 @@ fn c_every_process_of_a_job_runs_its_callbacks() {
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-multi");
-    let mut job = start(&env, &name, &[], &prog, &[work(&env), "multi"]);
+    let mut job = env.start_with(&name, &[], &prog, &[work(&env), "multi"]);
     for p in 0..3 {
         env.wait_output(&job, &format!("READY proc={p}"));
     }
@@ -344,8 +319,7 @@ fn c_fork_children_inherit_nothing() {
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-fork");
-    let mut job = start(
-        &env,
+    let mut job = env.start_with(
         &name,
         &["--callback-timeout", "5s"],
         &prog,
@@ -391,7 +365,7 @@ fn c_critical_section_held_delays_the_checkpoint() {
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-hold");
-    let mut job = start(&env, &name, &[], &prog, &[work(&env), "hold"]);
+    let mut job = env.start_with(&name, &[], &prog, &[work(&env), "hold"]);
     env.wait_output(&job, "READY");
     let mut checkpoint = env
         .cmd()
@@ -442,8 +416,7 @@ fn c_critical_section_held_past_the_timeout_is_reported() {
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-holdlate");
-    let mut job = start(
-        &env,
+    let mut job = env.start_with(
         &name,
         &["--callback-timeout", "500ms"],
         &prog,
@@ -469,7 +442,7 @@ fn c_checkpoint_requested_from_a_signal_handler() {
     let env = Env::new();
     let prog = c_example(&env);
     let name = env.name("api-signal");
-    let mut job = start(&env, &name, &[], &prog, &[work(&env), "signal"]);
+    let mut job = env.start_with(&name, &[], &prog, &[work(&env), "signal"]);
     env.wait_output(&job, "SIGNALLED");
     for g in 1..=3 {
         env.wait_output(&job, &format!("EVENT post first proc=0 gen={g} restart=0"));
@@ -486,7 +459,7 @@ fn c_static_library_under_stasis() {
     let env = Env::new();
     let prog = c_example_static(&env);
     let name = env.name("api-static");
-    let mut job = start(&env, &name, &[], &prog, &[work(&env), "basic"]);
+    let mut job = env.start_with(&name, &[], &prog, &[work(&env), "basic"]);
     env.wait_output(&job, "READY");
     assert!(env.output(&job).contains("ACTIVE 1"));
     env.checkpoint(&name, false);

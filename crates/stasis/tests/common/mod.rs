@@ -183,11 +183,24 @@ impl Env {
     /// Starts `stasis run --name NAME -- PROGRAM ARGS` in the background, the program's
     /// stdout going to `work/NAME.out` (a regular file).
     pub fn start(&self, name: &str, program: &Path, args: &[&str]) -> Job {
+        self.start_with(name, &[], program, args)
+    }
+
+    /// Like [`Env::start`], with `run` flags before the `--`.
+    pub fn start_with(
+        &self,
+        name: &str,
+        flags: &[&str],
+        program: &Path,
+        args: &[impl AsRef<std::ffi::OsStr>],
+    ) -> Job {
         let out = self.work.join(format!("{name}.out"));
         let err = self.work.join(format!("{name}.err"));
         let child = self
             .cmd()
-            .args(["run", "--name", name, "--"])
+            .args(["run", "--name", name])
+            .args(flags)
+            .arg("--")
             .arg(program)
             .args(args)
             .stdin(Stdio::null())
