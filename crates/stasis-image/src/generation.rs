@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ImageError, ImageResult, io};
 use crate::index::{ChunkIndex, Frame, INDEX_HEADER, MAX_INDEX, blob_hash};
-use crate::manifest::{FORMAT_VERSION, Manifest, is_pack_name};
-use crate::pack::{Base, Compression, PackReader, PackWriter};
+use crate::manifest::{FORMAT_VERSION, Manifest, ProcessImage, VmaKind, is_pack_name};
+use crate::pack::{Base, BaseMemory, Compression, PackReader, PackWriter};
 
 /// Magic bytes at the start of a manifest file.
 pub const MANIFEST_MAGIC: &[u8; 8] = b"STASISMF";
@@ -117,10 +117,32 @@ fn newest_base(job_dir: &Path) -> Base {
     if !m.packs.iter().all(|p| packs.join(p).is_file()) {
         return Base::default();
     }
+    let memory = m
+        .processes
+        .iter()
+        .map(|p| (p.pid, base_memory(p, &m.chunks)))
+        .collect();
     Base {
         index: m.chunks,
         packs: m.packs,
+        memory,
     }
+}
+
+/// Where `index` keeps the private anonymous pages of process `p`.
+fn base_memory(p: &ProcessImage, index: &ChunkIndex) -> BaseMemory {
+    let mut runs: Vec<(u64, u64, u32)> = p
+        .vmas
+        .iter()
+        .filter(|v| !v.shared && matches!(v.kind, VmaKind::Anon | VmaKind::Heap | VmaKind::Stack))
+        .flat_map(|v| &v.pages)
+        .filter_map(|r| {
+            let first = *index.starts.get(r.chunk as usize)?;
+            Some((r.addr, r.addr + index.chunk_len(r.chunk), first))
+        })
+        .collect();
+    runs.sort_unstable();
+    BaseMemory { runs }
 }
 
 /// A generation being written. Dropping it without [`GenerationWriter::finish`] removes it.

@@ -38,8 +38,38 @@ pub enum Compression {
 pub struct Base {
     /// Its chunk index.
     pub index: ChunkIndex,
-    /// The pack names its frames refer to.
+    /// The pack names its frames refer to; the first is the pack that generation wrote,
+    /// which names it uniquely (generation numbers may be reused after a removal).
     pub packs: Vec<String>,
+    /// Its private anonymous memory, by process (pid in the job), for pages known to be
+    /// unchanged since.
+    pub memory: HashMap<i32, BaseMemory>,
+}
+
+/// Where a base generation keeps one process's private anonymous pages.
+#[derive(Debug, Clone, Default)]
+pub struct BaseMemory {
+    /// Saved runs: (first address, end address, index of the first blob in the base's
+    /// index), sorted by address. A run's pages are its blobs, one each, in order.
+    pub runs: Vec<(u64, u64, u32)>,
+}
+
+impl BaseMemory {
+    /// The base blob holding the page at `addr`, if the base saved it (pages it did not
+    /// save were zero).
+    pub fn blob_at(&self, addr: u64) -> Option<u32> {
+        let i = self.runs.partition_point(|r| r.1 <= addr);
+        let &(start, end, first) = self.runs.get(i)?;
+        (start <= addr && addr < end)
+            .then(|| first + u32::try_from((addr - start) / BLOB_LEN as u64).unwrap_or(u32::MAX))
+    }
+}
+
+impl Base {
+    /// The name of the pack the base generation wrote: its identity.
+    pub fn name(&self) -> Option<&str> {
+        self.packs.first().map(String::as_str)
+    }
 }
 
 /// Where a known blob lies.
@@ -184,6 +214,45 @@ impl PackWriter {
             }
         }
         Ok(chunk)
+    }
+
+    /// Stores one chunk made of blobs of the base (indices into its index's blobs, checked),
+    /// without reading or hashing their bytes; returns its index.
+    pub fn add_base_blobs(&mut self, blobs: &[u32]) -> ImageResult<u32> {
+        let mut found = Vec::with_capacity(blobs.len());
+        for &b in blobs {
+            let blob =
+                *self
+                    .base
+                    .index
+                    .blobs
+                    .get(b as usize)
+                    .ok_or_else(|| ImageError::Corrupt {
+                        path: self.path.clone(),
+                        offset: 0,
+                        what: format!("base generation's blob {b}"),
+                    })?;
+            found.push(Blob {
+                frame: self.import(blob.frame)?,
+                ..blob
+            });
+        }
+        let chunk = u32::try_from(self.index.starts.len()).unwrap_or(u32::MAX);
+        self.index
+            .starts
+            .push(u32::try_from(self.index.blobs.len()).unwrap_or(u32::MAX));
+        self.index.blobs.extend(found);
+        Ok(chunk)
+    }
+
+    /// The generation this writer shares unchanged data with.
+    pub fn base(&self) -> &Base {
+        &self.base
+    }
+
+    /// The name of the pack being written: the new generation's identity once finished.
+    pub fn name(&self) -> &str {
+        &self.packs[0]
     }
 
     /// The frame index in ours of base frame `f`, importing it on first use.

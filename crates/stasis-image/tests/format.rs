@@ -527,3 +527,35 @@ fn saved_files_round_trip_and_are_validated() {
         "saved twice",
     );
 }
+
+/// A writer knows where its base keeps each page of a process's anonymous memory, and a
+/// chunk made of base blobs (as write tracking makes for unchanged pages, without reading
+/// them) reads back as those pages; a blob the base does not have is refused.
+#[test]
+fn chunks_made_of_base_blobs_read_back_as_the_base_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let data = noise(16 * 4096, 11);
+    let gen1 = write_one(&job, &data, true);
+    let m1 = read_manifest(&gen1.join(MANIFEST_FILE)).unwrap();
+
+    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    assert_eq!(w.pack().base().name(), Some(m1.packs[0].as_str()));
+    let base = &w.pack().base().memory[&2];
+    // The manifest's one run starts at 0x10000: page k is blob k.
+    assert_eq!(base.blob_at(0x10000 + 5 * 4096), Some(5));
+    assert_eq!(base.blob_at(0x10000 + 16 * 4096), None, "past the run");
+    assert_eq!(base.blob_at(0xf000), None, "before the run");
+    let c = w.pack().add_base_blobs(&[3, 4, 5]).unwrap();
+    assert!(
+        w.pack().add_base_blobs(&[16]).is_err(),
+        "no blob 16 in the base"
+    );
+    let (_, gen2) = w.finish(&mut manifest(c)).unwrap();
+    assert_eq!(
+        OpenGeneration::open(&gen2).unwrap().chunk(c).unwrap(),
+        data[3 * 4096..6 * 4096]
+    );
+    let v = verify(&gen2).unwrap();
+    assert_eq!(v.shared_bytes, 3 * 4096, "{v:?}");
+}
