@@ -62,6 +62,18 @@ pub enum CoreError {
     /// The process went away while being captured.
     #[error("process {0} exited during the checkpoint")]
     Vanished(i32),
+    /// A mapping's flags changed between the reading before the freeze and the cut.
+    #[error(
+        "process {pid} changed mapping {what} while it was being checkpointed ({why}); the checkpoint was not kept: take it again"
+    )]
+    ChangedDuringCheckpoint {
+        /// The process.
+        pid: i32,
+        /// The mapping.
+        what: String,
+        /// What changed.
+        why: String,
+    },
 }
 
 /// Result of capture and restore.

@@ -14,6 +14,7 @@ pub mod ptyqueue;
 pub mod regs;
 pub mod restore;
 pub mod sockdiag;
+pub mod tracking;
 pub mod vdso;
 
 pub use error::{CoreError, CoreResult};

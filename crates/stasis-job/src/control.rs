@@ -90,6 +90,10 @@ pub struct CheckpointReport {
     pub memory_bytes: u64,
     /// Bytes written to the pack.
     pub stored_bytes: u64,
+    /// Bytes of private memory that write tracking knew unchanged since the generation
+    /// this one builds on: not read again, only referenced.
+    #[serde(default)]
+    pub unchanged_bytes: u64,
     /// The job was ended after the snapshot.
     pub killed: bool,
     /// Older generations removed afterwards by the retention policy (`--keep`).

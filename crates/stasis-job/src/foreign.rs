@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use stasis_core::capture::{CaptureOptions, capture_job};
+use stasis_core::capture::{CaptureOptions, Speedups, capture_job};
 use stasis_core::error::CoreError;
 use stasis_core::freeze::freeze_tree;
 use stasis_core::restore::clocks_now;
@@ -84,7 +84,15 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
         snapshot: !kill,
         save_files: spec.policy.save_files,
     };
-    let mut captured = match capture_job(&frozen, parent, None, None, opts, writer.pack()) {
+    let mut captured = match capture_job(
+        &frozen,
+        parent,
+        None,
+        None,
+        opts,
+        writer.pack(),
+        Speedups::default(),
+    ) {
         Ok(c) => c,
         Err(e) => {
             drop(writer);
@@ -97,7 +105,7 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
     if !kill {
         frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
         frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
-        captured.read_snapshots(writer.pack())?;
+        captured.read_snapshots(writer.pack(), None)?;
     }
     let mut manifest = record::manifest(
         record::JobFacts {
@@ -134,6 +142,7 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         memory_bytes: manifest.chunks.raw_bytes(),
         stored_bytes: manifest.chunks.stored_bytes_in(0) + stasis_image::pack::HEADER_LEN,
+        unchanged_bytes: 0,
         killed: kill,
         removed: Vec::new(),
         callbacks_late: Vec::new(),

@@ -28,6 +28,9 @@ pub struct CheckpointPolicy {
     /// Every checkpoint keeps the content of the job's open files in the image
     /// (`--save-files`).
     pub save_files: bool,
+    /// Do not track which pages the job writes between checkpoints
+    /// (`--no-write-tracking`): every checkpoint reads all of the job's memory.
+    pub no_write_tracking: bool,
 }
 
 /// Parses a checkpoint signal: `SIGUSR1`, `USR1`, `usr1` or a number (`10`, `SIGRTMIN+2` is

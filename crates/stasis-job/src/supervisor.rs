@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use stasis_core::capture::{CaptureOptions, capture_job};
+use stasis_core::capture::{CaptureOptions, EarlyMaps, Speedups, WriteTracking, capture_job};
 use stasis_core::freeze::freeze_job;
 use stasis_core::restore::{
     FileReport, RestoreOptions, check_machine, clocks_now, prepare_files, restore_job,
@@ -93,6 +93,8 @@ pub struct Supervisor {
     terminal: Option<Terminal>,
     /// The job's processes that use libstasis.
     callbacks: Callbacks,
+    /// Which pages the job wrote since the last checkpoint.
+    tracking: WriteTracking,
 }
 
 fn resolve_program(program: &str) -> JobResult<PathBuf> {
@@ -185,6 +187,7 @@ impl Supervisor {
         let signals =
             process::block_signals_to_fd(&blocked).map_err(|e| JobError::Remote(e.to_string()))?;
 
+        let mut tracking = WriteTracking::new();
         let (pid, ns, init, command, offsets, restarted_from, terminal) = match start {
             Start::Run { command } => {
                 let program = command.first().ok_or_else(|| JobError::Spawn {
@@ -264,8 +267,10 @@ impl Supervisor {
                     files_prepared: true,
                     set_pids: ns.pid,
                     mount_ns: mount_ns.as_ref().map(|(fd, _)| fd.as_raw_fd()),
+                    track_writes: !spec.policy.no_write_tracking,
                 };
                 let mut restored = restore_job(&mut image, &opts)?;
+                tracking = std::mem::take(&mut restored.tracking);
                 let terminal = restored.terminal.take().map(Terminal::adopt);
                 let offsets = if ns.time { offsets } else { (0, 0) };
                 (
@@ -299,6 +304,7 @@ impl Supervisor {
             unpublished: false,
             terminal,
             callbacks: Callbacks::new(spec.policy.callback_timeout),
+            tracking,
             spec,
         })
     }
@@ -493,7 +499,13 @@ impl Supervisor {
             ));
         }
         let save_files = save_files || self.spec.policy.save_files;
+        self.tracking.start_cut(!kill);
         let result = self.checkpoint_now(kill, reason, save_files);
+        if result.is_ok() {
+            self.tracking.committed();
+        } else {
+            self.tracking.abandoned();
+        }
         match &result {
             Ok(r) if !r.killed => self.callbacks.resumed(r.generation),
             Err(_) if self.exit.is_none() => self.callbacks.resumed(0),
@@ -523,6 +535,12 @@ impl Supervisor {
         // Before the job is frozen: choosing the generation to share data with (reading its
         // index) and sweeping old packs take time the job need not stand still for.
         let mut writer = GenerationWriter::begin(&self.job_dir, self.spec.compression)?;
+        let early_maps = EarlyMaps::read(
+            &stasis_core::proc::descendants(supervisor)
+                .into_iter()
+                .filter(|&p| Some(p) != init)
+                .collect::<Vec<_>>(),
+        );
         let frozen_at = Instant::now();
         let frozen = freeze_job(supervisor, init, self.pid)?;
         fault::point("frozen");
@@ -538,7 +556,19 @@ impl Supervisor {
             snapshot: !kill,
             save_files,
         };
-        let captured = match capture_job(&frozen, supervisor, init, terminal, opts, writer.pack()) {
+        let speedups = Speedups {
+            tracking: (!self.spec.policy.no_write_tracking).then_some(&mut self.tracking),
+            early_maps,
+        };
+        let captured = match capture_job(
+            &frozen,
+            supervisor,
+            init,
+            terminal,
+            opts,
+            writer.pack(),
+            speedups,
+        ) {
             Ok(x) => x,
             Err(e) => {
                 drop(writer);
@@ -555,13 +585,20 @@ impl Supervisor {
             frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
             fault::point("thawed");
             // The job runs again; its memory is read from copy-on-write snapshots.
-            captured.read_snapshots(writer.pack())?;
+            let tracking = (!self.spec.policy.no_write_tracking).then_some(&mut self.tracking);
+            captured.read_snapshots(writer.pack(), tracking)?;
             fault::point("snapshots-read");
             tracing::debug!(
                 frozen_ms,
                 snapshots_read_ms = t0.elapsed().as_secs_f64() * 1e3 - frozen_ms,
                 "checkpoint phases"
             );
+        }
+        if let Err(e) = captured.check_flags() {
+            if let Some(f) = frozen.take() {
+                f.thaw(&captured.insns)?;
+            }
+            return Err(e.into());
         }
         let mut manifest = record::manifest(
             record::JobFacts {
@@ -606,6 +643,7 @@ impl Supervisor {
             total_ms: t0.elapsed().as_secs_f64() * 1e3,
             memory_bytes: manifest.chunks.raw_bytes(),
             stored_bytes,
+            unchanged_bytes: captured.unchanged_bytes,
             killed: kill,
             removed: Vec::new(),
             callbacks_late: Vec::new(),

@@ -15,6 +15,7 @@ pub mod process;
 pub mod ptrace;
 pub mod pty;
 pub mod sysv;
+pub mod uffd;
 pub mod wait;
 
 pub use error::{Errno, SysError, SysResult};

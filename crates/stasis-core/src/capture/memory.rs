@@ -10,6 +10,7 @@ use stasis_sys::mem;
 use super::content::{FileContents, Found};
 use crate::error::{CoreError, CoreResult, io_err};
 use crate::proc::{self, MapEntry};
+use crate::tracking::Unchanged;
 
 const PAGE: u64 = 4096;
 /// Pages per chunk of saved memory (1 MiB).
@@ -68,7 +69,9 @@ fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> CoreResult<()> {
 /// process's `/proc/PID/mem`, when given), zero pages dropped, and each non-zero run stored
 /// as a chunk. `base` maps an address to the run's recorded address
 /// (the address itself, or an offset in a shared memory object); `skip` leaves out pages
-/// already saved (by recorded address).
+/// already saved (by recorded address). Pages `unchanged` knows are not read: they refer to
+/// the base generation's blobs (or, zero there, are left out).
+#[allow(clippy::too_many_arguments)]
 fn save_pages(
     pid: i32,
     m: &MapEntry,
@@ -77,22 +80,36 @@ fn save_pages(
     skip: impl Fn(u64) -> bool,
     pack: &mut PackWriter,
     mem: Option<&std::fs::File>,
+    unchanged: &Unchanged,
 ) -> CoreResult<Vec<PageRun>> {
     let pagemap = proc::pagemap(pid, m.start, m.end)?;
-    let want = |i: usize| wanted(pagemap[i]) && !skip(base(m.start + i as u64 * PAGE));
+    let addr_of = |i: usize| m.start + i as u64 * PAGE;
+    let want = |i: usize| wanted(pagemap[i]) && !skip(base(addr_of(i)));
     let mut runs = Vec::new();
+    let mut reused = ReusedRun::default();
     let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
     let mut i = 0;
     while i < pagemap.len() {
+        if let Some(known) = unchanged.lookup(addr_of(i)) {
+            if let Some(blob) = known {
+                reused.push(addr_of(i), blob, pack, &mut runs)?;
+            }
+            i += 1;
+            continue;
+        }
         if !want(i) {
             i += 1;
             continue;
         }
         let start = i;
-        while i < pagemap.len() && i - start < RUN_PAGES && want(i) {
+        while i < pagemap.len()
+            && i - start < RUN_PAGES
+            && want(i)
+            && unchanged.lookup(addr_of(i)).is_none()
+        {
             i += 1;
         }
-        let addr = m.start + start as u64 * PAGE;
+        let addr = addr_of(start);
         let data = &mut buf[..(i - start) * PAGE as usize];
         match mem {
             Some(f) => f
@@ -121,7 +138,49 @@ fn save_pages(
             });
         }
     }
+    reused.flush(pack, &mut runs)?;
+    runs.sort_unstable_by_key(|r| r.addr);
     Ok(runs)
+}
+
+/// Consecutive unchanged pages gathered into one chunk of the base's blobs.
+#[derive(Debug, Default)]
+struct ReusedRun {
+    addr: u64,
+    blobs: Vec<u32>,
+}
+
+impl ReusedRun {
+    /// Adds the page at `addr`, kept in base blob `blob`; stores the run so far first when
+    /// the page does not continue it or it is full.
+    fn push(
+        &mut self,
+        addr: u64,
+        blob: u32,
+        pack: &mut PackWriter,
+        runs: &mut Vec<PageRun>,
+    ) -> CoreResult<()> {
+        let next = self.addr + self.blobs.len() as u64 * PAGE;
+        if !self.blobs.is_empty() && (next != addr || self.blobs.len() == RUN_PAGES) {
+            self.flush(pack, runs)?;
+        }
+        if self.blobs.is_empty() {
+            self.addr = addr;
+        }
+        self.blobs.push(blob);
+        Ok(())
+    }
+
+    fn flush(&mut self, pack: &mut PackWriter, runs: &mut Vec<PageRun>) -> CoreResult<()> {
+        if !self.blobs.is_empty() {
+            runs.push(PageRun {
+                addr: self.addr,
+                chunk: pack.add_base_blobs(&self.blobs)?,
+            });
+            self.blobs.clear();
+        }
+        Ok(())
+    }
 }
 
 /// Shared memory objects of a job, by inode; each page is saved once however many
@@ -196,6 +255,7 @@ impl SharedObjects {
             |off| saved.contains(&off),
             pack,
             None,
+            &Unchanged::default(),
         )?;
         for r in &runs {
             let len = pack.chunk_len(r.chunk).unwrap_or(0);
@@ -208,21 +268,31 @@ impl SharedObjects {
 
 /// The private pages of mapping `m` of process `pid` (of kind `kind`): for a file mapping,
 /// the pages the process wrote (no longer the file's); for anonymous memory, every page
-/// present or swapped out. `mem`: read through this `/proc/PID/mem` (see
-/// [`super::snapshot`]) instead of `process_vm_readv`.
+/// present or swapped out, except those `unchanged` knows. `mem`: read through this
+/// `/proc/PID/mem` (see [`super::snapshot`]) instead of `process_vm_readv`.
 pub(super) fn private_pages(
     pid: i32,
     m: &MapEntry,
     kind: VmaKind,
     pack: &mut PackWriter,
     mem: Option<&std::fs::File>,
+    unchanged: &Unchanged,
 ) -> CoreResult<Vec<PageRun>> {
     if kind == VmaKind::File {
         let wanted = |e: u64| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
-        save_pages(pid, m, wanted, |a| a, |_| false, pack, mem)
+        save_pages(
+            pid,
+            m,
+            wanted,
+            |a| a,
+            |_| false,
+            pack,
+            mem,
+            &Unchanged::default(),
+        )
     } else {
         let wanted = |e: u64| e & (PM_PRESENT | PM_SWAPPED) != 0;
-        save_pages(pid, m, wanted, |a| a, |_| false, pack, mem)
+        save_pages(pid, m, wanted, |a| a, |_| false, pack, mem, unchanged)
     }
 }
 
@@ -233,19 +303,20 @@ fn private_or_deferred(
     kind: VmaKind,
     pack: &mut PackWriter,
     deferred: Option<&mut Vec<(usize, MapEntry, VmaKind)>>,
+    unchanged: &Unchanged,
 ) -> CoreResult<Vec<PageRun>> {
     match deferred {
         Some(list) if super::snapshot::snapshot_can_read(m) => {
             list.push((index, m.clone(), kind));
             Ok(Vec::new())
         }
-        _ => private_pages(pid, m, kind, pack, None),
+        _ => private_pages(pid, m, kind, pack, None, unchanged),
     }
 }
 
 /// Captures every mapping of a process. With `deferred`, the private pages of mappings a
 /// copy-on-write snapshot can give are not read now: each such mapping is listed there
-/// (index, mapping, kind) and saved with no pages.
+/// (index, mapping, kind) and saved with no pages. Pages `unchanged` knows are not read.
 pub fn capture_vmas(
     pid: i32,
     maps: &[MapEntry],
@@ -253,6 +324,7 @@ pub fn capture_vmas(
     contents: &mut FileContents,
     pack: &mut PackWriter,
     mut deferred: Option<&mut Vec<(usize, MapEntry, VmaKind)>>,
+    unchanged: &Unchanged,
 ) -> CoreResult<Vec<Vma>> {
     let mut out = Vec::with_capacity(maps.len());
     for (index, m) in maps.iter().enumerate() {
@@ -291,12 +363,26 @@ pub fn capture_vmas(
                 if m.shared {
                     Vec::new()
                 } else {
-                    private_or_deferred(pid, index, m, kind, pack, deferred.as_deref_mut())?
+                    private_or_deferred(
+                        pid,
+                        index,
+                        m,
+                        kind,
+                        pack,
+                        deferred.as_deref_mut(),
+                        &Unchanged::default(),
+                    )?
                 }
             }
-            VmaKind::Anon | VmaKind::Heap | VmaKind::Stack => {
-                private_or_deferred(pid, index, m, kind, pack, deferred.as_deref_mut())?
-            }
+            VmaKind::Anon | VmaKind::Heap | VmaKind::Stack => private_or_deferred(
+                pid,
+                index,
+                m,
+                kind,
+                pack,
+                deferred.as_deref_mut(),
+                unchanged,
+            )?,
         };
         out.push(Vma {
             start: m.start,

@@ -2,6 +2,7 @@
 //! share, and the page data, in one cut.
 
 pub(crate) mod content;
+mod early;
 mod files;
 mod inotify;
 mod memory;
@@ -19,8 +20,10 @@ use stasis_image::manifest::{
 };
 use stasis_image::pack::PackWriter;
 
+pub use crate::tracking::{Unchanged, WriteTracking};
 pub use crate::vdso::{VdsoInfo, vdso_info};
 pub use content::FileContents;
+pub use early::EarlyMaps;
 pub use memory::vma_kind;
 pub use process::{JobTables, capture_process, capture_zombie};
 
@@ -41,6 +44,16 @@ pub struct CaptureOptions {
     /// Keep the content of every regular file open in the job, and of every file mapped
     /// shared, in the image (`--save-files`).
     pub save_files: bool,
+}
+
+/// What a supervisor prepares so that checkpoints of its job stall it less and read less.
+#[derive(Debug, Default)]
+pub struct Speedups<'a> {
+    /// Write tracking, kept from one checkpoint to the next (its cut started).
+    pub tracking: Option<&'a mut WriteTracking>,
+    /// Mappings of the job's processes with their flags, read before the freeze
+    /// ([`EarlyMaps::read`]).
+    pub early_maps: EarlyMaps,
 }
 
 /// A captured job, ready to be written into a manifest.
@@ -69,13 +82,50 @@ pub struct CapturedJob {
     /// Private memory still to be read from copy-on-write snapshots (see
     /// [`CapturedJob::read_snapshots`]).
     pub pending: Vec<snapshot::PendingMemory>,
+    /// Bytes of private memory write tracking knew unchanged (not read).
+    pub unchanged_bytes: u64,
+    /// Mappings whose flags were taken from [`EarlyMaps`], by host pid.
+    pub early_flags: Vec<(i32, Vec<proc::MapEntry>)>,
 }
 
 impl CapturedJob {
+    /// Checks that the mappings whose flags were read before the freeze still have them (as
+    /// far as they still exist): a program that set `MADV_DONTFORK` or `MADV_WIPEONFORK` on
+    /// a whole mapping in between would otherwise have that mapping read from a snapshot
+    /// that lacks it or holds zeros.
+    pub fn check_flags(&self) -> CoreResult<()> {
+        for (pid, used) in &self.early_flags {
+            let Ok(now) = proc::maps(*pid) else {
+                continue;
+            };
+            for m in used {
+                let i = now.partition_point(|n| n.start < m.start);
+                if let Some(n) = now.get(i).filter(|n| n.same_mapping(m))
+                    && !n.same_for_capture(m)
+                {
+                    return Err(CoreError::ChangedDuringCheckpoint {
+                        pid: *pid,
+                        what: format!("{:#x}-{:#x} {}", m.start, m.end, m.path),
+                        why: format!("its flags went from {:?} to {:?}", m.flags, n.flags),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the private memory of every process from its copy-on-write snapshot into
     /// `pack` (the job may run meanwhile), then ends the snapshots. On error the snapshots
-    /// are ended too.
-    pub fn read_snapshots(&mut self, pack: &mut PackWriter) -> CoreResult<()> {
+    /// are ended too. Write tracking, if any, protects the job's pages again first, while
+    /// the snapshots still tell which pages the job wrote since the cut.
+    pub fn read_snapshots(
+        &mut self,
+        pack: &mut PackWriter,
+        tracking: Option<&mut WriteTracking>,
+    ) -> CoreResult<()> {
+        if let Some(t) = tracking {
+            t.protect_after_thaw();
+        }
         for p in std::mem::take(&mut self.pending) {
             for (vma, pages) in p.read(pack)? {
                 if let Some(v) = self.processes[p.process].vmas.get_mut(vma) {
@@ -253,7 +303,9 @@ fn capture_ptys(
 }
 
 /// Captures every process of a frozen job into `pack`; `terminal` is the master of the
-/// pseudo-terminal the supervisor gave the job, if any; `opts` says what else to keep.
+/// pseudo-terminal the supervisor gave the job, if any; `opts` says what else to keep;
+/// `speedups` what the caller prepared (write tracking says which pages are unchanged since
+/// the generation `pack` builds on).
 pub fn capture_job(
     job: &FrozenJob,
     supervisor: i32,
@@ -261,6 +313,7 @@ pub fn capture_job(
     terminal: Option<BorrowedFd<'_>>,
     opts: CaptureOptions,
     pack: &mut PackWriter,
+    speedups: Speedups<'_>,
 ) -> CoreResult<CapturedJob> {
     let mut snapshots = Vec::new();
     let result = capture_all(
@@ -271,6 +324,7 @@ pub fn capture_job(
         opts,
         opts.snapshot.then_some(&mut snapshots),
         pack,
+        speedups,
     );
     if result.is_err() {
         // The job stays frozen (and will be thawed by the caller): its snapshots end now.
@@ -287,6 +341,8 @@ pub fn capture_job(
     })
 }
 
+// The arguments of `capture_job`, plus the snapshot list it keeps for cleaning up on error.
+#[allow(clippy::too_many_arguments)]
 fn capture_all(
     job: &FrozenJob,
     supervisor: i32,
@@ -295,6 +351,7 @@ fn capture_all(
     opts: CaptureOptions,
     snapshots: Option<&mut Vec<snapshot::PendingMemory>>,
     pack: &mut PackWriter,
+    speedups: Speedups<'_>,
 ) -> CoreResult<CapturedJob> {
     let sharing_children = refuse_shared_tables(job)?;
     let terminal = match terminal {
@@ -313,6 +370,10 @@ fn capture_all(
         shared: memory::SharedObjects::default(),
         contents: FileContents::new(opts.save_files),
         pending: snapshots,
+        tracking: speedups.tracking,
+        unchanged_pages: 0,
+        early_maps: &speedups.early_maps,
+        early_flags: Vec::new(),
     };
     let mut processes = Vec::with_capacity(job.processes.len() + job.zombies.len());
     let mut insns = HashMap::new();
@@ -393,5 +454,7 @@ fn capture_all(
         vdso_blake3: vdso_blake3.unwrap_or_default(),
         insns,
         pending: Vec::new(),
+        unchanged_bytes: tables.unchanged_pages * 4096,
+        early_flags: tables.early_flags,
     })
 }

@@ -6,13 +6,15 @@ use stasis_sys::inject::Injector;
 use stasis_sys::{Errno, process, ptrace};
 
 use super::content::FileContents;
+use super::early::EarlyMaps;
 use super::files::FileTable;
 use super::memory::{SharedObjects, capture_vmas};
 use super::snapshot::{PendingMemory, take};
 use super::threads::{capture_sigactions, capture_thread, capture_timers};
 use crate::error::{CoreResult, SysContext};
 use crate::freeze::{Frozen, stack_scratch};
-use crate::proc;
+use crate::proc::{self, MapEntry};
+use crate::tracking::{Unchanged, WriteTracking};
 use crate::vdso::{VdsoInfo, vdso_info};
 
 const NUM_RLIMITS: u32 = 16;
@@ -35,6 +37,14 @@ pub struct JobTables<'a> {
     /// With copy-on-write snapshots: the private memory still to be read from them (one
     /// entry per process). `None`: memory is read while the job is frozen.
     pub pending: Option<&'a mut Vec<PendingMemory>>,
+    /// Write tracking kept between checkpoints, if any.
+    pub tracking: Option<&'a mut WriteTracking>,
+    /// Pages write tracking knew unchanged, over all processes so far.
+    pub unchanged_pages: u64,
+    /// Mappings with flags read before the freeze.
+    pub early_maps: &'a EarlyMaps,
+    /// Mappings whose flags came from `early_maps`, by process, to check afterwards.
+    pub early_flags: Vec<(i32, Vec<MapEntry>)>,
 }
 
 /// Captures one frozen process: threads, memory, descriptors and process-wide state.
@@ -47,7 +57,10 @@ pub fn capture_process(
     let pid = frozen.pid;
     let pid_path = format!("/proc/{pid}");
     let t_start = std::time::Instant::now();
-    let maps = proc::maps(pid)?;
+    let (maps, early) = tables.early_maps.maps(pid)?;
+    if early {
+        tables.early_flags.push((pid, maps.clone()));
+    }
     let vdso = vdso_info(pid, &maps)?;
     let threads = frozen
         .threads
@@ -58,7 +71,9 @@ pub fn capture_process(
     let main = frozen.threads[0].tid;
     let scratch = stack_scratch(main)?;
     let mut inj = Injector::new(main, vdso.syscall_insn);
+    let t_threads = std::time::Instant::now();
     let sigactions = capture_sigactions(&mut inj, scratch)?;
+    let t_sigactions = std::time::Instant::now();
     let brk = inj
         .call("brk", libc::SYS_brk, &[0])
         .ctx(|| format!("reading the program break of process {pid}"))?;
@@ -91,6 +106,15 @@ pub fn capture_process(
             .files
             .capture_process(pid, &mut tables.shared, &mut tables.contents, tables.pack)?;
     let t_fds = std::time::Instant::now();
+    let ns_pid = proc::ns_pid(&pid_path)?;
+    let unchanged = match tables.tracking.as_deref_mut() {
+        Some(t) => {
+            let name = tables.pack.name().to_owned();
+            t.cut(pid, ns_pid, &maps, &mut inj, tables.pack.base(), &name)
+        }
+        None => Unchanged::default(),
+    };
+    let t_tracked = std::time::Instant::now();
     let mut deferred = Vec::new();
     let vmas = capture_vmas(
         pid,
@@ -99,24 +123,32 @@ pub fn capture_process(
         &mut tables.contents,
         tables.pack,
         tables.pending.is_some().then_some(&mut deferred),
+        &unchanged,
     )?;
+    let known_pages = unchanged.known_pages();
+    tables.unchanged_pages += known_pages;
     if let Some(pending) = tables.pending.as_mut() {
         let snapshot = take(frozen, vdso.syscall_insn)?;
         pending.push(PendingMemory {
             process: pending.len(),
             snapshot,
             vmas: deferred,
+            unchanged,
         });
     }
     tracing::debug!(
         pid,
-        threads_and_state_ms = (t_state - t_start).as_secs_f64() * 1e3,
+        threads_ms = (t_threads - t_start).as_secs_f64() * 1e3,
+        sigactions_ms = (t_sigactions - t_threads).as_secs_f64() * 1e3,
+        state_ms = (t_state - t_sigactions).as_secs_f64() * 1e3,
         fds_ms = (t_fds - t_state).as_secs_f64() * 1e3,
-        memory_ms = t_fds.elapsed().as_secs_f64() * 1e3,
+        tracking_ms = (t_tracked - t_fds).as_secs_f64() * 1e3,
+        known_pages,
+        memory_ms = t_tracked.elapsed().as_secs_f64() * 1e3,
         "capture phases"
     );
     let image = ProcessImage {
-        pid: proc::ns_pid(&pid_path)?,
+        pid: ns_pid,
         ppid,
         pgid: proc::ns_field(pid, "NSpgid"),
         sid: proc::ns_field(pid, "NSsid"),

@@ -19,6 +19,7 @@ use super::memory::private_pages;
 use crate::error::{CoreError, CoreResult, SysContext};
 use crate::freeze::{Frozen, freeze, stack_scratch};
 use crate::proc::{self, MapEntry};
+use crate::tracking::Unchanged;
 
 const CLONE_ARGS_SIZE: u64 = 88;
 
@@ -46,6 +47,8 @@ pub struct PendingMemory {
     /// Mappings whose pages are to be read: (index in the process's mappings, mapping,
     /// kind).
     pub vmas: Vec<(usize, MapEntry, VmaKind)>,
+    /// Pages known unchanged since the base generation: not read.
+    pub unchanged: Unchanged,
 }
 
 /// Whether a mapping's private pages can be read from a snapshot: not those the kernel
@@ -116,7 +119,14 @@ impl PendingMemory {
             .map(|(i, m, kind)| {
                 Ok((
                     *i,
-                    private_pages(self.snapshot.pid, m, *kind, pack, Some(&mem))?,
+                    private_pages(
+                        self.snapshot.pid,
+                        m,
+                        *kind,
+                        pack,
+                        Some(&mem),
+                        &self.unchanged,
+                    )?,
                 ))
             })
             .collect()

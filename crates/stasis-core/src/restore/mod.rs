@@ -21,6 +21,7 @@ use stasis_sys::inject::{Injector, find_syscall_insn};
 use stasis_sys::{mem, process, ptrace};
 
 use crate::error::{CoreError, CoreResult, SysContext};
+use crate::tracking::WriteTracking;
 use crate::{proc, regs};
 use child::{Child, sys};
 use stage::Staged;
@@ -43,6 +44,8 @@ pub struct RestoreOptions {
     /// A descriptor (open in the caller, inherited by the restored processes) of the mount
     /// namespace they must enter: the one with the job's own `/proc`.
     pub mount_ns: Option<i32>,
+    /// Protect the restored memory for write tracking (see [`RestoredJob::tracking`]).
+    pub track_writes: bool,
 }
 
 /// A restored, running job.
@@ -55,6 +58,10 @@ pub struct RestoredJob {
     /// The master of the job's terminal (a new pseudo-terminal with the saved modes), when
     /// the job had one: the caller relays it.
     pub terminal: Option<std::os::fd::OwnedFd>,
+    /// Write tracking of the restored processes from the restored generation on (with
+    /// [`RestoreOptions::track_writes`]): a checkpoint that builds on that generation
+    /// reads only the pages written since the restart.
+    pub tracking: WriteTracking,
 }
 
 /// Checks that this machine can run the image: the same vdso.
@@ -260,6 +267,7 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
     recreate_sysv(image, &m)?;
     let staged = stage::stage(image, &m)?;
     let mut tree = tree::create(&m, opts, vdso_base + vdso_off)?;
+    let mut tracking = WriteTracking::new();
     let result = (|| -> CoreResult<Vec<(usize, Rebuilt)>> {
         if let Some(probe) = tree.children.iter().flatten().next() {
             check_cpu(probe.pid, &m)?;
@@ -268,6 +276,11 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
         for (i, p) in m.processes.iter().enumerate() {
             if let Some(c) = tree.children[i].as_mut() {
                 rebuilt.push((i, rebuild(c, image, &m, p, &staged, vdso_off, opts)?));
+                if let (true, Some(name)) = (opts.track_writes, m.packs.first())
+                    && let Ok(maps) = proc::maps(c.pid)
+                {
+                    tracking.restored(c.pid, &maps, &mut c.inj, name);
+                }
             }
         }
         for seg in m.sysv_shm.iter().filter(|s| s.removed) {
@@ -305,5 +318,6 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
         root,
         processes: m.processes.len(),
         terminal,
+        tracking,
     })
 }

@@ -136,7 +136,14 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
             &work.join("touched"),
             "the workload to change 1% of its pages",
         )?;
+        std::fs::write(work.join("reset"), "")?;
+        std::thread::sleep(Duration::from_millis(50));
         let incr = stasis_json(&images, &["checkpoint", &name])?;
+        std::thread::sleep(Duration::from_millis(100));
+        let incr_stall_us: f64 = std::fs::read_to_string(work.join("stall"))?
+            .trim()
+            .parse()
+            .unwrap_or(f64::NAN);
         let kill = stasis_json(&images, &["checkpoint", &name, "--kill"])?;
         // The baselines copy and read the bytes of the first, full checkpoint.
         let generation = full["path"].as_str().unwrap_or_default().to_owned();
@@ -165,6 +172,8 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
             "memory_bytes": full["memory_bytes"],
             "incremental_ms": incr["total_ms"],
             "incremental_bytes": incr["stored_bytes"],
+            "incremental_stall_ms": incr_stall_us / 1e3,
+            "incremental_unchanged_bytes": incr["unchanged_bytes"],
             "kill_checkpoint_ms": kill["total_ms"],
             "restart_ms": restart_ms,
             "residency_ms": restart_ms,
@@ -193,12 +202,12 @@ fn num(v: &Value, k: &str) -> f64 {
 
 fn table(rows: &[Value]) -> String {
     let mut t = String::from(
-        "workload                  stall  frozen  ckpt    dd-fsync ratio  bytes      1%-ckpt  1%-bytes   kill    restart cat\n",
+        "workload                  stall  frozen  ckpt    dd-fsync ratio  bytes      1%-stall 1%-ckpt  1%/full 1%-bytes   kill    restart cat\n",
     );
     for r in rows {
         let mb = |k: &str| num(r, k) / 1048576.0;
         t.push_str(&format!(
-            "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>7.1}M {:>7.1} {:>7.1} {:>6.1}\n",
+            "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>8.1} {:>6.1}% {:>7.1}M {:>7.1} {:>7.1} {:>6.1}\n",
             r["mib"],
             r["pattern"].as_str().unwrap_or(""),
             r["procs"],
@@ -208,18 +217,18 @@ fn table(rows: &[Value]) -> String {
             num(r, "dd_fsync_ms"),
             num(r, "checkpoint_ms") / num(r, "dd_fsync_ms"),
             mb("checkpoint_bytes"),
+            num(r, "incremental_stall_ms"),
             num(r, "incremental_ms"),
+            100.0 * num(r, "incremental_ms") / num(r, "checkpoint_ms"),
             mb("incremental_bytes"),
             num(r, "kill_checkpoint_ms"),
             num(r, "restart_ms"),
             num(r, "cat_ms"),
         ));
     }
-    t.push_str("(times in ms; stall = largest gap seen by the program's own timestamping thread; ratio = checkpoint / dd conv=fsync of the image's bytes)\n");
     t
 }
 
-/// An SVG line chart of times against memory size for the single-process random rows.
 fn svg(rows: &[Value]) -> String {
     let pts: Vec<&Value> = rows
         .iter()

@@ -70,6 +70,13 @@ pub struct PolicyArgs {
     /// a checkpoint keeps saving them.
     #[arg(long)]
     pub save_files: bool,
+    /// Do not track which pages the job writes between checkpoints. By default the job's
+    /// private memory is write-protected at each checkpoint (userfaultfd, asynchronous:
+    /// the program never waits for Stasis; its first write to a page after a checkpoint
+    /// costs a minor fault), so that the next checkpoint reads only the pages written
+    /// since. Use this for programs that register userfaultfd on their own memory.
+    #[arg(long)]
+    pub no_write_tracking: bool,
 }
 
 impl PolicyArgs {
@@ -82,6 +89,7 @@ impl PolicyArgs {
             callback_timeout: self.callback_timeout,
             fail_on_late_callbacks: self.callback_overrun == "fail",
             save_files: self.save_files,
+            no_write_tracking: self.no_write_tracking,
         }
     }
 }

@@ -1,0 +1,402 @@
+//! Write tracking between checkpoints: which private anonymous pages of each process were
+//! written since the cut of the generation a new one builds on. The others are unchanged,
+//! so the new generation references the base's blobs for them without reading them.
+//!
+//! At each cut (the job frozen) every private anonymous mapping of a process is registered
+//! with a userfaultfd of Stasis's (made by the process through an injected call, then taken
+//! over, so its descriptor table ends as it was) in asynchronous write-protect mode, and
+//! one `PAGEMAP_SCAN` pass per mapping lists the pages written since they were last
+//! protected. The pages are protected again once the job runs again, not while it stands
+//! still ([`WriteTracking::protect_after_thaw`]): the pages it wrote between the cut and
+//! that moment are those no longer shared with the cut's copy-on-write snapshot, and are
+//! carried over to be read at the next cut. The program never stops for any of it: its
+//! first write to a protected page costs one minor fault. A page is trusted as unchanged
+//! only when
+//! - its process was tracked since the cut of exactly the base generation (the base's pack
+//!   names it; a checkpoint that failed ends the trust);
+//! - its mapping is registered with this process's tracker (after an `exec` registration
+//!   fails and a new tracker is made; mappings created, moved or registered by the program
+//!   itself since carry no protection and read as written);
+//! - the scan does not report it written, nor was it carried over.
+//!
+//! A restart protects the memory it restored the same way, dated from the generation it
+//! restored ([`WriteTracking::restored`]).
+//!
+//! Anything else is read from memory as without tracking. Kernels without
+//! `UFFD_FEATURE_WP_ASYNC` (before 6.7) simply get no tracking.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fs::File;
+
+use stasis_image::pack::{Base, BaseMemory};
+use stasis_sys::inject::Injector;
+use stasis_sys::process::{pidfd_getfd, pidfd_open};
+use stasis_sys::uffd::{USERFAULTFD_FLAGS, WriteTracker, written_ranges};
+use stasis_sys::{Errno, SysError};
+
+use crate::proc::MapEntry;
+
+/// Mappings smaller than this many pages are not tracked: they are read every time.
+const MIN_TRACKED_PAGES: u64 = 16;
+const PAGE: u64 = 4096;
+
+/// Write tracking of one job's processes, kept by its supervisor from one checkpoint to the
+/// next.
+#[derive(Debug, Default)]
+pub struct WriteTracking {
+    processes: HashMap<i32, Tracked>,
+    /// Processes seen at the cut in progress.
+    seen: HashMap<i32, CutState>,
+    /// The generation being written at the cut in progress (its pack name).
+    generation: String,
+    /// Protect the pages again after this cut (not needed when the job is killed).
+    rearm: bool,
+    /// Set once the kernel refused tracking: nothing more is tried.
+    unsupported: bool,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    tracker: WriteTracker,
+    /// The generation (its pack name) whose cut the tracking dates from.
+    since: Option<String>,
+    /// Pages to read at the next cut although not reported written: those the job may
+    /// have written between the cut of `since` and the moment they were protected again.
+    carry: Vec<(u64, u64)>,
+}
+
+/// A process at the cut in progress.
+#[derive(Debug, Default)]
+struct CutState {
+    /// Its registered ranges.
+    tracked: Vec<(u64, u64)>,
+    /// Set once its pages are protected again after the cut: tracking then dates from the
+    /// generation being written.
+    protected: bool,
+    /// See [`Tracked::carry`].
+    carry: Vec<(u64, u64)>,
+}
+
+/// What tracking knows of one process's pages at a cut.
+#[derive(Debug, Default)]
+pub struct Unchanged {
+    /// Ranges whose pages are tracked (sorted, disjoint).
+    tracked: Vec<(u64, u64)>,
+    /// Tracked ranges written since the base's cut (sorted, disjoint).
+    written: Vec<(u64, u64)>,
+    /// Where the base keeps the process's pages.
+    base: BaseMemory,
+}
+
+fn contains(ranges: &[(u64, u64)], addr: u64) -> bool {
+    let i = ranges.partition_point(|r| r.1 <= addr);
+    ranges.get(i).is_some_and(|r| r.0 <= addr)
+}
+
+impl Unchanged {
+    /// For a page unchanged since the base's cut, `Some` of the base blob holding it (`None`
+    /// inside: it was not saved, being zero); `None` when it must be read.
+    pub fn lookup(&self, addr: u64) -> Option<Option<u32>> {
+        (contains(&self.tracked, addr) && !contains(&self.written, addr))
+            .then(|| self.base.blob_at(addr))
+    }
+
+    /// Pages known unchanged: tracked and not written.
+    pub fn known_pages(&self) -> u64 {
+        let overlap: u64 = self
+            .tracked
+            .iter()
+            .map(|&(ts, te)| {
+                let first = self.written.partition_point(|w| w.1 <= ts);
+                self.written[first..]
+                    .iter()
+                    .take_while(|w| w.0 < te)
+                    .map(|&(ws, we)| we.min(te) - ws.max(ts))
+                    .sum::<u64>()
+            })
+            .sum();
+        let tracked: u64 = self.tracked.iter().map(|(s, e)| e - s).sum();
+        (tracked - overlap) / PAGE
+    }
+}
+
+/// Whether mapping `m` is tracked: private anonymous memory, large enough to pay.
+fn trackable(m: &MapEntry) -> bool {
+    !m.shared
+        && (m.path.is_empty()
+            || m.path == "[heap]"
+            || m.path == "[stack]"
+            || m.path.starts_with("[anon:"))
+        && (m.end - m.start) / PAGE >= MIN_TRACKED_PAGES
+}
+
+impl WriteTracking {
+    /// No process tracked yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts a cut. `rearm`: protect the pages again for the next checkpoint (false when
+    /// the job is killed after this one).
+    pub fn start_cut(&mut self, rearm: bool) {
+        self.seen.clear();
+        self.rearm = rearm;
+    }
+
+    /// The job runs again after the cut, its processes' copy-on-write snapshots still
+    /// alive: protects every tracked page again, and notes the pages the job may have
+    /// written since the cut, to be read at the next one. Those are the pages no longer
+    /// shared with the snapshot (`PM_MMAP_EXCLUSIVE` in pagemap: a write since the cut
+    /// copied them), and, to be safe, every page not present (zapped, or swapped out,
+    /// since). Protecting here rather than at the cut keeps the time the job stands still
+    /// short: a first protection of 1 GiB takes about 6-10 ms.
+    pub fn protect_after_thaw(&mut self) {
+        if !self.rearm {
+            return;
+        }
+        for (&pid, state) in &mut self.seen {
+            if !self.processes.contains_key(&pid) {
+                continue;
+            }
+            match protect_and_carry(pid, &state.tracked) {
+                Ok(carry) => {
+                    state.carry = carry;
+                    state.protected = true;
+                }
+                Err(e) => tracing::debug!(pid, error = %e, "pages not protected again"),
+            }
+        }
+    }
+
+    /// The generation written at the cut is in place: tracking dates from it for the
+    /// processes protected again after it.
+    pub fn committed(&mut self) {
+        let seen = std::mem::take(&mut self.seen);
+        self.processes.retain(|pid, _| seen.contains_key(pid));
+        for (pid, state) in seen {
+            if let Some(t) = self.processes.get_mut(&pid) {
+                t.since = state.protected.then(|| self.generation.clone());
+                t.carry = state.carry;
+            }
+        }
+    }
+
+    /// The generation written at the cut was not kept: what was written before the cut is
+    /// unknown from now on.
+    pub fn abandoned(&mut self) {
+        self.seen.clear();
+        for t in self.processes.values_mut() {
+            t.since = None;
+            t.carry.clear();
+        }
+    }
+
+    /// At the cut, with process `pid` (pid `ns_pid` in the job) frozen: registers its
+    /// mappings and learns which of its pages are unchanged since the base generation's
+    /// cut. `generation` names the generation being written; `inj` runs calls in the
+    /// process. Never fails: what cannot be tracked is read.
+    pub(crate) fn cut(
+        &mut self,
+        pid: i32,
+        ns_pid: i32,
+        maps: &[MapEntry],
+        inj: &mut Injector,
+        base: &Base,
+        generation: &str,
+    ) -> Unchanged {
+        if self.unsupported {
+            return Unchanged::default();
+        }
+        let since_base = |t: &Self| {
+            t.processes
+                .get(&pid)
+                .is_some_and(|t| t.since.is_some() && t.since.as_deref() == base.name())
+        };
+        let trusted_before = since_base(self);
+        let (tracked, mut written) = match self.track(pid, maps, inj, false) {
+            Ok(x) => x,
+            Err(e) => {
+                self.give_up(pid, &e);
+                return Unchanged::default();
+            }
+        };
+        // A tracker made anew (first checkpoint, exec) knows nothing of the past.
+        let trusted = trusted_before && since_base(self);
+        if let Some(t) = self.processes.get(&pid) {
+            written.extend_from_slice(&t.carry);
+        }
+        self.generation = generation.to_owned();
+        self.seen.insert(
+            pid,
+            CutState {
+                tracked: tracked.clone(),
+                ..CutState::default()
+            },
+        );
+        match (trusted, base.memory.get(&ns_pid)) {
+            (true, Some(b)) => Unchanged {
+                tracked,
+                written: normalized(written),
+                base: b.clone(),
+            },
+            _ => Unchanged::default(),
+        }
+    }
+
+    /// Process `pid`, just restored from generation `generation` (its pack name) and not
+    /// yet running, holds exactly that generation's memory: protects it, so that the next
+    /// checkpoint, if it builds on that generation, reads only what the job writes from now
+    /// on. `inj` runs calls in the process.
+    pub(crate) fn restored(
+        &mut self,
+        pid: i32,
+        maps: &[MapEntry],
+        inj: &mut Injector,
+        generation: &str,
+    ) {
+        if self.unsupported {
+            return;
+        }
+        match self.track(pid, maps, inj, true) {
+            Ok(_) => {
+                if let Some(t) = self.processes.get_mut(&pid) {
+                    t.since = Some(generation.to_owned());
+                    t.carry.clear();
+                }
+            }
+            Err(e) => self.give_up(pid, &e),
+        }
+    }
+
+    fn give_up(&mut self, pid: i32, e: &SysError) {
+        tracing::debug!(pid, error = %e, "no write tracking for this process");
+        if matches!(e.errno, Errno::EINVAL | Errno::ENOSYS | Errno::ENOTTY)
+            && matches!(e.op, "UFFDIO_API" | "userfaultfd" | "PAGEMAP_SCAN")
+        {
+            self.unsupported = true;
+        }
+        self.processes.remove(&pid);
+    }
+
+    /// Registers the trackable mappings of `pid` (making it a tracker first if it has none,
+    /// or its tracker is bound to an address space the process left) and lists the pages of
+    /// the registered ones written since they were last protected; with `protect`, protects
+    /// them again. Returns (registered ranges, written ranges).
+    #[allow(clippy::type_complexity)]
+    fn track(
+        &mut self,
+        pid: i32,
+        maps: &[MapEntry],
+        inj: &mut Injector,
+        protect: bool,
+    ) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>), SysError> {
+        let trackable: Vec<&MapEntry> = maps.iter().filter(|m| trackable(m)).collect();
+        if trackable.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut tracked = Vec::new();
+        let mut remade = false;
+        loop {
+            if let Entry::Vacant(e) = self.processes.entry(pid) {
+                let tracker = make_tracker(pid, inj)?;
+                e.insert(Tracked {
+                    tracker,
+                    since: None,
+                    carry: Vec::new(),
+                });
+                remade = true;
+            }
+            let tracker = &self.processes[&pid].tracker;
+            tracked.clear();
+            let mut stale = None;
+            for m in &trackable {
+                match tracker.register(m.start, m.end) {
+                    Ok(()) => tracked.push((m.start, m.end)),
+                    // Bound to an address space the process left (exec): ENOMEM or ESRCH
+                    // for ranges the frozen process has mapped.
+                    Err(e) if matches!(e.errno, Errno::ENOMEM | Errno::ESRCH) => {
+                        stale = Some(e);
+                        break;
+                    }
+                    // Registered by the program itself, or not registrable: read every time.
+                    Err(_) => {}
+                }
+            }
+            match stale {
+                None => break,
+                Some(e) if remade => return Err(e),
+                Some(_) => {
+                    self.processes.remove(&pid);
+                }
+            }
+        }
+        let path = format!("/proc/{pid}/pagemap");
+        let pagemap =
+            File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
+        let mut written = Vec::new();
+        for &(start, end) in &tracked {
+            written.extend(written_ranges(&pagemap, pid, start, end, protect)?);
+        }
+        Ok((tracked, written))
+    }
+}
+
+/// Sorts ranges and merges those that overlap or touch.
+fn normalized(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Protects the written pages of `ranges` of running process `pid` again, then lists the
+/// pages it may have written since the cut (see [`WriteTracking::protect_after_thaw`]).
+fn protect_and_carry(pid: i32, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, SysError> {
+    const PRESENT: u64 = 1 << 63;
+    const EXCLUSIVE: u64 = 1 << 56;
+    let path = format!("/proc/{pid}/pagemap");
+    let pagemap =
+        File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
+    for &(start, end) in ranges {
+        written_ranges(&pagemap, pid, start, end, true)?;
+    }
+    let mut carry: Vec<(u64, u64)> = Vec::new();
+    for &(start, end) in ranges {
+        let entries = crate::proc::pagemap(pid, start, end)
+            .map_err(|_| SysError::new("read pagemap", pid, Errno::EIO))?;
+        for (i, e) in entries.iter().enumerate() {
+            // Still shared with the snapshot: not written since the cut.
+            if e & PRESENT != 0 && e & EXCLUSIVE == 0 {
+                continue;
+            }
+            let addr = start + i as u64 * PAGE;
+            match carry.last_mut() {
+                Some(last) if last.1 == addr => last.1 = addr + PAGE,
+                _ => carry.push((addr, addr + PAGE)),
+            }
+        }
+    }
+    Ok(carry)
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Has frozen process `pid` make a userfaultfd, takes it over and closes the process's
+/// descriptor.
+fn make_tracker(pid: i32, inj: &mut Injector) -> Result<WriteTracker, SysError> {
+    let fd = inj.call("userfaultfd", libc::SYS_userfaultfd, &[USERFAULTFD_FLAGS])?;
+    let fd = i32::try_from(fd).unwrap_or(-1);
+    let taken = pidfd_open(pid).and_then(|p| pidfd_getfd(&p, fd, pid));
+    let closed = inj.call("close", libc::SYS_close, &[fd as u64]);
+    let tracker = WriteTracker::new(taken?, pid)?;
+    closed?;
+    Ok(tracker)
+}

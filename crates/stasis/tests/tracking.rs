@@ -1,0 +1,236 @@
+//! Write tracking between checkpoints: a checkpoint reads only the pages written since the
+//! generation it builds on, and references the rest. These tests change memory in every
+//! way tracking must notice (t_dirty.c: writes, `MADV_DONTNEED`, `mremap`, mappings
+//! replaced, a forked child's writes, a partial page) and restart from the incremental
+//! generations: the program finds every page as it was. They also check when tracking must
+//! not be trusted: after a restart from an older generation, when the base generation is damaged, after a failed
+//! checkpoint, and with `--no-write-tracking`.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{EXIT_CHECKPOINTED, Env, Job, assert_all_pass, program};
+use serde_json::Value;
+
+/// Pages of t_dirty's region A.
+const REGION_PAGES: u64 = 2048;
+
+fn unchanged_pages(report: &Value) -> u64 {
+    report["unchanged_bytes"].as_u64().expect("unchanged_bytes") / 4096
+}
+
+/// Makes t_dirty take step `k` and waits until it has.
+fn step(env: &Env, job: &Job, k: u32) {
+    fs::write(env.work.join(format!("step{k}")), b"").expect("step file");
+    env.wait_output(job, &format!("STEP {k}\n"));
+}
+
+/// A checkpoint after a step of a few percent of the pages knows most of region A unchanged.
+fn assert_mostly_unchanged(report: &Value) {
+    let n = unchanged_pages(report);
+    assert!(
+        n >= REGION_PAGES * 9 / 10,
+        "{n} pages known unchanged, want at least 90% of {REGION_PAGES}: {report}"
+    );
+}
+
+fn assert_none_unchanged(report: &Value, why: &str) {
+    assert_eq!(unchanged_pages(report), 0, "{why}: {report}");
+}
+
+fn start_dirty(env: &Env, name: &str, flags: &[&str]) -> Job {
+    let job = env.start_with(name, flags, &program("t_dirty", false), &[&env.work]);
+    env.wait_output(&job, "READY\n");
+    job
+}
+
+/// No step was taken twice: a restarted program whose stack came back stale would find
+/// itself before a step it had already taken, and take it again.
+fn assert_steps_once(out: &str) {
+    let steps: Vec<&str> = out.lines().filter(|l| l.starts_with("STEP ")).collect();
+    let unique: std::collections::HashSet<&&str> = steps.iter().collect();
+    assert_eq!(unique.len(), steps.len(), "a step was taken twice:\n{out}");
+}
+
+/// Restarts the newest generation, lets the program check itself, asserts it passes.
+fn restart_and_check(env: &Env, job: &Job) {
+    let mut restarted = env.restart(job, &[]);
+    env.go();
+    assert_eq!(
+        restarted.wait(),
+        0,
+        "output:\n{}\nstderr:\n{}",
+        env.output(job),
+        env.stderr(job)
+    );
+    assert_all_pass(&env.output(job));
+    assert_steps_once(&env.output(job));
+}
+
+#[test]
+fn pages_changed_every_way_between_checkpoints_restart_exactly() {
+    let env = Env::new();
+    let name = env.name("dirty");
+    let mut job = start_dirty(&env, &name, &[]);
+    assert_none_unchanged(&env.checkpoint(&name, false), "the first checkpoint");
+    for k in 1..=3 {
+        step(&env, &job, k);
+        assert_mostly_unchanged(&env.checkpoint(&name, k == 3));
+    }
+    assert_eq!(job.wait(), EXIT_CHECKPOINTED);
+
+    // The restart protects the memory it restored: the first checkpoint after it, which
+    // builds on the generation restored, reads only what the job wrote since.
+    let mut restarted = env.restart(&job, &[]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_mostly_unchanged(&env.checkpoint(&name, false));
+    step(&env, &restarted, 4);
+    assert_mostly_unchanged(&env.checkpoint(&name, false));
+    env.go();
+    assert_eq!(
+        restarted.wait(),
+        0,
+        "output:\n{}\nstderr:\n{}",
+        env.output(&job),
+        env.stderr(&job)
+    );
+    assert_all_pass(&env.output(&job));
+    assert_steps_once(&env.output(&job));
+
+    // Once more from the newest generation, written incrementally by the restarted job.
+    fs::write(&job.out, b"").expect("truncate output");
+    env.ungo();
+    restart_and_check(&env, &job);
+
+    // From an older generation: the next checkpoint builds on the newest, not on the one
+    // restored, so it must read everything.
+    fs::write(&job.out, b"").expect("truncate output");
+    env.ungo();
+    for k in 2..=4 {
+        let _ = fs::remove_file(env.work.join(format!("step{k}")));
+    }
+    let mut old = env.restart(&job, &["--generation", "2"]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_none_unchanged(
+        &env.checkpoint(&name, false),
+        "a restart from an older generation",
+    );
+    env.go();
+    assert_eq!(old.wait(), 0, "{}", env.stderr(&job));
+    assert_all_pass(&env.output(&job));
+}
+
+#[test]
+fn tracking_is_not_trusted_when_its_base_is_damaged_or_a_checkpoint_failed() {
+    let env = Env::new();
+    let name = env.name("dirty-trust");
+    let mut job = start_dirty(&env, &name, &[]);
+    env.checkpoint(&name, false);
+    step(&env, &job, 1);
+    assert_mostly_unchanged(&env.checkpoint(&name, false));
+    // Generation 2, which the pages were protected at, is damaged: the next checkpoint
+    // cannot build on it and must read every page.
+    let manifest = env.job_dir(&name).join("gen-0002/manifest");
+    let mut bytes = fs::read(&manifest).expect("manifest");
+    bytes.truncate(bytes.len() / 2);
+    fs::write(&manifest, bytes).expect("damage manifest");
+    step(&env, &job, 2);
+    assert_none_unchanged(
+        &env.checkpoint(&name, false),
+        "the base is not the generation tracking dates from",
+    );
+    step(&env, &job, 3);
+    assert_mostly_unchanged(&env.checkpoint(&name, false));
+    step(&env, &job, 4);
+    step(&env, &job, 5);
+    let refused = env.fails(&["checkpoint", &name]);
+    assert!(refused.contains("deleted"), "{refused}");
+    step(&env, &job, 6);
+    assert_none_unchanged(
+        &env.checkpoint(&name, false),
+        "the checkpoint before failed after protecting the pages again",
+    );
+    step(&env, &job, 7);
+    assert_mostly_unchanged(&env.checkpoint(&name, true));
+    assert_eq!(job.wait(), EXIT_CHECKPOINTED);
+    restart_and_check(&env, &job);
+}
+
+#[test]
+fn no_write_tracking_reads_every_page() {
+    let env = Env::new();
+    let name = env.name("dirty-off");
+    let mut job = start_dirty(&env, &name, &["--no-write-tracking"]);
+    env.checkpoint(&name, false);
+    step(&env, &job, 1);
+    assert_none_unchanged(&env.checkpoint(&name, true), "--no-write-tracking");
+    assert_eq!(job.wait(), EXIT_CHECKPOINTED);
+    restart_and_check(&env, &job);
+}
+
+/// A process that execs between checkpoints leaves its tracker bound to the address space
+/// it left: the next checkpoint makes a new one, and the one after builds on it.
+#[test]
+fn a_process_that_execs_is_tracked_anew() {
+    let env = Env::new();
+    let name = env.name("dirty-exec");
+    let dirty = program("t_dirty", false);
+    let script = format!(
+        "import os, time\n\
+         x = bytearray(16 << 20)\n\
+         for i in range(0, len(x), 4096): x[i] = 1\n\
+         print('PY READY', flush=True)\n\
+         while not os.path.exists({exec:?}): time.sleep(0.01)\n\
+         os.execv({dirty:?}, [{dirty:?}, {work:?}])\n",
+        exec = env.work.join("exec").to_string_lossy(),
+        dirty = dirty.to_string_lossy(),
+        work = env.work.to_string_lossy(),
+    );
+    let mut job = env.start_with(&name, &[], Path::new("/usr/bin/python3"), &["-c", &script]);
+    env.wait_output(&job, "PY READY\n");
+    env.checkpoint(&name, false);
+    assert!(
+        unchanged_pages(&env.checkpoint(&name, false)) >= 4096 * 9 / 10,
+        "python's 16 MiB are known unchanged"
+    );
+    fs::write(env.work.join("exec"), b"").expect("exec file");
+    env.wait_output(&job, "READY\nREADY\n");
+    assert_none_unchanged(
+        &env.checkpoint(&name, false),
+        "the first checkpoint after exec",
+    );
+    step(&env, &job, 1);
+    assert_mostly_unchanged(&env.checkpoint(&name, true));
+    assert_eq!(job.wait(), EXIT_CHECKPOINTED);
+    restart_and_check(&env, &job);
+}
+
+/// A program that writes all the time, also in the moments after each cut while its pages
+/// are protected again: every checkpoint still holds the memory as it was at its cut, so
+/// the program restarted from the last one finds every page consistent (t_churn.c).
+#[test]
+fn pages_written_during_checkpoints_come_back_as_at_the_cut() {
+    let env = Env::new();
+    let name = env.name("churn");
+    let mut job = env.start(
+        &name,
+        &program("t_churn", false),
+        &[env.work.to_str().unwrap()],
+    );
+    env.wait_output(&job, "READY\n");
+    for i in 0..5 {
+        let report = env.checkpoint(&name, false);
+        if i > 0 {
+            assert!(
+                unchanged_pages(&report) > 1024,
+                "tracking knows pages unchanged: {report}"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    }
+    env.checkpoint(&name, true);
+    assert_eq!(job.wait(), EXIT_CHECKPOINTED);
+    restart_and_check(&env, &job);
+}
