@@ -102,6 +102,17 @@ impl Unchanged {
             .then(|| self.base.blob_at(addr))
     }
 
+    /// A cursor for lookups at increasing addresses from `addr` on: each lookup costs
+    /// amortized constant time, where [`Unchanged::lookup`] searches.
+    pub fn cursor(&self, addr: u64) -> Cursor<'_> {
+        Cursor {
+            u: self,
+            t: self.tracked.partition_point(|r| r.1 <= addr),
+            w: self.written.partition_point(|r| r.1 <= addr),
+            b: self.base.runs.partition_point(|r| r.1 <= addr),
+        }
+    }
+
     /// Pages known unchanged: tracked and not written.
     pub fn known_pages(&self) -> u64 {
         let overlap: u64 = self
@@ -118,6 +129,39 @@ impl Unchanged {
             .sum();
         let tracked: u64 = self.tracked.iter().map(|(s, e)| e - s).sum();
         (tracked - overlap) / PAGE
+    }
+}
+
+/// Lookups in an [`Unchanged`] at increasing addresses.
+#[derive(Debug)]
+pub struct Cursor<'a> {
+    u: &'a Unchanged,
+    t: usize,
+    w: usize,
+    b: usize,
+}
+
+impl Cursor<'_> {
+    /// [`Unchanged::lookup`] for `addr`, which must not be below the previous one's.
+    pub fn at(&mut self, addr: u64) -> Option<Option<u32>> {
+        let advance = |i: &mut usize, r: &[(u64, u64)]| {
+            while r.get(*i).is_some_and(|x| x.1 <= addr) {
+                *i += 1;
+            }
+            r.get(*i).is_some_and(|x| x.0 <= addr)
+        };
+        if !advance(&mut self.t, &self.u.tracked) || advance(&mut self.w, &self.u.written) {
+            return None;
+        }
+        let runs = &self.u.base.runs;
+        while runs.get(self.b).is_some_and(|r| r.1 <= addr) {
+            self.b += 1;
+        }
+        Some(
+            runs.get(self.b)
+                .filter(|r| r.0 <= addr)
+                .map(|r| r.2 + u32::try_from((addr - r.0) / PAGE).unwrap_or(u32::MAX)),
+        )
     }
 }
 

@@ -12,7 +12,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{ImageError, ImageResult, io};
-use crate::index::{BLOB_LEN, Blob, BlobHash, ChunkIndex, Frame, blob_hash};
+use crate::index::{BLOB_LEN, Blob, BlobHash, BuildBlobHasher, ChunkIndex, Frame, blob_hash};
 use crate::manifest::FORMAT_VERSION;
 
 /// Magic bytes at the start of a pack file.
@@ -103,7 +103,7 @@ pub struct PackWriter {
     compression: Compression,
     index: ChunkIndex,
     packs: Vec<String>,
-    known: HashMap<BlobHash, Known>,
+    known: HashMap<BlobHash, Known, BuildBlobHasher>,
     base: Base,
     /// Base frame index → frame index in ours, for frames referenced so far.
     imported: HashMap<u32, u32>,
@@ -137,7 +137,8 @@ impl PackWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut known = HashMap::with_capacity(base.index.blobs.len());
+        let mut known =
+            HashMap::with_capacity_and_hasher(base.index.blobs.len(), BuildBlobHasher::default());
         for b in &base.index.blobs {
             known.insert(b.hash, Known::Base(b.frame, b.start, b.len));
         }

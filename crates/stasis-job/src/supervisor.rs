@@ -535,6 +535,7 @@ impl Supervisor {
         // Before the job is frozen: choosing the generation to share data with (reading its
         // index) and sweeping old packs take time the job need not stand still for.
         let mut writer = GenerationWriter::begin(&self.job_dir, self.spec.compression)?;
+        let begun_ms = t0.elapsed().as_secs_f64() * 1e3;
         let early_maps = EarlyMaps::read(
             &stasis_core::proc::descendants(supervisor)
                 .into_iter()
@@ -589,8 +590,9 @@ impl Supervisor {
             captured.read_snapshots(writer.pack(), tracking)?;
             fault::point("snapshots-read");
             tracing::debug!(
+                begun_ms,
                 frozen_ms,
-                snapshots_read_ms = t0.elapsed().as_secs_f64() * 1e3 - frozen_ms,
+                snapshots_read_ms = t0.elapsed().as_secs_f64() * 1e3 - frozen_ms - begun_ms,
                 "checkpoint phases"
             );
         }
@@ -628,6 +630,10 @@ impl Supervisor {
             }
         };
         fault::point("finished");
+        tracing::debug!(
+            finished_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "checkpoint durable"
+        );
         if let Some(f) = frozen.take() {
             // Killing collects the root's exit too (we are its parent and its tracer).
             f.kill()?;

@@ -82,31 +82,31 @@ fn save_pages(
     mem: Option<&std::fs::File>,
     unchanged: &Unchanged,
 ) -> CoreResult<Vec<PageRun>> {
-    let pagemap = proc::pagemap(pid, m.start, m.end)?;
+    let pages = usize::try_from((m.end - m.start) / PAGE).unwrap_or(0);
+    let mut pagemap = PagemapWindow::new(pid, m.start);
     let addr_of = |i: usize| m.start + i as u64 * PAGE;
-    let want = |i: usize| wanted(pagemap[i]) && !skip(base(addr_of(i)));
+    let mut unchanged = unchanged.cursor(m.start);
     let mut runs = Vec::new();
     let mut reused = ReusedRun::default();
     let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
     let mut i = 0;
-    while i < pagemap.len() {
-        if let Some(known) = unchanged.lookup(addr_of(i)) {
+    while i < pages {
+        if let Some(known) = unchanged.at(addr_of(i)) {
             if let Some(blob) = known {
                 reused.push(addr_of(i), blob, pack, &mut runs)?;
             }
             i += 1;
             continue;
         }
-        if !want(i) {
+        let mut want = |i: usize| -> CoreResult<bool> {
+            Ok(wanted(pagemap.entry(i, pages)?) && !skip(base(addr_of(i))))
+        };
+        if !want(i)? {
             i += 1;
             continue;
         }
         let start = i;
-        while i < pagemap.len()
-            && i - start < RUN_PAGES
-            && want(i)
-            && unchanged.lookup(addr_of(i)).is_none()
-        {
+        while i < pages && i - start < RUN_PAGES && want(i)? && unchanged.at(addr_of(i)).is_none() {
             i += 1;
         }
         let addr = addr_of(start);
@@ -141,6 +141,42 @@ fn save_pages(
     reused.flush(pack, &mut runs)?;
     runs.sort_unstable_by_key(|r| r.addr);
     Ok(runs)
+}
+
+/// `/proc/PID/pagemap` of one mapping, read a window at a time as the pages are visited:
+/// stretches that write tracking knows unchanged are never walked.
+struct PagemapWindow {
+    pid: i32,
+    start: u64,
+    first: usize,
+    entries: Vec<u64>,
+}
+
+impl PagemapWindow {
+    const PAGES: usize = 4096;
+
+    fn new(pid: i32, start: u64) -> Self {
+        PagemapWindow {
+            pid,
+            start,
+            first: 0,
+            entries: Vec::new(),
+        }
+    }
+
+    /// The entry of page `i` of the mapping (of `pages` pages).
+    fn entry(&mut self, i: usize, pages: usize) -> CoreResult<u64> {
+        if i < self.first || i >= self.first + self.entries.len() {
+            let end = (i + Self::PAGES).min(pages);
+            self.entries = proc::pagemap(
+                self.pid,
+                self.start + i as u64 * PAGE,
+                self.start + end as u64 * PAGE,
+            )?;
+            self.first = i;
+        }
+        Ok(self.entries.get(i - self.first).copied().unwrap_or(0))
+    }
 }
 
 /// Consecutive unchanged pages gathered into one chunk of the base's blobs.

@@ -124,7 +124,12 @@ impl CapturedJob {
         tracking: Option<&mut WriteTracking>,
     ) -> CoreResult<()> {
         if let Some(t) = tracking {
+            let t0 = std::time::Instant::now();
             t.protect_after_thaw();
+            tracing::debug!(
+                protect_ms = t0.elapsed().as_secs_f64() * 1e3,
+                "pages protected again"
+            );
         }
         for p in std::mem::take(&mut self.pending) {
             for (vma, pages) in p.read(pack)? {
