@@ -164,7 +164,7 @@ impl Drop for NonBlocking<'_> {
 }
 
 /// The bytes taken from a pair of the job, put back when dropped — before the job runs
-/// again, whether the checkpoint succeeded or not.
+/// again, whether the checkpoint succeeded or not — unless discarded.
 #[derive(Debug)]
 pub struct PutBack {
     master: OwnedFd,
@@ -180,6 +180,15 @@ impl PutBack {
             output,
             input,
         }
+    }
+}
+
+impl PutBack {
+    /// Drops the bytes without putting them back: the job ends with the checkpoint, and
+    /// the image delivers them at restart (put back, a relay would deliver them twice).
+    pub fn discard(mut self) {
+        self.output.clear();
+        self.input.clear();
     }
 }
 

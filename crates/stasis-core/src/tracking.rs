@@ -39,6 +39,12 @@ use crate::proc::MapEntry;
 
 /// Mappings smaller than this many pages are not tracked: they are read every time.
 const MIN_TRACKED_PAGES: u64 = 16;
+/// Processes with less trackable memory than this many pages are not tracked: reading it
+/// all costs little, and each tracker is a descriptor the supervisor holds.
+const MIN_PROCESS_PAGES: u64 = 256;
+/// At most this many processes of a job are tracked, so that trackers never take the
+/// supervisor's descriptors (its descriptor limit is the job's, left as it is).
+const MAX_TRACKED_PROCESSES: usize = 256;
 const PAGE: u64 = 4096;
 
 /// Write tracking of one job's processes, kept by its supervisor from one checkpoint to the
@@ -336,7 +342,11 @@ impl WriteTracking {
         protect: bool,
     ) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>), SysError> {
         let trackable: Vec<&MapEntry> = maps.iter().filter(|m| trackable(m)).collect();
-        if trackable.is_empty() {
+        let pages: u64 = trackable.iter().map(|m| (m.end - m.start) / PAGE).sum();
+        let room =
+            self.processes.contains_key(&pid) || self.processes.len() < MAX_TRACKED_PROCESSES;
+        if pages < MIN_PROCESS_PAGES || !room {
+            self.processes.remove(&pid);
             return Ok((Vec::new(), Vec::new()));
         }
         let mut tracked = Vec::new();

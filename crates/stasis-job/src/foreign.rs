@@ -100,6 +100,9 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
             return Err(e.into());
         }
     };
+    // A tree Stasis did not start has no terminal of Stasis's relaying it: the bytes go
+    // back into its pairs at once.
+    captured.put_back_pty_bytes();
     let mut frozen = Some(frozen);
     let mut frozen_ms = 0.0;
     if !kill {

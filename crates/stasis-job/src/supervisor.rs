@@ -582,6 +582,7 @@ impl Supervisor {
         let mut frozen = Some(frozen);
         let mut frozen_ms = 0.0;
         if !kill {
+            captured.put_back_pty_bytes();
             frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
             frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
             fault::point("thawed");
@@ -597,6 +598,7 @@ impl Supervisor {
             );
         }
         if let Err(e) = captured.check_flags() {
+            captured.put_back_pty_bytes();
             if let Some(f) = frozen.take() {
                 f.thaw(&captured.insns)?;
             }
@@ -623,6 +625,7 @@ impl Supervisor {
         let (generation, path) = match writer.finish(&mut manifest) {
             Ok(x) => x,
             Err(e) => {
+                captured.put_back_pty_bytes();
                 if let Some(f) = frozen.take() {
                     f.thaw(&captured.insns)?;
                 }
@@ -635,6 +638,9 @@ impl Supervisor {
             "checkpoint durable"
         );
         if let Some(f) = frozen.take() {
+            // The bytes queued in the job's terminals are the image's now: put back, the
+            // relay would deliver them before the end, and the restart again.
+            captured.discard_pty_bytes();
             // Killing collects the root's exit too (we are its parent and its tracer).
             f.kill()?;
             self.killed_by_checkpoint = true;

@@ -86,9 +86,26 @@ pub struct CapturedJob {
     pub unchanged_bytes: u64,
     /// Mappings whose flags were taken from [`EarlyMaps`], by host pid.
     pub early_flags: Vec<(i32, Vec<proc::MapEntry>)>,
+    /// The bytes taken out of the job's pseudo-terminal pairs: put back when dropped (do
+    /// so before the job runs again), or discarded when the job ends with the checkpoint.
+    pub pty_bytes: Vec<crate::ptyqueue::PutBack>,
 }
 
 impl CapturedJob {
+    /// Puts the bytes taken out of the job's pseudo-terminals back: call before the job
+    /// runs again.
+    pub fn put_back_pty_bytes(&mut self) {
+        self.pty_bytes.clear();
+    }
+
+    /// Drops the bytes taken out of the job's pseudo-terminals: the job ends with this
+    /// checkpoint, whose image delivers them at restart.
+    pub fn discard_pty_bytes(&mut self) {
+        for p in self.pty_bytes.drain(..) {
+            p.discard();
+        }
+    }
+
     /// Checks that the mappings whose flags were read before the freeze still have them (as
     /// far as they still exist): a program that set `MADV_DONTFORK` or `MADV_WIPEONFORK` on
     /// a whole mapping in between would otherwise have that mapping read from a snapshot
@@ -461,5 +478,6 @@ fn capture_all(
         pending: Vec::new(),
         unchanged_bytes: tables.unchanged_pages * 4096,
         early_flags: tables.early_flags,
+        pty_bytes: put_back,
     })
 }
