@@ -454,3 +454,96 @@ fn make_tracker(pid: i32, inj: &mut Injector) -> Result<WriteTracker, SysError> 
     closed?;
     Ok(tracker)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_sorted_and_merged_when_they_overlap_or_touch() {
+        let r = normalized(vec![(30, 40), (0, 10), (10, 20), (35, 50), (60, 70)]);
+        assert_eq!(r, vec![(0, 20), (30, 50), (60, 70)]);
+        assert!(normalized(Vec::new()).is_empty());
+    }
+
+    /// Pages at 0x1000-step addresses in a small made-up layout: tracked ranges, written
+    /// ranges (some outside the tracked ones, as carried-over pages may be) and base runs.
+    fn layout(seed: u64) -> Unchanged {
+        let mut x = seed | 1;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut ranges = |count: u64, len: u64| {
+            normalized(
+                (0..count)
+                    .map(|_| {
+                        let s = next(200) * PAGE;
+                        (s, s + (1 + next(len)) * PAGE)
+                    })
+                    .collect(),
+            )
+        };
+        let tracked = ranges(6, 40);
+        let written = ranges(10, 5);
+        let mut first = 0;
+        let runs = ranges(8, 20)
+            .into_iter()
+            .map(|(s, e)| {
+                let r = (s, e, first);
+                first += u32::try_from((e - s) / PAGE).unwrap();
+                r
+            })
+            .collect();
+        Unchanged {
+            tracked,
+            written,
+            base: BaseMemory { runs },
+        }
+    }
+
+    #[test]
+    fn the_cursor_agrees_with_the_lookup_everywhere() {
+        for seed in 1..200 {
+            let u = layout(seed);
+            let from = (seed % 7) * PAGE;
+            let mut c = u.cursor(from);
+            let mut known = 0;
+            for page in from / PAGE..260 {
+                let addr = page * PAGE;
+                let want = u.lookup(addr);
+                assert_eq!(c.at(addr), want, "seed {seed}, page {page}");
+                // The same address twice in a row (save_pages asks so) answers the same.
+                assert_eq!(c.at(addr), want, "seed {seed}, page {page} again");
+                known += u64::from(want.is_some());
+            }
+            if from == 0 {
+                assert_eq!(u.known_pages(), known, "seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_lookup_names_the_base_blob_of_the_page() {
+        let u = Unchanged {
+            tracked: vec![(0x10000, 0x20000)],
+            written: vec![(0x12000, 0x13000)],
+            base: BaseMemory {
+                runs: vec![(0x10000, 0x14000, 7)],
+            },
+        };
+        assert_eq!(u.lookup(0x10000), Some(Some(7)));
+        assert_eq!(u.lookup(0x11000), Some(Some(8)));
+        assert_eq!(u.lookup(0x12000), None, "written");
+        assert_eq!(u.lookup(0x13000), Some(Some(10)));
+        assert_eq!(
+            u.lookup(0x14000),
+            Some(None),
+            "unchanged, not in the base: zero"
+        );
+        assert_eq!(u.lookup(0x20000), None, "not tracked");
+        assert_eq!(u.known_pages(), 15);
+    }
+}
