@@ -118,22 +118,23 @@ pub fn maps(pid: i32) -> CoreResult<Vec<MapEntry>> {
 }
 
 /// The mappings of `pid` from `/proc/PID/maps`, which unlike smaps does not walk the page
-/// tables (for 1 GiB of memory smaps takes about 10 ms), each with the `VmFlags` of the same
-/// mapping in `known` (an earlier reading of smaps, sorted by address); `None` when a
-/// mapping is not in `known`.
-pub fn maps_with_known_flags(pid: i32, known: &[MapEntry]) -> CoreResult<Option<Vec<MapEntry>>> {
+/// tables (for 1 GiB of memory smaps takes about 10 ms), without their `VmFlags`.
+pub fn maps_without_flags(pid: i32) -> CoreResult<Vec<MapEntry>> {
     let text = read(&format!("/proc/{pid}/maps"))?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(mut e) = parse_map_header(line) else {
-            continue;
-        };
+    Ok(text.lines().filter_map(parse_map_header).collect())
+}
+
+/// [`maps_without_flags`], each mapping with the `VmFlags` of the same mapping in `known`
+/// (an earlier reading of smaps, sorted by address); `None` when a mapping is not in
+/// `known`.
+pub fn maps_with_known_flags(pid: i32, known: &[MapEntry]) -> CoreResult<Option<Vec<MapEntry>>> {
+    let mut out = maps_without_flags(pid)?;
+    for e in &mut out {
         let i = known.partition_point(|k| k.start < e.start);
         match known.get(i) {
-            Some(k) if k.same_mapping(&e) => e.flags.clone_from(&k.flags),
+            Some(k) if k.same_mapping(e) => e.flags.clone_from(&k.flags),
             _ => return Ok(None),
         }
-        out.push(e);
     }
     Ok(Some(out))
 }

@@ -93,8 +93,9 @@ pub struct Supervisor {
     terminal: Option<Terminal>,
     /// The job's processes that use libstasis.
     callbacks: Callbacks,
-    /// Which pages the job wrote since the last checkpoint.
-    tracking: WriteTracking,
+    /// Which pages the job wrote since the last checkpoint (none with
+    /// `--no-write-tracking`).
+    tracking: Option<WriteTracking>,
 }
 
 fn resolve_program(program: &str) -> JobResult<PathBuf> {
@@ -187,7 +188,7 @@ impl Supervisor {
         let signals =
             process::block_signals_to_fd(&blocked).map_err(|e| JobError::Remote(e.to_string()))?;
 
-        let mut tracking = WriteTracking::new();
+        let mut tracking = (!spec.policy.no_write_tracking).then(WriteTracking::new);
         let (pid, ns, init, command, offsets, restarted_from, terminal) = match start {
             Start::Run { command } => {
                 let program = command.first().ok_or_else(|| JobError::Spawn {
@@ -270,7 +271,9 @@ impl Supervisor {
                     track_writes: !spec.policy.no_write_tracking,
                 };
                 let mut restored = restore_job(&mut image, &opts)?;
-                tracking = std::mem::take(&mut restored.tracking);
+                if let Some(t) = tracking.as_mut() {
+                    *t = std::mem::take(&mut restored.tracking);
+                }
                 let terminal = restored.terminal.take().map(Terminal::adopt);
                 let offsets = if ns.time { offsets } else { (0, 0) };
                 (
@@ -499,12 +502,14 @@ impl Supervisor {
             ));
         }
         let save_files = save_files || self.spec.policy.save_files;
-        self.tracking.start_cut(!kill);
+        if let Some(t) = self.tracking.as_mut() {
+            t.start_cut(!kill);
+        }
         let result = self.checkpoint_now(kill, reason, save_files);
-        if result.is_ok() {
-            self.tracking.committed();
-        } else {
-            self.tracking.abandoned();
+        match (self.tracking.as_mut(), result.is_ok()) {
+            (Some(t), true) => t.committed(),
+            (Some(t), false) => t.abandoned(),
+            (None, _) => {}
         }
         match &result {
             Ok(r) if !r.killed => self.callbacks.resumed(r.generation),
@@ -558,7 +563,7 @@ impl Supervisor {
             save_files,
         };
         let speedups = Speedups {
-            tracking: (!self.spec.policy.no_write_tracking).then_some(&mut self.tracking),
+            tracking: self.tracking.as_mut(),
             early_maps,
         };
         let captured = match capture_job(
@@ -587,8 +592,7 @@ impl Supervisor {
             frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
             fault::point("thawed");
             // The job runs again; its memory is read from copy-on-write snapshots.
-            let tracking = (!self.spec.policy.no_write_tracking).then_some(&mut self.tracking);
-            captured.read_snapshots(writer.pack(), tracking)?;
+            captured.read_snapshots(writer.pack(), self.tracking.as_mut())?;
             fault::point("snapshots-read");
             tracing::debug!(
                 begun_ms,

@@ -277,7 +277,7 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
             if let Some(c) = tree.children[i].as_mut() {
                 rebuilt.push((i, rebuild(c, image, &m, p, &staged, vdso_off, opts)?));
                 if let (true, Some(name)) = (opts.track_writes, m.packs.first())
-                    && let Ok(maps) = proc::maps(c.pid)
+                    && let Ok(maps) = proc::maps_without_flags(c.pid)
                 {
                     tracking.restored(c.pid, &maps, &mut c.inj, name);
                 }
