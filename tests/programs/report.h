@@ -3,7 +3,8 @@
  * The including program declares `static const char *me` (the name its lines carry) first.
  * Lines go to stdout with one write() each, so processes sharing it never interleave
  * within a line: `PASS me: ...` / `FAIL me: ...`; `failures` counts the FAILs; `work` is the
- * work directory (argv[1]) and wait_go() waits for WORKDIR/go.
+ * work directory (argv[1]), exists(name) tells whether WORKDIR/name exists and wait_go()
+ * waits for WORKDIR/go.
  */
 #ifndef STASIS_TEST_REPORT_H
 #define STASIS_TEST_REPORT_H
@@ -41,6 +42,13 @@ __attribute__((unused)) static void report(int ok, const char *fmt, ...) {
 __attribute__((unused)) static void sleep_ms(long ms) {
     struct timespec d = {ms / 1000, (ms % 1000) * 1000000L};
     while (nanosleep(&d, &d) && errno == EINTR) {}
+}
+
+/* whether WORKDIR/name exists */
+__attribute__((unused)) static int exists(const char *name) {
+    char p[4096];
+    snprintf(p, sizeof p, "%s/%s", work, name);
+    return access(p, F_OK) == 0;
 }
 
 __attribute__((unused)) static void wait_go(void) {

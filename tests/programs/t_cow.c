@@ -31,12 +31,6 @@ static void on_chld(int s) {
     sigchld++;
 }
 
-static int exists(const char *name) {
-    char p[4096];
-    snprintf(p, sizeof p, "%s/%s", work, name);
-    return access(p, F_OK) == 0;
-}
-
 static void *side(void *arg) {
     (void)arg;
     while (!exists("side")) sleep_ms(5);

@@ -30,41 +30,16 @@
 static const char *me = "dirty";
 
 #include "report.h"
+#include "pages.h"
 
-#define PAGE 4096
 #define NA 2048
 #define NC 64
 
 static unsigned char *A, *C;
 static int va[NA], vc[NC];
-/* the content of page `idx` at version `v` (0: zero) */
-static void fill(unsigned char *p, int idx, int v) {
-    if (v == 0) {
-        memset(p, 0, PAGE);
-        return;
-    }
-    uint64_t x = (uint64_t)idx * 0x9e3779b97f4a7c15ull + (uint64_t)v * 0xbf58476d1ce4e5b9ull + 1;
-    for (int i = 0; i < PAGE; i += 8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        memcpy(p + i, &x, 8);
-    }
-}
-static int check(const unsigned char *p, int idx, int v) {
-    static unsigned char want[PAGE];
-    fill(want, idx, v);
-    return memcmp(p, want, PAGE) == 0;
-}
 static void set_a(int i, int v) {
     fill(A + (size_t)i * PAGE, i, v);
     va[i] = v;
-}
-
-static int exists(const char *name) {
-    char p[4096];
-    snprintf(p, sizeof p, "%s/%s", work, name);
-    return access(p, F_OK) == 0;
 }
 
 static void step(int k) {

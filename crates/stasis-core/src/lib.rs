@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod error;
 pub mod freeze;
+pub mod lazy;
 pub mod proc;
 pub mod ptyqueue;
 pub mod regs;

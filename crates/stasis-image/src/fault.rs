@@ -9,7 +9,8 @@
 //! hidden for removal, not yet deleted), `rm-removed` (deleted, packs it alone referenced not
 //! yet swept), and in the supervisor `frozen`, `captured`, `thawed`,
 //! `snapshots-read`, `finished`; `kill-job-process` at `frozen` kills a process of the job
-//! instead of the supervisor.
+//! instead of the supervisor. `no-prefetch` is not a death: a lazily restarted job's memory
+//! is then loaded only where the job touches it, until a checkpoint needs it all.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};

@@ -49,7 +49,7 @@ pub enum Request {
 }
 
 /// The job's state.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobStatus {
     /// Job name.
     pub name: String,
@@ -73,6 +73,27 @@ pub struct JobStatus {
     pub checkpoints: u32,
     /// Newest generation on disk.
     pub latest_generation: Option<u32>,
+    /// How a restarted job's memory was restored (`None` for a job started fresh).
+    #[serde(default)]
+    pub memory: Option<MemoryRestore>,
+}
+
+/// How a restarted job's memory was restored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MemoryRestore {
+    /// Private memory loaded on first touch and in the background (else all before the job
+    /// ran).
+    pub lazy: bool,
+    /// Why not lazily, when lazy loading was not asked away with `--eager`.
+    pub eager_because: Option<String>,
+    /// Bytes loaded lazily so far.
+    pub loaded_bytes: u64,
+    /// Bytes to load lazily in all.
+    pub total_bytes: u64,
+    /// Faults served: first touches of pages not loaded yet.
+    pub faults: u64,
+    /// Milliseconds from the job running to all its memory loaded (once it is).
+    pub loaded_after_ms: Option<f64>,
 }
 
 /// What a checkpoint did and cost.

@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use stasis_core::capture::{CaptureOptions, EarlyMaps, Speedups, WriteTracking, capture_job};
 use stasis_core::freeze::freeze_job;
+use stasis_core::lazy::PendingMemory;
 use stasis_core::restore::{
-    FileReport, RestoreOptions, check_machine, clocks_now, prepare_files, restore_job,
+    FileReport, RestoreOptions, check_lazy_allowed, check_machine, clocks_now, prepare_files,
+    restore_job,
 };
 use stasis_image::fault;
 use stasis_image::generation::{list_generations, prune_generations, resolve};
@@ -26,7 +28,8 @@ use stasis_sys::wait::{WaitStatus, wait_pid};
 
 use crate::callbacks::Callbacks;
 use crate::control::{
-    CheckpointReport, JobStatus, Request, Response, read_message, request, write_message,
+    CheckpointReport, JobStatus, MemoryRestore, Request, Response, read_message, request,
+    write_message,
 };
 use crate::error::{JobError, JobResult, io_err};
 use crate::namespaces::{self, NamespaceSetup};
@@ -67,8 +70,25 @@ pub enum Start {
         generation: Option<u32>,
         /// Restore even if files changed.
         force: bool,
+        /// Load all memory before the job runs (else private memory loads lazily where
+        /// this process may: see [`check_lazy_allowed`]).
+        eager: bool,
     },
 }
+
+/// Memory of a restarted job still loading, with the generation it comes from.
+#[derive(Debug)]
+struct LazyLoad {
+    memory: PendingMemory,
+    image: OpenGeneration,
+    since: Instant,
+    /// Load in the background (else only what the job touches, until a checkpoint: the
+    /// `no-prefetch` test point).
+    background: bool,
+}
+
+/// Bytes loaded between two looks at the control socket and signals.
+const PREFETCH_SLICE: u64 = 8 << 20;
 
 /// A running supervisor.
 #[derive(Debug)]
@@ -96,6 +116,12 @@ pub struct Supervisor {
     /// Which pages the job wrote since the last checkpoint (none with
     /// `--no-write-tracking`).
     tracking: Option<WriteTracking>,
+    /// Memory of the restarted job still loading.
+    lazy: Option<LazyLoad>,
+    /// How the restarted job's memory was restored (for `status`).
+    memory: Option<MemoryRestore>,
+    /// Why the job was killed while its memory loaded: the supervisor fails with it.
+    lazy_failure: Option<String>,
 }
 
 fn resolve_program(program: &str) -> JobResult<PathBuf> {
@@ -189,6 +215,8 @@ impl Supervisor {
             process::block_signals_to_fd(&blocked).map_err(|e| JobError::Remote(e.to_string()))?;
 
         let mut tracking = (!spec.policy.no_write_tracking).then(WriteTracking::new);
+        let mut lazy = None;
+        let mut memory = None;
         let (pid, ns, init, command, offsets, restarted_from, terminal) = match start {
             Start::Run { command } => {
                 let program = command.first().ok_or_else(|| JobError::Spawn {
@@ -236,7 +264,11 @@ impl Supervisor {
                 })?;
                 (pid, ns, init, command, (0, 0), None, terminal)
             }
-            Start::Restart { generation, force } => {
+            Start::Restart {
+                generation,
+                force,
+                eager,
+            } => {
                 let dir = resolve(&job_dir, generation)?;
                 let mut image = OpenGeneration::open(&dir)?;
                 let job = image.manifest.job.clone();
@@ -260,6 +292,18 @@ impl Supervisor {
                     job.monotonic_ns as i64 - mono as i64,
                     job.boottime_ns as i64 - boot as i64,
                 );
+                // Asked before the namespaces: lazy loading needs CAP_SYS_PTRACE here.
+                let eager_because = if eager {
+                    None
+                } else {
+                    check_lazy_allowed().err().map(|e| {
+                        format!(
+                            "lazy restart needs CAP_SYS_PTRACE (the kernel follows forks of lazily loaded processes, and system calls touching pages not loaded yet, only for it): {}",
+                            e.errno.desc()
+                        )
+                    })
+                };
+                let lazily = !eager && eager_because.is_none();
                 let mut ns = namespaces::enter(offsets);
                 let init = start_init(&mut ns)?;
                 let mount_ns = job_mount_ns(init.as_ref())?;
@@ -269,8 +313,25 @@ impl Supervisor {
                     set_pids: ns.pid,
                     mount_ns: mount_ns.as_ref().map(|(fd, _)| fd.as_raw_fd()),
                     track_writes: !spec.policy.no_write_tracking,
+                    lazy: lazily,
                 };
                 let mut restored = restore_job(&mut image, &opts)?;
+                let progress = restored.lazy.progress();
+                memory = Some(MemoryRestore {
+                    lazy: lazily,
+                    eager_because,
+                    total_bytes: progress.total,
+                    loaded_after_ms: restored.lazy.is_empty().then_some(0.0),
+                    ..MemoryRestore::default()
+                });
+                if !restored.lazy.is_empty() {
+                    lazy = Some(LazyLoad {
+                        memory: std::mem::take(&mut restored.lazy),
+                        image,
+                        since: Instant::now(),
+                        background: !fault::reached("no-prefetch"),
+                    });
+                }
                 if let Some(t) = tracking.as_mut() {
                     *t = std::mem::take(&mut restored.tracking);
                 }
@@ -308,6 +369,9 @@ impl Supervisor {
             terminal,
             callbacks: Callbacks::new(spec.policy.callback_timeout),
             tracking,
+            lazy,
+            memory,
+            lazy_failure: None,
             spec,
         })
     }
@@ -330,6 +394,13 @@ impl Supervisor {
             restarted_from: self.restarted_from,
             checkpoints: self.checkpoints,
             latest_generation: list_generations(&self.job_dir).last().copied(),
+            memory: self.memory.clone().map(|mut m| {
+                if let Some(l) = &self.lazy {
+                    let p = l.memory.progress();
+                    (m.loaded_bytes, m.total_bytes, m.faults) = (p.loaded, p.total, p.faults);
+                }
+                m
+            }),
         }
     }
 
@@ -346,7 +417,21 @@ impl Supervisor {
             if let Some(t) = &self.terminal {
                 fds.extend(t.poll_fds());
             }
-            match poll(&mut fds, poll_timeout(next_due)) {
+            // While memory loads in the background, never wait: loading goes on between the
+            // other work.
+            let timeout = match &self.lazy {
+                Some(l) if l.background => PollTimeout::ZERO,
+                _ => poll_timeout(next_due),
+            };
+            if let Some(l) = &self.lazy {
+                fds.extend(
+                    l.memory
+                        .fds()
+                        .into_iter()
+                        .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+                );
+            }
+            match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(JobError::Remote(format!("poll: {e}"))),
             }
@@ -366,14 +451,66 @@ impl Supervisor {
             }
             self.reap();
             self.interval_checkpoint(&mut next_due);
+            if self.exit.is_none() && self.load_memory(PREFETCH_SLICE).is_err() {
+                break;
+            }
         }
         self.shutdown();
+        if let Some(message) = self.lazy_failure.take() {
+            return Err(JobError::Refused(message));
+        }
         let code = self.exit.unwrap_or(0);
         Ok(if self.killed_by_checkpoint {
             EXIT_CHECKPOINTED
         } else {
             code
         })
+    }
+
+    /// Loads about `budget` bytes of the restarted job's memory (all of it with
+    /// `u64::MAX`), serving its faults. Memory that cannot be loaded (a damaged image) ends
+    /// the job: it cannot go on without it.
+    fn load_memory(&mut self, budget: u64) -> JobResult<()> {
+        let Some(l) = self.lazy.as_mut() else {
+            return Ok(());
+        };
+        let result = if budget == u64::MAX {
+            l.memory.finish(&mut l.image).map(|()| true)
+        } else if l.background {
+            l.memory.prefetch(&mut l.image, budget)
+        } else {
+            l.memory.serve(&mut l.image).map(|()| false)
+        };
+        match result {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                let ms = l.since.elapsed().as_secs_f64() * 1e3;
+                let p = l.memory.progress();
+                tracing::debug!(
+                    "memory loaded: {} bytes in {ms:.1} ms, {} faults served",
+                    p.loaded,
+                    p.faults
+                );
+                if let Some(m) = self.memory.as_mut() {
+                    (m.loaded_bytes, m.total_bytes, m.faults) = (p.loaded, p.total, p.faults);
+                    m.loaded_after_ms = Some(ms);
+                }
+                self.lazy = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.lazy = None;
+                let _ = process::kill(self.pid, libc::SIGKILL);
+                let message = format!(
+                    "job {:?} was killed: its memory could not be loaded from generation {} ({e}); restart it from another generation, or with --eager to check the whole image first",
+                    self.spec.name,
+                    self.restarted_from.unwrap_or(0)
+                );
+                log(&format!("stasis: {message}"));
+                self.lazy_failure = Some(message.clone());
+                Err(JobError::Refused(message))
+            }
+        }
     }
 
     fn handle_signals(&mut self) {
@@ -416,7 +553,13 @@ impl Supervisor {
         self.unpublish();
         if let Some(init) = self.init.take() {
             let _ = process::kill(init.pid, libc::SIGKILL);
-            let _ = wait_pid(init.pid, 0);
+            // The init ends only once every process of its namespace is reaped, and some
+            // are our children (the job's program, when it ended with the job unfinished).
+            while let Ok((pid, _)) = wait_pid(-1, 0) {
+                if pid == init.pid {
+                    break;
+                }
+            }
         }
         // Relays the job's last output and gives our terminal its modes back.
         self.terminal.take();
@@ -426,6 +569,16 @@ impl Supervisor {
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
         let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials);
+        // A process of the job may wait for a page of its request, or run a callback that
+        // does: its memory is loaded before it is listened to.
+        if self.lazy.is_some()
+            && let Ok(c) = &peer
+            && stasis_core::proc::descendants(i32::try_from(std::process::id()).unwrap_or(0))
+                .contains(&c.pid())
+            && self.load_memory(u64::MAX).is_err()
+        {
+            return;
+        }
         if !peer.is_ok_and(|c| c.uid() == process::uid()) {
             let _ = write_message(
                 stream,
@@ -487,6 +640,9 @@ impl Supervisor {
         if self.exit.is_some() {
             return Err(JobError::Remote("the job has already exited".into()));
         }
+        // A checkpoint reads all memory, and callbacks run code in the job: all of it is
+        // loaded first.
+        self.load_memory(u64::MAX)?;
         let next = list_generations(&self.job_dir).last().map_or(1, |g| g + 1);
         let late = self.callbacks.pre_checkpoint(next);
         if !late.is_empty() && self.spec.policy.fail_on_late_callbacks {

@@ -1,5 +1,6 @@
-//! Write tracking through userfaultfd's asynchronous write protection and `PAGEMAP_SCAN`
-//! (Linux 6.7 and later): which pages of another process were written since a moment.
+//! userfaultfd for another process's memory: write tracking through asynchronous write
+//! protection and `PAGEMAP_SCAN` (Linux 6.7 and later: which pages were written since a
+//! moment), and lazy restore ([`LazyMemoryFd`]: missing pages filled on first touch).
 //!
 //! A userfaultfd created inside the tracked process (by an injected call; it belongs to the
 //! address space of whoever creates it) and then taken over by the tracer stays bound to the
@@ -21,6 +22,7 @@ const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 /// `_IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 /// Flags for the `userfaultfd` call the tracked process makes: close-on-exec,
 /// non-blocking, and user-mode faults only (all that unprivileged users may ask for).
@@ -97,19 +99,24 @@ impl WriteTracker {
     /// `EBUSY`: the range is registered with another userfaultfd (the program's own);
     /// `ESRCH`: the address space this tracker was bound to is gone (the process exec'd).
     pub fn register(&self, start: u64, end: u64) -> SysResult<()> {
-        let mut reg = UffdioRegister {
-            start,
-            len: end - start,
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register at a valid pointer.
-        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &raw mut reg) };
-        if ret == -1 {
-            return Err(SysError::last("UFFDIO_REGISTER", self.pid));
-        }
-        Ok(())
+        register(&self.uffd, self.pid, (start, end), UFFDIO_REGISTER_MODE_WP)
     }
+}
+
+/// Registers `[start, end)` on userfaultfd `uffd` (of process `pid`) in `mode`.
+fn register(uffd: &OwnedFd, pid: i32, (start, end): (u64, u64), mode: u64) -> SysResult<()> {
+    let mut reg = UffdioRegister {
+        start,
+        len: end - start,
+        mode,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register at a valid pointer.
+    let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &raw mut reg) };
+    if ret == -1 {
+        return Err(SysError::last("UFFDIO_REGISTER", pid));
+    }
+    Ok(())
 }
 
 /// The ranges of `[start, end)` written since they were last protected, or never protected
@@ -121,6 +128,27 @@ pub fn written_ranges(
     pid: i32,
     start: u64,
     end: u64,
+    protect: bool,
+) -> SysResult<Vec<(u64, u64)>> {
+    scan(pagemap, pid, (start, end), PAGE_IS_WRITTEN, protect)
+}
+
+/// The ranges of `[start, end)` that have pages (sorted, disjoint), read from `pagemap`.
+pub fn present_ranges(
+    pagemap: &File,
+    pid: i32,
+    start: u64,
+    end: u64,
+) -> SysResult<Vec<(u64, u64)>> {
+    scan(pagemap, pid, (start, end), PAGE_IS_PRESENT, false)
+}
+
+/// `PAGEMAP_SCAN` for the pages of `[start, end)` in `category`.
+fn scan(
+    pagemap: &File,
+    pid: i32,
+    (start, end): (u64, u64),
+    category: u64,
     protect: bool,
 ) -> SysResult<Vec<(u64, u64)>> {
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -137,9 +165,9 @@ pub fn written_ranges(
             vec_len: regions.len() as u64,
             max_pages: 0,
             category_inverted: 0,
-            category_mask: PAGE_IS_WRITTEN,
+            category_mask: category,
             category_anyof_mask: 0,
-            return_mask: PAGE_IS_WRITTEN,
+            return_mask: category,
         };
         // SAFETY: PAGEMAP_SCAN reads the pm_scan_arg and writes at most vec_len page_region
         // records into `regions`, which holds that many.
@@ -159,4 +187,291 @@ pub fn written_ranges(
         at = arg.walk_end;
     }
     Ok(out)
+}
+
+// Lazy restore: a userfaultfd that reports first touches of missing pages, and the events
+// that change the address space behind it (fork, mremap, madvise, munmap).
+
+const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+const LAZY_FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
+    | UFFD_FEATURE_EVENT_REMAP
+    | UFFD_FEATURE_EVENT_REMOVE
+    | UFFD_FEATURE_EVENT_UNMAP;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `_IOR(0xAA, 2, struct uffdio_range)`.
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+/// `_IOWR(0xAA, 3, struct uffdio_copy)`.
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+/// `_IOWR(0xAA, 4, struct uffdio_zeropage)`.
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_EVENT_FORK: u8 = 0x13;
+const UFFD_EVENT_REMAP: u8 = 0x14;
+const UFFD_EVENT_REMOVE: u8 = 0x15;
+const UFFD_EVENT_UNMAP: u8 = 0x16;
+const MSG_LEN: usize = 32;
+const PAGE: u64 = 4096;
+/// Flags for the `userfaultfd` call a process being restored lazily makes: close-on-exec and
+/// non-blocking, kernel faults included (so that system calls touching missing pages wait
+/// for them instead of failing with `EFAULT`). Needs `CAP_SYS_PTRACE` (or the
+/// `vm.unprivileged_userfaultfd` sysctl).
+pub const LAZY_USERFAULTFD_FLAGS: u64 = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// Something that happened in an address space served lazily.
+#[derive(Debug)]
+pub enum LazyEvent {
+    /// A thread touched the missing page at `addr` and waits for it.
+    Fault {
+        /// The page's address.
+        addr: u64,
+    },
+    /// The process forked: the child's memory is served through `uffd`, and it misses the
+    /// same pages as its parent.
+    Fork {
+        /// The child's userfaultfd, now ours.
+        uffd: OwnedFd,
+    },
+    /// `mremap` moved `[from, from + len)` to `to`.
+    Remap {
+        /// Old start.
+        from: u64,
+        /// New start.
+        to: u64,
+        /// Length moved.
+        len: u64,
+    },
+    /// `[start, end)` was dropped (`MADV_DONTNEED`, `MADV_REMOVE`) or unmapped: it holds
+    /// zeros, or nothing, from now on.
+    Dropped {
+        /// First byte.
+        start: u64,
+        /// End (exclusive).
+        end: u64,
+    },
+}
+
+/// Checks that this process may serve restored memory lazily: a userfaultfd that sees
+/// kernel faults and follows forks. `EPERM` without `CAP_SYS_PTRACE`.
+pub fn check_lazy_allowed() -> SysResult<()> {
+    // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            LAZY_USERFAULTFD_FLAGS as libc::c_long,
+        )
+    };
+    if fd < 0 {
+        return Err(SysError::last("userfaultfd", 0));
+    }
+    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    LazyMemoryFd::new(fd, 0).map(drop)
+}
+
+/// A userfaultfd bound to a process's memory, set up to report missing pages and changes
+/// of the address space; the supervisor fills pages through it.
+#[derive(Debug)]
+pub struct LazyMemoryFd {
+    uffd: OwnedFd,
+    pid: i32,
+}
+
+impl LazyMemoryFd {
+    /// Sets up `uffd` (a userfaultfd created by process `pid` with
+    /// [`LAZY_USERFAULTFD_FLAGS`]) for lazy restore. `EPERM` without `CAP_SYS_PTRACE`.
+    pub fn new(uffd: OwnedFd, pid: i32) -> SysResult<Self> {
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: LAZY_FEATURES,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes one uffdio_api struct at a valid pointer.
+        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &raw mut api) };
+        if ret == -1 {
+            return Err(SysError::last("UFFDIO_API", pid));
+        }
+        Ok(LazyMemoryFd { uffd, pid })
+    }
+
+    /// The descriptor, for `poll`.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.uffd)
+    }
+
+    /// Registers `[start, end)` (whole private anonymous mappings) for missing-page faults.
+    pub fn register(&self, start: u64, end: u64) -> SysResult<()> {
+        register(
+            &self.uffd,
+            self.pid,
+            (start, end),
+            UFFDIO_REGISTER_MODE_MISSING,
+        )
+    }
+
+    /// The events waiting (none when there are none: never blocks).
+    pub fn events(&self) -> SysResult<Vec<LazyEvent>> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; MSG_LEN * 64];
+        loop {
+            // SAFETY: read writes at most buf.len() bytes into buf.
+            let n =
+                unsafe { libc::read(self.uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = Errno::last();
+                if e == Errno::EAGAIN {
+                    return Ok(out);
+                }
+                if e == Errno::EINTR {
+                    continue;
+                }
+                return Err(SysError::new("read userfaultfd", self.pid, e));
+            }
+            let n = n.unsigned_abs();
+            if n == 0 {
+                return Ok(out);
+            }
+            for msg in buf[..n].chunks_exact(MSG_LEN) {
+                let word = |i: usize| {
+                    u64::from_le_bytes(msg[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]))
+                };
+                out.push(match msg[0] {
+                    UFFD_EVENT_PAGEFAULT => LazyEvent::Fault {
+                        addr: word(1) & !(PAGE - 1),
+                    },
+                    UFFD_EVENT_FORK => {
+                        let fd = (word(0) & 0xffff_ffff) as i32;
+                        // SAFETY: the kernel installed this descriptor in our table for
+                        // us with the fork event; nothing else owns it.
+                        let uffd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                        LazyEvent::Fork { uffd }
+                    }
+                    UFFD_EVENT_REMAP => LazyEvent::Remap {
+                        from: word(0),
+                        to: word(1),
+                        len: word(2),
+                    },
+                    UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => LazyEvent::Dropped {
+                        start: word(0),
+                        end: word(1),
+                    },
+                    _ => continue,
+                });
+            }
+            if n < buf.len() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Wraps a fork event's descriptor (set up like this one by the kernel).
+    pub fn child(&self, uffd: OwnedFd) -> Self {
+        LazyMemoryFd {
+            uffd,
+            pid: self.pid,
+        }
+    }
+
+    /// Fills the missing pages of `[dst, dst + data.len())` with `data` and wakes threads
+    /// waiting for them; pages already there are left as they are. `EAGAIN`: the address
+    /// space is changing (read the events, then try again); `ENOENT`/`EFAULT`: the range is
+    /// no longer mapped or registered; `ESRCH`: the address space is gone.
+    pub fn copy(&self, dst: u64, data: &[u8]) -> SysResult<()> {
+        self.fill("UFFDIO_COPY", dst, data.len() as u64, |done| {
+            let mut c = UffdioCopy {
+                dst: dst + done,
+                src: data.as_ptr() as u64 + done,
+                len: data.len() as u64 - done,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads uffdio_copy and len bytes at src (inside `data`),
+            // and writes the copy field.
+            let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY, &raw mut c) };
+            (ret, c.copy)
+        })
+    }
+
+    /// Maps the zero page at the missing pages of `[start, end)` and wakes threads waiting
+    /// for them. Errors as [`LazyMemoryFd::copy`].
+    pub fn zero(&self, start: u64, end: u64) -> SysResult<()> {
+        self.fill("UFFDIO_ZEROPAGE", start, end - start, |done| {
+            let mut z = UffdioZeropage {
+                range: UffdioRange {
+                    start: start + done,
+                    len: end - start - done,
+                },
+                mode: 0,
+                zeropage: 0,
+            };
+            // SAFETY: UFFDIO_ZEROPAGE reads uffdio_zeropage and writes its zeropage field.
+            let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &raw mut z) };
+            (ret, z.zeropage)
+        })
+    }
+
+    /// Runs a filling ioctl (`attempt(bytes done)` returns its result and the bytes it
+    /// filled, or the negative errno) until `len` bytes from `start` are dealt with,
+    /// carrying on after a partial fill and past a page that exists already (waking the
+    /// threads waiting for it).
+    fn fill(
+        &self,
+        op: &'static str,
+        start: u64,
+        len: u64,
+        mut attempt: impl FnMut(u64) -> (libc::c_int, i64),
+    ) -> SysResult<()> {
+        let mut done = 0u64;
+        while done < len {
+            let (ret, filled) = attempt(done);
+            if ret == 0 {
+                return Ok(());
+            }
+            let e = Errno::last();
+            if filled > 0 {
+                done += filled.unsigned_abs();
+            }
+            match e {
+                Errno::EEXIST => {
+                    self.wake(start + done, PAGE);
+                    done += PAGE;
+                }
+                Errno::EINTR => {}
+                _ if filled > 0 => {}
+                _ => return Err(SysError::new(op, self.pid, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Wakes threads waiting for pages of `[start, start + len)`.
+    pub fn wake(&self, start: u64, len: u64) {
+        let mut r = UffdioRange { start, len };
+        // SAFETY: UFFDIO_WAKE reads one uffdio_range at a valid pointer.
+        unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &raw mut r) };
+    }
 }

@@ -40,6 +40,8 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
             "incremental_ms",
             "kill_checkpoint_ms",
             "restart_ms",
+            "residency_ms",
+            "eager_restart_ms",
             "dd_fsync_ms",
             "cat_ms",
         ] {

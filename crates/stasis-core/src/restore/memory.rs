@@ -6,6 +6,7 @@ use stasis_image::manifest::{ProcessImage, Vma, VmaKind};
 use stasis_sys::mem;
 
 use super::child::Child;
+use super::lazy::LazyPlan;
 use super::stage::Staged;
 use crate::error::{CoreError, CoreResult};
 use crate::proc;
@@ -114,12 +115,14 @@ pub(super) fn teardown_and_move_specials(
     Ok(())
 }
 
-/// Maps every saved mapping at its address and fills its saved pages.
+/// Maps every saved mapping at its address and fills its saved pages, except in the
+/// mappings `lazy` takes (left empty, for lazy loading).
 pub(super) fn map_memory(
     c: &mut Child,
     image: &mut OpenGeneration,
     p: &ProcessImage,
     st: &Staged,
+    mut lazy: Option<&mut LazyPlan>,
 ) -> CoreResult<()> {
     for v in p.vmas.iter().filter(|v| !is_special(v.kind)) {
         let len = v.end - v.start;
@@ -127,7 +130,14 @@ pub(super) fn map_memory(
             attach_sysv(c, v, id)?;
             continue;
         }
-        let fill = !v.pages.is_empty();
+        let chunk_len = |i: u32| image.manifest.chunks.chunk_len(i);
+        let fill = match lazy.as_deref_mut() {
+            Some(plan) if plan.takes(v, chunk_len) => {
+                plan.add(v, chunk_len);
+                false
+            }
+            _ => !v.pages.is_empty(),
+        };
         let prot = if fill {
             v.prot | libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -162,7 +172,7 @@ pub(super) fn map_memory(
                 "{what} landed at {got:#x}"
             )));
         }
-        for run in &v.pages {
+        for run in v.pages.iter().filter(|_| fill) {
             let data = image.chunk(run.chunk)?;
             mem::write(c.pid, run.addr, &data).map_err(|source| CoreError::Sys {
                 context: format!("filling memory at {:#x}", run.addr),

@@ -9,6 +9,7 @@
 mod child;
 mod files;
 mod inotify;
+mod lazy;
 mod memory;
 mod sockets;
 mod stage;
@@ -21,12 +22,14 @@ use stasis_sys::inject::{Injector, find_syscall_insn};
 use stasis_sys::{mem, process, ptrace};
 
 use crate::error::{CoreError, CoreResult, SysContext};
+use crate::lazy::PendingMemory;
 use crate::tracking::WriteTracking;
 use crate::{proc, regs};
 use child::{Child, sys};
 use stage::Staged;
 
 pub use files::{FileReport, check_file, check_files, prepare_files};
+pub use stasis_sys::uffd::check_lazy_allowed;
 
 const SCRATCH_LEN: u64 = 16 * 4096;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
@@ -46,6 +49,9 @@ pub struct RestoreOptions {
     pub mount_ns: Option<i32>,
     /// Protect the restored memory for write tracking (see [`RestoredJob::tracking`]).
     pub track_writes: bool,
+    /// Leave private anonymous memory to be loaded on first touch and in the background
+    /// ([`RestoredJob::lazy`]); needs `CAP_SYS_PTRACE` ([`check_lazy_allowed`]).
+    pub lazy: bool,
 }
 
 /// A restored, running job.
@@ -62,6 +68,9 @@ pub struct RestoredJob {
     /// [`RestoreOptions::track_writes`]): a checkpoint that builds on that generation
     /// reads only the pages written since the restart.
     pub tracking: WriteTracking,
+    /// Memory still to be loaded (with [`RestoreOptions::lazy`]): the caller serves it
+    /// until it is empty, and must finish it before the job is checkpointed.
+    pub lazy: PendingMemory,
 }
 
 /// Checks that this machine can run the image: the same vdso.
@@ -115,6 +124,8 @@ fn check_cpu(probe: i32, m: &Manifest) -> CoreResult<()> {
 /// A rebuilt process waiting to be released: its threads (restorer's view) and their state.
 struct Rebuilt {
     tids: Vec<i32>,
+    /// Its memory left for lazy loading.
+    lazy: Option<crate::lazy::LazyProcess>,
 }
 
 fn rebuild(
@@ -162,7 +173,8 @@ fn rebuild(
         ],
     )?;
     c.scratch = scratch;
-    memory::map_memory(c, image, p, st)?;
+    let mut plan = opts.lazy.then(|| lazy::LazyPlan::new(p));
+    memory::map_memory(c, image, p, st, plan.as_mut())?;
     memory::set_mm(c, p, st.exes.get(&p.exe).copied().unwrap_or(-1))?;
     state::restore_controlling_terminal(c, m, p, st)?;
     state::install_fds(c, m, p, st)?;
@@ -176,13 +188,14 @@ fn rebuild(
     }
     state::restore_posix_timers(c, p, &std::collections::HashMap::new())?;
     state::queue_signals(c, p, &mut injs)?;
+    let lazy = plan.map(|plan| plan.arm(c, image)).transpose()?.flatten();
     state::drop_caps(c, p)?;
     c.call(
         "unmapping scratch memory",
         libc::SYS_munmap,
         &[scratch, SCRATCH_LEN],
     )?;
-    Ok(Rebuilt { tids })
+    Ok(Rebuilt { tids, lazy })
 }
 
 fn release(p: &ProcessImage, r: &Rebuilt) -> CoreResult<()> {
@@ -268,6 +281,7 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
     let staged = stage::stage(image, &m)?;
     let mut tree = tree::create(&m, opts, vdso_base + vdso_off)?;
     let mut tracking = WriteTracking::new();
+    let mut pending = PendingMemory::default();
     let result = (|| -> CoreResult<Vec<(usize, Rebuilt)>> {
         if let Some(probe) = tree.children.iter().flatten().next() {
             check_cpu(probe.pid, &m)?;
@@ -275,8 +289,15 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
         let mut rebuilt = Vec::new();
         for (i, p) in m.processes.iter().enumerate() {
             if let Some(c) = tree.children[i].as_mut() {
-                rebuilt.push((i, rebuild(c, image, &m, p, &staged, vdso_off, opts)?));
-                if let (true, Some(name)) = (opts.track_writes, m.packs.first())
+                let mut r = rebuild(c, image, &m, p, &staged, vdso_off, opts)?;
+                // Memory loading lazily is registered on another userfaultfd: such a
+                // process is tracked from its next checkpoint on.
+                let lazily = r.lazy.is_some();
+                if let Some(lp) = r.lazy.take() {
+                    pending.add(lp);
+                }
+                rebuilt.push((i, r));
+                if let (true, false, Some(name)) = (opts.track_writes, lazily, m.packs.first())
                     && let Ok(maps) = proc::maps_without_flags(c.pid)
                 {
                     tracking.restored(c.pid, &maps, &mut c.inj, name);
@@ -319,5 +340,6 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
         processes: m.processes.len(),
         terminal,
         tracking,
+        lazy: pending,
     })
 }

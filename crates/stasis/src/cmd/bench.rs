@@ -3,8 +3,9 @@
 //! For each workload (memory size, pattern, processes) it starts `stasis bench-workload` as
 //! a detached job and measures: the largest stall the program itself observes during a
 //! checkpoint that lets it run on, that checkpoint's wall time and bytes, a second
-//! checkpoint after 1% of the pages changed, `checkpoint --kill`, and `restart --detach`
-//! until the job runs again. Baselines on the same bytes in the same directory: `dd
+//! checkpoint after 1% of the pages changed, `checkpoint --kill`, `restart --detach` until
+//! the job runs again and until all its memory is loaded (lazy restart, where allowed),
+//! and `restart --detach --eager`. Baselines on the same bytes in the same directory: `dd
 //! conv=fsync` (writing) and `cat` to `/dev/null` (reading). Prints a table, writes JSON
 //! and an SVG chart.
 
@@ -71,6 +72,33 @@ fn wait_for(path: &Path, what: &str) -> Result<()> {
             bail!("timed out waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Waits until restarted job `name` has all its memory; returns the status's account of it.
+fn wait_loaded(images: &Path, name: &str) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let m = stasis_json(images, &["status", name])?["memory"].clone();
+        if m["loaded_after_ms"].is_number() {
+            return Ok(m);
+        }
+        if Instant::now() > deadline {
+            bail!("job {name}: memory still loading after 300 s: {m}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Waits until job `name` no longer answers (its supervisor has ended).
+fn wait_ended(images: &Path, name: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stasis(images, &["status", name]).is_ok() {
+        if Instant::now() > deadline {
+            bail!("job {name} still running after kill");
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
 }
@@ -148,10 +176,20 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
         // The baselines copy and read the bytes of the first, full checkpoint.
         let generation = full["path"].as_str().unwrap_or_default().to_owned();
         std::thread::sleep(Duration::from_millis(200));
+        // Lazy restart (where allowed): running at once, memory loading behind.
         let t = Instant::now();
         stasis(&images, &["restart", &name, "--detach"])?;
         let restart_ms = ms(t.elapsed());
+        let memory = wait_loaded(&images, &name)?;
+        let residency_ms = ms(t.elapsed());
         let _ = stasis(&images, &["kill", &name]);
+        wait_ended(&images, &name)?;
+        // Eager restart: all memory loaded before the job runs.
+        let t = Instant::now();
+        stasis(&images, &["restart", &name, "--detach", "--eager"])?;
+        let eager_restart_ms = ms(t.elapsed());
+        let _ = stasis(&images, &["kill", &name]);
+        wait_ended(&images, &name)?;
         let pack = own_pack(Path::new(&generation))?;
         let stored = std::fs::metadata(&pack).map(|m| m.len()).unwrap_or(0);
         let dd = timed_shell(&format!(
@@ -176,7 +214,11 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
             "incremental_unchanged_bytes": incr["unchanged_bytes"],
             "kill_checkpoint_ms": kill["total_ms"],
             "restart_ms": restart_ms,
-            "residency_ms": restart_ms,
+            "restart_lazy": memory["lazy"],
+            "residency_ms": residency_ms,
+            "lazy_load_ms": memory["loaded_after_ms"],
+            "lazy_bytes": memory["total_bytes"],
+            "eager_restart_ms": eager_restart_ms,
             "image_bytes": stored,
             "dd_fsync_ms": dd,
             "cat_ms": cat,
@@ -202,12 +244,12 @@ fn num(v: &Value, k: &str) -> f64 {
 
 fn table(rows: &[Value]) -> String {
     let mut t = String::from(
-        "workload                  stall  frozen  ckpt    dd-fsync ratio  bytes      1%-stall 1%-ckpt  1%/full 1%-bytes   kill    restart cat\n",
+        "workload                  stall  frozen  ckpt    dd-fsync ratio  bytes      1%-stall 1%-ckpt  1%/full 1%-bytes   kill    restart resident eager   cat\n",
     );
     for r in rows {
         let mb = |k: &str| num(r, k) / 1048576.0;
         t.push_str(&format!(
-            "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>8.1} {:>6.1}% {:>7.1}M {:>7.1} {:>7.1} {:>6.1}\n",
+            "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>8.1} {:>6.1}% {:>7.1}M {:>7.1} {:>7.1} {:>8.1} {:>7.1} {:>6.1}\n",
             r["mib"],
             r["pattern"].as_str().unwrap_or(""),
             r["procs"],
@@ -223,6 +265,8 @@ fn table(rows: &[Value]) -> String {
             mb("incremental_bytes"),
             num(r, "kill_checkpoint_ms"),
             num(r, "restart_ms"),
+            num(r, "residency_ms"),
+            num(r, "eager_restart_ms"),
             num(r, "cat_ms"),
         ));
     }
@@ -239,6 +283,7 @@ fn svg(rows: &[Value]) -> String {
         ("dd_fsync_ms", "dd conv=fsync, same bytes", "#7f7f7f"),
         ("kill_checkpoint_ms", "checkpoint --kill", "#ff7f0e"),
         ("restart_ms", "restart until running", "#2ca02c"),
+        ("residency_ms", "restart until all memory loaded", "#9467bd"),
         ("in_app_stall_ms", "stall seen by the program", "#d62728"),
     ];
     let (w, h, left, bottom) = (720.0, 420.0, 70.0, 60.0);

@@ -23,6 +23,11 @@ pub struct Args {
     /// Restore even if files the job had open changed since the checkpoint.
     #[arg(long)]
     force: bool,
+    /// Load all memory (checking it) before the job runs. By default, where the kernel
+    /// allows it (CAP_SYS_PTRACE), the job runs at once and its private memory loads on
+    /// first touch and in the background.
+    #[arg(long)]
+    eager: bool,
 }
 
 /// Runs the verb.
@@ -34,6 +39,7 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
         Start::Restart {
             generation: a.generation,
             force: a.force,
+            eager: a.eager,
         },
         a.detach,
         json,

@@ -39,6 +39,29 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                 if let Some(g) = s.restarted_from {
                     t.push_str(&format!("\nrestarted:    from generation {g}"));
                 }
+                if let Some(m) = &s.memory {
+                    let mib = |b: u64| b as f64 / 1048576.0;
+                    t.push_str(&match (m.lazy, m.loaded_after_ms) {
+                        (true, Some(ms)) => format!(
+                            "\nmemory:       loaded lazily, {:.1} MiB in {ms:.0} ms ({} faults served)",
+                            mib(m.loaded_bytes),
+                            m.faults
+                        ),
+                        (true, None) => format!(
+                            "\nmemory:       loading lazily, {:.1} of {:.1} MiB ({} faults served)",
+                            mib(m.loaded_bytes),
+                            mib(m.total_bytes),
+                            m.faults
+                        ),
+                        (false, _) => format!(
+                            "\nmemory:       restored eagerly{}",
+                            m.eager_because
+                                .as_ref()
+                                .map(|w| format!(" ({w})"))
+                                .unwrap_or_default()
+                        ),
+                    });
+                }
                 for n in &ns.notes {
                     t.push_str(&format!("\nnote:         {n}"));
                 }

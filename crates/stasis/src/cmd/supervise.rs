@@ -119,6 +119,9 @@ fn describe(s: &JobStatus, verb: &str) -> String {
     for n in &s.namespaces.notes {
         t.push_str(&format!("\nstasis: note: {n}"));
     }
+    if let Some(why) = s.memory.as_ref().and_then(|m| m.eager_because.as_ref()) {
+        t.push_str(&format!("\nstasis: note: memory restored eagerly: {why}"));
+    }
     t
 }
 

@@ -218,10 +218,16 @@ impl Env {
     /// Starts `stasis restart NAME EXTRA…` in the background; the restart command's own
     /// stdout goes to `work/NAME.restart.out`.
     pub fn restart(&self, job: &Job, extra: &[&str]) -> Job {
+        self.restart_with_env(job, extra, &[])
+    }
+
+    /// Like [`Env::restart`], with environment variables `vars` set for the supervisor.
+    pub fn restart_with_env(&self, job: &Job, extra: &[&str], vars: &[(&str, &str)]) -> Job {
         let out = self.work.join(format!("{}.restart.out", job.name));
         let err = self.work.join(format!("{}.restart.err", job.name));
         let child = self
             .cmd()
+            .envs(vars.iter().copied())
             .args(["restart", &job.name])
             .args(extra)
             .stdin(Stdio::null())
@@ -285,6 +291,12 @@ impl Env {
         }
         let out = self.ok(&args);
         serde_json::from_str(out.trim()).expect("checkpoint prints JSON")
+    }
+
+    /// `stasis status NAME --json`, asserting success.
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        let out = self.ok(&["--json", "status", name]);
+        serde_json::from_str(out.trim()).expect("status prints JSON")
     }
 
     /// The job's image directory.

@@ -1,0 +1,415 @@
+//! Lazy restore: a restored job runs before its memory is loaded.
+//!
+//! Each lazily restored process's private anonymous mappings are registered on a userfaultfd
+//! (made inside the process, kept by the supervisor) in missing-page mode and left empty. A
+//! thread touching a page it does not have yet waits until the supervisor copies the page's
+//! saved run in ([`PendingMemory::serve`]); meanwhile the supervisor loads the rest in the
+//! background ([`PendingMemory::prefetch`]). Pages never saved are zeros. The userfaultfd also
+//! reports what changes the address space: a fork (the child misses the same pages, through
+//! a userfaultfd of its own), `mremap` (the missing pages move), `MADV_DONTNEED` and `munmap`
+//! (the pages there are zeros or gone: they are never loaded). Once a process has every page
+//! its userfaultfd is closed, which unregisters its mappings: nothing stays between the
+//! program and its memory.
+
+use std::collections::BTreeMap;
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+use stasis_image::OpenGeneration;
+use stasis_sys::uffd::{LazyEvent, LazyMemoryFd};
+use stasis_sys::{Errno, SysError};
+
+use crate::error::{CoreError, CoreResult};
+
+const PAGE: u64 = 4096;
+/// A fault on a never-saved page maps zeros over this much around it (within its gap).
+const ZERO_WINDOW: u64 = 1 << 20;
+/// How long an address space may stay changing (its event not queued) before we give up.
+const CHANGING_LIMIT: Duration = Duration::from_secs(10);
+
+/// Saved bytes not loaded yet: `[start, end)` (the key holds `start`) comes from chunk
+/// `chunk`, starting `offset` bytes into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub end: u64,
+    pub chunk: u32,
+    pub offset: u64,
+}
+
+/// The missing pages of one address space.
+#[derive(Debug)]
+pub(crate) struct LazyProcess {
+    /// Its userfaultfd.
+    pub fd: LazyMemoryFd,
+    /// The process it was made in (for messages; a forked child reports its parent's).
+    pub pid: i32,
+    /// Missing saved pieces by start address (disjoint).
+    pub pending: BTreeMap<u64, Piece>,
+}
+
+/// Memory of restored processes still being loaded, kept by the supervisor until every page
+/// is in.
+#[derive(Debug, Default)]
+pub struct PendingMemory {
+    processes: Vec<LazyProcess>,
+    total: u64,
+    loaded: u64,
+    faults: u64,
+    /// The next process [`PendingMemory::prefetch`] loads from.
+    turn: usize,
+}
+
+/// How far loading has come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// Bytes loaded.
+    pub loaded: u64,
+    /// Bytes to load in all (grows when a process forks while loading).
+    pub total: u64,
+    /// Faults served (first touches of pages not loaded yet).
+    pub faults: u64,
+}
+
+fn bytes(p: &BTreeMap<u64, Piece>) -> u64 {
+    p.iter().map(|(s, x)| x.end - s).sum()
+}
+
+/// Removes `[start, end)` from `pending`, splitting pieces that stick out; returns the
+/// removed parts.
+fn cut(pending: &mut BTreeMap<u64, Piece>, start: u64, end: u64) -> Vec<(u64, Piece)> {
+    let mut out = Vec::new();
+    let first = pending
+        .range(..start)
+        .next_back()
+        .filter(|(_, p)| p.end > start)
+        .map(|(s, _)| *s)
+        .unwrap_or(start);
+    let keys: Vec<u64> = pending.range(first..end).map(|(s, _)| *s).collect();
+    for s in keys {
+        let Some(p) = pending.remove(&s) else {
+            continue;
+        };
+        if s < start {
+            pending.insert(s, Piece { end: start, ..p });
+        }
+        if p.end > end {
+            pending.insert(
+                end,
+                Piece {
+                    offset: p.offset + (end - s),
+                    ..p
+                },
+            );
+        }
+        let (a, b) = (s.max(start), p.end.min(end));
+        if a < b {
+            out.push((
+                a,
+                Piece {
+                    end: b,
+                    chunk: p.chunk,
+                    offset: p.offset + (a - s),
+                },
+            ));
+        }
+    }
+    out
+}
+
+impl LazyProcess {
+    /// Applies one address-space change; a fork yields the child's missing pages.
+    fn apply(&mut self, ev: LazyEvent) -> Option<LazyProcess> {
+        match ev {
+            LazyEvent::Fault { .. } => None,
+            LazyEvent::Fork { uffd } => Some(LazyProcess {
+                fd: self.fd.child(uffd),
+                pid: self.pid,
+                pending: self.pending.clone(),
+            }),
+            LazyEvent::Remap { from, to, len } => {
+                for (s, p) in cut(&mut self.pending, from, from + len) {
+                    let moved = s - from + to;
+                    self.pending.insert(
+                        moved,
+                        Piece {
+                            end: p.end - from + to,
+                            ..p
+                        },
+                    );
+                }
+                None
+            }
+            LazyEvent::Dropped { start, end } => {
+                cut(&mut self.pending, start, end);
+                None
+            }
+        }
+    }
+}
+
+impl PendingMemory {
+    /// Adds a lazily restored process.
+    pub(crate) fn add(&mut self, p: LazyProcess) {
+        self.total += bytes(&p.pending);
+        self.processes.push(p);
+    }
+
+    /// Nothing left to load.
+    pub fn is_empty(&self) -> bool {
+        self.processes.is_empty()
+    }
+
+    /// How far loading has come.
+    pub fn progress(&self) -> LoadProgress {
+        LoadProgress {
+            loaded: self.loaded,
+            total: self.total,
+            faults: self.faults,
+        }
+    }
+
+    /// The userfaultfds, to wait on with `poll`.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.processes.iter().map(|p| p.fd.as_fd()).collect()
+    }
+
+    /// Serves every fault and change reported so far, without waiting.
+    pub fn serve(&mut self, image: &mut OpenGeneration) -> CoreResult<()> {
+        let mut i = 0;
+        while i < self.processes.len() {
+            if self.serve_one(i, image)? {
+                i += 1;
+            } else {
+                self.processes.swap_remove(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads about `budget` bytes in the background (serving faults between pieces); drops
+    /// the processes that have all their memory. Returns whether everything is loaded.
+    pub fn prefetch(&mut self, image: &mut OpenGeneration, budget: u64) -> CoreResult<bool> {
+        let mut done = 0;
+        while done < budget && !self.processes.is_empty() {
+            self.serve(image)?;
+            if self.processes.is_empty() {
+                break;
+            }
+            let i = self.turn % self.processes.len();
+            self.turn = self.turn.wrapping_add(1);
+            let next = self.processes[i]
+                .pending
+                .iter()
+                .next()
+                .map(|(s, p)| (*s, *p));
+            match next {
+                Some((start, piece)) => {
+                    done += piece.end - start;
+                    if self.load(i, start, image)? == Outcome::Gone {
+                        self.processes.swap_remove(i);
+                    }
+                }
+                None => {
+                    // Nothing missing: one last look for forks, then let it go.
+                    if self.serve_one(i, image)? && self.processes[i].pending.is_empty() {
+                        self.processes.swap_remove(i);
+                    }
+                }
+            }
+        }
+        Ok(self.processes.is_empty())
+    }
+
+    /// Loads everything now.
+    pub fn finish(&mut self, image: &mut OpenGeneration) -> CoreResult<()> {
+        while !self.prefetch(image, u64::MAX)? {}
+        Ok(())
+    }
+
+    /// Serves process `i`'s events; false when its address space is gone. Changes are
+    /// applied first, then the faults read with them (a fault whose page moved meanwhile is
+    /// served where its page is now, or just woken).
+    fn serve_one(&mut self, i: usize, image: &mut OpenGeneration) -> CoreResult<bool> {
+        let mut waiting: Vec<u64> = Vec::new();
+        let t0 = Instant::now();
+        loop {
+            let events = match self.processes[i].fd.events() {
+                Ok(e) => e,
+                Err(e) => return Err(sys_err(&self.processes[i], e)),
+            };
+            if events.is_empty() && waiting.is_empty() {
+                return Ok(true);
+            }
+            if events.is_empty() {
+                // A change is under way whose event is not queued yet.
+                if t0.elapsed() > CHANGING_LIMIT {
+                    return Err(sys_err(
+                        &self.processes[i],
+                        SysError::new("UFFDIO_COPY", self.processes[i].pid, Errno::EAGAIN),
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            for ev in events {
+                if let LazyEvent::Fault { addr } = ev {
+                    self.faults += 1;
+                    waiting.push(addr);
+                } else if let Some(child) = self.processes[i].apply(ev) {
+                    self.total += bytes(&child.pending);
+                    self.processes.push(child);
+                }
+            }
+            for addr in std::mem::take(&mut waiting) {
+                match self.fault(i, addr, image)? {
+                    Outcome::Done => {}
+                    Outcome::Gone => return Ok(false),
+                    Outcome::Again => waiting.push(addr),
+                }
+            }
+        }
+    }
+
+    /// Serves a fault at `addr` of process `i`: its piece, or zeros when it was never saved.
+    fn fault(&mut self, i: usize, addr: u64, image: &mut OpenGeneration) -> CoreResult<Outcome> {
+        let p = &self.processes[i];
+        let holder = p
+            .pending
+            .range(..=addr)
+            .next_back()
+            .filter(|(_, x)| x.end > addr)
+            .map(|(s, _)| *s);
+        if let Some(start) = holder {
+            return self.load(i, start, image);
+        }
+        let lo = p
+            .pending
+            .range(..addr)
+            .next_back()
+            .map_or(0, |(_, x)| x.end)
+            .max(addr & !(ZERO_WINDOW - 1));
+        let hi = p
+            .pending
+            .range(addr..)
+            .next()
+            .map_or(u64::MAX, |(s, _)| *s)
+            .min((addr | (ZERO_WINDOW - 1)) + 1);
+        let fd = &p.fd;
+        let r = fd.zero(lo, hi).or_else(|e| {
+            // The window may reach past the mapping: the page alone.
+            if matches!(e.errno, Errno::ENOENT | Errno::EFAULT | Errno::EINVAL) {
+                fd.zero(addr, addr + PAGE)
+            } else {
+                Err(e)
+            }
+        });
+        if r.as_ref()
+            .is_err_and(|e| matches!(e.errno, Errno::ENOENT | Errno::EFAULT))
+        {
+            // Not mapped there any more: the thread finds out when it retries.
+            fd.wake(addr, PAGE);
+        }
+        self.settle(i, r)
+    }
+
+    /// Copies the piece at `start` of process `i` in.
+    fn load(&mut self, i: usize, start: u64, image: &mut OpenGeneration) -> CoreResult<Outcome> {
+        let Some(piece) = self.processes[i].pending.remove(&start) else {
+            return Ok(Outcome::Done);
+        };
+        let data = image.chunk(piece.chunk)?;
+        let from = usize::try_from(piece.offset).unwrap_or(usize::MAX);
+        let len = usize::try_from(piece.end - start).unwrap_or(usize::MAX);
+        let slice = data.get(from..from.saturating_add(len)).ok_or_else(|| {
+            CoreError::Incompatible(format!(
+                "chunk {} is shorter than the memory it should fill at {start:#x}",
+                piece.chunk
+            ))
+        })?;
+        let fd = &self.processes[i].fd;
+        let r = fd.copy(start, slice).or_else(|e| {
+            // The piece may now straddle mappings (after mprotect or a partial munmap):
+            // page by page, skipping pages no longer mapped.
+            if !matches!(e.errno, Errno::ENOENT | Errno::EFAULT | Errno::EINVAL) {
+                return Err(e);
+            }
+            for (k, page) in slice.chunks(PAGE as usize).enumerate() {
+                let at = start + k as u64 * PAGE;
+                match fd.copy(at, page) {
+                    Ok(()) => {}
+                    Err(e) if matches!(e.errno, Errno::ENOENT | Errno::EFAULT) => fd.wake(at, PAGE),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        let outcome = self.settle(i, r)?;
+        match outcome {
+            // Copied pages are skipped when it is tried again.
+            Outcome::Again => {
+                self.processes[i].pending.insert(start, piece);
+            }
+            Outcome::Done => self.loaded += piece.end - start,
+            Outcome::Gone => {}
+        }
+        Ok(outcome)
+    }
+
+    /// What a copy's result means for process `i`.
+    fn settle(&self, i: usize, r: Result<(), SysError>) -> CoreResult<Outcome> {
+        match r {
+            Ok(()) => Ok(Outcome::Done),
+            // The process exec'd or ended: its old memory needs nothing any more.
+            Err(e) if e.errno == Errno::ESRCH => Ok(Outcome::Gone),
+            // The address space is changing: read its events, then try again.
+            Err(e) if e.errno == Errno::EAGAIN => Ok(Outcome::Again),
+            // Unmapped in the meantime (its event is on the way): nothing to fill.
+            Err(e) if matches!(e.errno, Errno::ENOENT | Errno::EFAULT) => Ok(Outcome::Done),
+            Err(e) => Err(sys_err(&self.processes[i], e)),
+        }
+    }
+}
+
+/// What became of a fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    /// The address space is gone.
+    Gone,
+    /// The address space is changing: try again after reading its events.
+    Again,
+}
+
+fn sys_err(p: &LazyProcess, source: SysError) -> CoreError {
+    CoreError::Sys {
+        context: format!("loading the memory of restored process {} lazily", p.pid),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(end: u64, chunk: u32, offset: u64) -> Piece {
+        Piece { end, chunk, offset }
+    }
+
+    #[test]
+    fn cutting_splits_pieces_at_the_edges_and_keeps_offsets() {
+        let mut m = BTreeMap::new();
+        m.insert(0x1000, piece(0x5000, 7, 0));
+        m.insert(0x8000, piece(0x9000, 8, 0x2000));
+        let got = cut(&mut m, 0x2000, 0x8800);
+        assert_eq!(
+            got,
+            vec![
+                (0x2000, piece(0x5000, 7, 0x1000)),
+                (0x8000, piece(0x8800, 8, 0x2000))
+            ]
+        );
+        assert_eq!(m.get(&0x1000), Some(&piece(0x2000, 7, 0)));
+        assert_eq!(m.get(&0x8800), Some(&piece(0x9000, 8, 0x2800)));
+        assert_eq!(m.len(), 2);
+        assert!(cut(&mut m, 0x3000, 0x8000).is_empty());
+    }
+}
