@@ -55,6 +55,14 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
         random["memory_bytes"].as_u64().unwrap() >= 16 << 20,
         "the workload's memory is saved: {random}"
     );
+    // Restarted lazily where allowed, its memory (beside a thread spinning on the clock)
+    // is loaded lazily, but for the little the restore needs at once.
+    if random["restart_lazy"] == true {
+        assert!(
+            random["lazy_bytes"].as_u64().unwrap() >= 15 << 20,
+            "the workload's memory loads lazily: {random}"
+        );
+    }
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(
         chart.starts_with("<svg") && chart.contains("polyline"),

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use stasis_image::OpenGeneration;
-use stasis_image::manifest::{ProcessImage, Vma, VmaKind};
+use stasis_image::manifest::{PageRun, ProcessImage, Vma, VmaKind};
 use stasis_sys::mem;
 use stasis_sys::process::{pidfd_getfd, pidfd_open};
 use stasis_sys::uffd::{LAZY_USERFAULTFD_FLAGS, LazyMemoryFd, present_ranges};
@@ -45,35 +45,39 @@ impl LazyPlan {
     }
 
     /// Whether mapping `v` loads lazily: private anonymous memory (the only kind a
-    /// userfaultfd serves missing pages of, besides shared memory restored whole) with saved
-    /// pages none of which the restore needs early.
-    pub fn takes(&self, v: &Vma, chunk_len: impl Fn(u32) -> u64) -> bool {
-        let anonymous = matches!(v.kind, VmaKind::Anon | VmaKind::Heap | VmaKind::Stack)
+    /// userfaultfd serves missing pages of, besides shared memory restored whole) with
+    /// saved pages.
+    pub fn takes(&self, v: &Vma) -> bool {
+        matches!(v.kind, VmaKind::Anon | VmaKind::Heap | VmaKind::Stack)
             && v.file.is_none()
             && v.shmem.is_none()
             && v.sysv.is_none()
-            && !v.shared;
-        anonymous
+            && !v.shared
             && !v.pages.is_empty()
-            && !v.pages.iter().any(|r| {
-                let end = r.addr + chunk_len(r.chunk);
-                self.eager.iter().any(|&(s, e)| r.addr < e && s < end)
-            })
     }
 
-    /// Records mapping `v` (taken with [`LazyPlan::takes`]) as left empty.
-    pub fn add(&mut self, v: &Vma, chunk_len: impl Fn(u32) -> u64) {
+    /// Records mapping `v` (taken with [`LazyPlan::takes`]) as left empty, but for the
+    /// runs the restore needs early (rseq areas, which the kernel writes before the thread
+    /// runs): those are returned, to be filled now.
+    pub fn add<'v>(&mut self, v: &'v Vma, chunk_len: impl Fn(u32) -> u64) -> Vec<&'v PageRun> {
         self.ranges.push((v.start, v.end));
+        let mut now = Vec::new();
         for r in &v.pages {
+            let end = r.addr + chunk_len(r.chunk);
+            if self.eager.iter().any(|&(s, e)| r.addr < e && s < end) {
+                now.push(r);
+                continue;
+            }
             self.pending.insert(
                 r.addr,
                 Piece {
-                    end: r.addr + chunk_len(r.chunk),
+                    end,
                     chunk: r.chunk,
                     offset: 0,
                 },
             );
         }
+        now
     }
 
     /// Has the process make a userfaultfd (which sees kernel faults and follows forks),
@@ -97,18 +101,26 @@ impl LazyPlan {
                 _ => merged.push((s, e)),
             }
         }
-        // Nothing may have been written there yet: such a page would never be loaded.
+        // No page left for loading may exist yet: it would never be loaded.
         let path = format!("/proc/{}/pagemap", c.pid);
         let pagemap =
             std::fs::File::open(&path).map_err(|source| CoreError::Io { path, source })?;
         for &(s, e) in &merged {
             let present = present_ranges(&pagemap, c.pid, s, e)
                 .map_err(sys("listing pages of memory left for lazy loading"))?;
-            if let Some((a, _)) = present.first() {
-                return Err(CoreError::Incompatible(format!(
-                    "restoring process {}: memory at {a:#x} left for lazy loading was written during the restore; restart with --eager",
-                    c.pid
-                )));
+            for (a, b) in present {
+                let hit = self
+                    .pending
+                    .range(..b)
+                    .next_back()
+                    .filter(|(_, p)| p.end > a);
+                if let Some((at, _)) = hit {
+                    return Err(CoreError::Incompatible(format!(
+                        "restoring process {}: memory at {:#x} left for lazy loading was written during the restore; restart with --eager",
+                        c.pid,
+                        a.max(*at)
+                    )));
+                }
             }
         }
         let Ok(fd) = c.call(

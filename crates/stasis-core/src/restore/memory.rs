@@ -130,14 +130,12 @@ pub(super) fn map_memory(
             attach_sysv(c, v, id)?;
             continue;
         }
-        let chunk_len = |i: u32| image.manifest.chunks.chunk_len(i);
-        let fill = match lazy.as_deref_mut() {
-            Some(plan) if plan.takes(v, chunk_len) => {
-                plan.add(v, chunk_len);
-                false
-            }
-            _ => !v.pages.is_empty(),
+        // The runs to fill now: all of them, or those lazy loading cannot leave.
+        let now: Vec<_> = match lazy.as_deref_mut() {
+            Some(plan) if plan.takes(v) => plan.add(v, |i| image.manifest.chunks.chunk_len(i)),
+            _ => v.pages.iter().collect(),
         };
+        let fill = !now.is_empty();
         let prot = if fill {
             v.prot | libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -172,7 +170,7 @@ pub(super) fn map_memory(
                 "{what} landed at {got:#x}"
             )));
         }
-        for run in v.pages.iter().filter(|_| fill) {
+        for run in now {
             let data = image.chunk(run.chunk)?;
             mem::write(c.pid, run.addr, &data).map_err(|source| CoreError::Sys {
                 context: format!("filling memory at {:#x}", run.addr),
