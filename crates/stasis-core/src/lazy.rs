@@ -57,6 +57,8 @@ pub struct PendingMemory {
     faults: u64,
     /// The next process [`PendingMemory::prefetch`] loads from.
     turn: usize,
+    /// Chunk buffer, reused.
+    buf: Vec<u8>,
 }
 
 /// How far loading has come.
@@ -316,7 +318,26 @@ impl PendingMemory {
         let Some(piece) = self.processes[i].pending.remove(&start) else {
             return Ok(Outcome::Done);
         };
-        let data = image.chunk(piece.chunk)?;
+        let mut data = std::mem::take(&mut self.buf);
+        let read = image.chunk_into(piece.chunk, &mut data);
+        let outcome = read
+            .map_err(CoreError::from)
+            .and_then(|()| self.copy_piece(i, start, piece, &data));
+        self.buf = data;
+        let outcome = outcome?;
+        match outcome {
+            // Copied pages are skipped when it is tried again.
+            Outcome::Again => {
+                self.processes[i].pending.insert(start, piece);
+            }
+            Outcome::Done => self.loaded += piece.end - start,
+            Outcome::Gone => {}
+        }
+        Ok(outcome)
+    }
+
+    /// Copies `piece` (at `start`) of process `i` in from `data`, its chunk.
+    fn copy_piece(&self, i: usize, start: u64, piece: Piece, data: &[u8]) -> CoreResult<Outcome> {
         let from = usize::try_from(piece.offset).unwrap_or(usize::MAX);
         let len = usize::try_from(piece.end - start).unwrap_or(usize::MAX);
         let slice = data.get(from..from.saturating_add(len)).ok_or_else(|| {
@@ -342,16 +363,7 @@ impl PendingMemory {
             }
             Ok(())
         });
-        let outcome = self.settle(i, r)?;
-        match outcome {
-            // Copied pages are skipped when it is tried again.
-            Outcome::Again => {
-                self.processes[i].pending.insert(start, piece);
-            }
-            Outcome::Done => self.loaded += piece.end - start,
-            Outcome::Gone => {}
-        }
-        Ok(outcome)
+        self.settle(i, r)
     }
 
     /// What a copy's result means for process `i`.

@@ -646,22 +646,35 @@ impl OpenGeneration {
         })
     }
 
-    /// The raw bytes of frame `f`, from the cache or its pack.
+    /// The raw bytes of frame `f`, from the cache or its pack (into the memory of the
+    /// frame it evicts).
     fn frame(&mut self, f: u32) -> ImageResult<&[u8]> {
         if let Some(at) = self.cache.iter().position(|(i, _)| *i == f) {
             let hit = self.cache.remove(at);
             self.cache.insert(0, hit);
         } else {
             let frame: Frame = self.manifest.chunks.frames[f as usize];
-            let raw = self.packs[frame.pack as usize].read_frame(&frame)?;
+            let mut raw = if self.cache.len() >= FRAME_CACHE {
+                self.cache.pop().map(|(_, v)| v).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            self.packs[frame.pack as usize].read_frame_into(&frame, &mut raw)?;
             self.cache.insert(0, (f, raw));
-            self.cache.truncate(FRAME_CACHE);
         }
         Ok(&self.cache[0].1)
     }
 
     /// Reads chunk `index`, every blob checked against its content address.
     pub fn chunk(&mut self, index: u32) -> ImageResult<Vec<u8>> {
+        let mut out = Vec::new();
+        self.chunk_into(index, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`OpenGeneration::chunk`], into `out` (its old contents replaced, its memory
+    /// reused).
+    pub fn chunk_into(&mut self, index: u32, out: &mut Vec<u8>) -> ImageResult<()> {
         if index as usize >= self.manifest.chunks.len() {
             return Err(ImageError::InvalidManifest {
                 path: self.dir.join(MANIFEST_FILE),
@@ -669,7 +682,8 @@ impl OpenGeneration {
             });
         }
         let blobs = self.manifest.chunks.blobs_of(index).to_vec();
-        let mut out = Vec::with_capacity(blobs.iter().map(|b| b.len as usize).sum());
+        out.clear();
+        out.reserve(blobs.iter().map(|b| b.len as usize).sum());
         for b in blobs {
             let raw = self.frame(b.frame)?;
             let piece = &raw[b.start as usize..(b.start + b.len) as usize];
@@ -683,6 +697,6 @@ impl OpenGeneration {
             }
             out.extend_from_slice(piece);
         }
-        Ok(out)
+        Ok(())
     }
 }

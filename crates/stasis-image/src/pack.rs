@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{ImageError, ImageResult, io};
@@ -414,6 +415,14 @@ impl PackReader {
     /// Reads one frame's raw bytes, checking its header against `frame`. (Blobs in it are
     /// checked against their content addresses by the caller.)
     pub fn read_frame(&mut self, frame: &Frame) -> ImageResult<Vec<u8>> {
+        let mut raw = Vec::new();
+        self.read_frame_into(frame, &mut raw)?;
+        Ok(raw)
+    }
+
+    /// Like [`PackReader::read_frame`], into `raw` (its old contents replaced; its memory
+    /// reused, which spares allocating and faulting in fresh memory for every frame).
+    pub fn read_frame_into(&mut self, frame: &Frame, raw: &mut Vec<u8>) -> ImageResult<()> {
         let corrupt = |what: &str| ImageError::Corrupt {
             path: self.path.clone(),
             offset: frame.offset,
@@ -436,11 +445,10 @@ impl PackReader {
                 expected: end - self.len,
             });
         }
-        self.file
-            .seek(SeekFrom::Start(frame.offset))
-            .map_err(io(&self.path))?;
         let mut header = [0u8; 16];
-        self.file.read_exact(&mut header).map_err(io(&self.path))?;
+        self.file
+            .read_exact_at(&mut header, frame.offset)
+            .map_err(io(&self.path))?;
         let word =
             |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
         if &header[..4] != FRAME_MAGIC
@@ -450,17 +458,26 @@ impl PackReader {
         {
             return Err(corrupt("frame header"));
         }
-        let mut stored = vec![0u8; frame.stored_len as usize];
-        self.file.read_exact(&mut stored).map_err(io(&self.path))?;
-        let raw = if frame.zstd {
-            zstd::bulk::decompress(&stored, frame.raw_len as usize)
-                .map_err(|_| corrupt("zstd data"))?
+        let at = frame.offset + HEADER_LEN;
+        if frame.zstd {
+            let mut stored = vec![0u8; frame.stored_len as usize];
+            self.file
+                .read_exact_at(&mut stored, at)
+                .map_err(io(&self.path))?;
+            raw.clear();
+            raw.reserve(frame.raw_len as usize);
+            let n = zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(&stored, raw))
+                .map_err(|_| corrupt("zstd data"))?;
+            raw.truncate(n);
         } else {
-            stored
-        };
+            // Only memory not used before is zeroed.
+            raw.resize(frame.stored_len as usize, 0);
+            self.file.read_exact_at(raw, at).map_err(io(&self.path))?;
+        }
         if raw.len() != frame.raw_len as usize {
             return Err(corrupt("frame length"));
         }
-        Ok(raw)
+        Ok(())
     }
 }

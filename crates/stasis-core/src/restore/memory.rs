@@ -124,6 +124,7 @@ pub(super) fn map_memory(
     st: &Staged,
     mut lazy: Option<&mut LazyPlan>,
 ) -> CoreResult<()> {
+    let mut data = Vec::new();
     for v in p.vmas.iter().filter(|v| !is_special(v.kind)) {
         let len = v.end - v.start;
         if let (VmaKind::SysvShm, Some(id)) = (v.kind, v.sysv) {
@@ -171,7 +172,7 @@ pub(super) fn map_memory(
             )));
         }
         for run in now {
-            let data = image.chunk(run.chunk)?;
+            image.chunk_into(run.chunk, &mut data)?;
             mem::write(c.pid, run.addr, &data).map_err(|source| CoreError::Sys {
                 context: format!("filling memory at {:#x}", run.addr),
                 source,
