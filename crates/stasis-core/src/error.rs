@@ -62,6 +62,15 @@ pub enum CoreError {
     /// The process went away while being captured.
     #[error("process {0} exited during the checkpoint")]
     Vanished(i32),
+    /// The process, a child of the caller, exited while being frozen, and its exit status
+    /// was collected (the caller will not see it in `wait` any more).
+    #[error("process {pid} exited during the checkpoint")]
+    Exited {
+        /// The process.
+        pid: i32,
+        /// Its exit code, or 128 + the signal that killed it.
+        code: i32,
+    },
     /// A mapping's flags changed between the reading before the freeze and the cut.
     #[error(
         "process {pid} changed mapping {what} while it was being checkpointed ({why}); the checkpoint was not kept: take it again"

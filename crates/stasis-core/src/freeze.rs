@@ -38,6 +38,30 @@ pub struct Frozen {
 
 /// Freezes every thread of `pid`.
 pub fn freeze(pid: i32) -> CoreResult<Frozen> {
+    freeze_with(pid, None)
+}
+
+/// Waits until thread `tid` reports a stop or its end; with `idle`, polls, running `idle`
+/// between looks (work the thread may be waiting for, such as its page faults).
+fn wait_stop<'a>(tid: i32, idle: Option<&mut (dyn FnMut() + 'a)>) -> CoreResult<WaitStatus> {
+    let Some(idle) = idle else {
+        return Ok(wait_pid(tid, 0)
+            .ctx(|| format!("waiting for thread {tid} to stop"))?
+            .1);
+    };
+    loop {
+        match wait_pid(tid, libc::WNOHANG).ctx(|| format!("waiting for thread {tid} to stop"))? {
+            (0, _) => {
+                idle();
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+            (_, status) => return Ok(status),
+        }
+    }
+}
+
+/// [`freeze`], running `idle` while it waits for a thread to stop (see [`wait_stop`]).
+fn freeze_with<'a>(pid: i32, mut idle: Option<&mut (dyn FnMut() + 'a)>) -> CoreResult<Frozen> {
     let mut frozen = Frozen {
         pid,
         threads: Vec::new(),
@@ -67,22 +91,23 @@ pub fn freeze(pid: i32) -> CoreResult<Frozen> {
             }
             ptrace::interrupt(tid).ctx(|| format!("interrupting thread {tid}"))?;
             let mut held = None;
-            match wait_pid(tid, 0)
-                .ctx(|| format!("waiting for thread {tid} to stop"))?
-                .1
-            {
+            match wait_stop(tid, idle.as_deref_mut())? {
                 WaitStatus::Stopped { event: 0, sig } if sig != libc::SIGTRAP => {
                     held = Some(
                         ptrace::get_siginfo(tid)
                             .ctx(|| format!("reading the signal held by thread {tid}"))?,
                     );
                 }
-                WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
-                    if tid == pid {
-                        return Err(CoreError::Vanished(pid));
-                    }
-                    continue;
+                WaitStatus::Exited(code) if tid == pid => {
+                    return Err(CoreError::Exited { pid, code });
                 }
+                WaitStatus::Signaled(sig) if tid == pid => {
+                    return Err(CoreError::Exited {
+                        pid,
+                        code: 128 + sig,
+                    });
+                }
+                WaitStatus::Exited(_) | WaitStatus::Signaled(_) => continue,
                 _ => {}
             }
             let sigmask = ptrace::get_sigmask(tid)
@@ -204,7 +229,18 @@ pub struct FrozenJob {
 /// Freezes every process below `supervisor` except its `init`: the whole job. Processes
 /// forked while freezing are caught by rescanning until the set is stable.
 pub fn freeze_job(supervisor: i32, init: Option<i32>, root: i32) -> CoreResult<FrozenJob> {
-    freeze_set(|| proc::descendants(supervisor), init, root)
+    freeze_set(|| proc::descendants(supervisor), init, root, None)
+}
+
+/// [`freeze_job`], running `idle` while it waits for a thread to stop: a thread waiting in
+/// the kernel for a page the caller serves (lazy restore) stops only once served.
+pub fn freeze_job_serving(
+    supervisor: i32,
+    init: Option<i32>,
+    root: i32,
+    idle: &mut dyn FnMut(),
+) -> CoreResult<FrozenJob> {
+    freeze_set(|| proc::descendants(supervisor), init, root, Some(idle))
 }
 
 /// Freezes process `root` and all its descendants (a tree that no supervisor started).
@@ -217,15 +253,17 @@ pub fn freeze_tree(root: i32) -> CoreResult<FrozenJob> {
         },
         None,
         root,
+        None,
     )
 }
 
 /// Freezes every process `members` lists (parents before children) except `init`, until
 /// the list is stable.
-fn freeze_set(
+fn freeze_set<'a>(
     members: impl Fn() -> Vec<i32>,
     init: Option<i32>,
     root: i32,
+    mut idle: Option<&mut (dyn FnMut() + 'a)>,
 ) -> CoreResult<FrozenJob> {
     let mut job = FrozenJob {
         processes: Vec::new(),
@@ -246,9 +284,10 @@ fn freeze_set(
             match proc::state(pid) {
                 Some(('Z', _)) => job.zombies.push(pid),
                 None => {}
-                Some(_) => match freeze(pid) {
+                Some(_) => match freeze_with(pid, idle.as_deref_mut()) {
                     Ok(f) => job.processes.push(f),
-                    Err(CoreError::Vanished(p)) if p != root => {}
+                    Err(CoreError::Vanished(p) | CoreError::Exited { pid: p, .. }) if p != root => {
+                    }
                     Err(e) => return Err(e),
                 },
             }

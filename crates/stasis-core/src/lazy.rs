@@ -16,10 +16,14 @@ use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use stasis_image::OpenGeneration;
-use stasis_sys::uffd::{LazyEvent, LazyMemoryFd};
+use stasis_sys::inject::Injector;
+use stasis_sys::uffd::{LazyEvent, LazyMemoryFd, written_ranges};
 use stasis_sys::{Errno, SysError};
 
 use crate::error::{CoreError, CoreResult};
+use crate::freeze::FrozenJob;
+use crate::tracking::WriteTracking;
+use crate::{proc, vdso};
 
 const PAGE: u64 = 4096;
 /// A fault on a never-saved page maps zeros over this much around it (within its gap).
@@ -45,6 +49,14 @@ pub(crate) struct LazyProcess {
     pub pid: i32,
     /// Missing saved pieces by start address (disjoint).
     pub pending: BTreeMap<u64, Piece>,
+    /// The ranges registered on it, where they are now (moved by `mremap`, cut by
+    /// `munmap`).
+    pub ranges: Vec<(u64, u64)>,
+    /// Where `mremap` moved pages to since the restart.
+    pub moved: Vec<(u64, u64)>,
+    /// Made by a fork while loading (its pid unknown: it is not handed over to write
+    /// tracking, see [`PendingMemory::hand_over`]).
+    pub forked: bool,
 }
 
 /// Memory of restored processes still being loaded, kept by the supervisor until every page
@@ -59,6 +71,8 @@ pub struct PendingMemory {
     turn: usize,
     /// Chunk buffer, reused.
     buf: Vec<u8>,
+    /// The generation loaded from (its pack name): write tracking dates from it.
+    pub(crate) base: Option<String>,
 }
 
 /// How far loading has come.
@@ -70,6 +84,41 @@ pub struct LoadProgress {
     pub total: u64,
     /// Faults served (first touches of pages not loaded yet).
     pub faults: u64,
+}
+
+/// `ranges` after `mremap` moved `[from, from + len)` to `to`.
+fn moved(ranges: &[(u64, u64)], from: u64, to: u64, len: u64) -> Vec<(u64, u64)> {
+    let end = from + len;
+    let mut out = Vec::new();
+    for &(s, e) in ranges {
+        if e <= from || end <= s {
+            out.push((s, e));
+            continue;
+        }
+        if s < from {
+            out.push((s, from));
+        }
+        if end < e {
+            out.push((end, e));
+        }
+        let (a, b) = (s.max(from), e.min(end));
+        out.push((a - from + to, b - from + to));
+    }
+    out
+}
+
+/// `ranges` without `[start, end)`.
+fn without(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(s, e) in ranges {
+        if s < start {
+            out.push((s, e.min(start)));
+        }
+        if end < e {
+            out.push((s.max(end), e));
+        }
+    }
+    out
 }
 
 fn bytes(p: &BTreeMap<u64, Piece>) -> u64 {
@@ -127,8 +176,16 @@ impl LazyProcess {
                 fd: self.fd.child(uffd),
                 pid: self.pid,
                 pending: self.pending.clone(),
+                ranges: self.ranges.clone(),
+                moved: self.moved.clone(),
+                forked: true,
             }),
             LazyEvent::Remap { from, to, len } => {
+                self.ranges = moved(&self.ranges, from, to, len);
+                // Pages moved keep their write protection: to write tracking they would
+                // look unchanged at an address the generation has other pages at.
+                self.moved = moved(&self.moved, from, to, len);
+                self.moved.push((to, to + len));
                 for (s, p) in cut(&mut self.pending, from, from + len) {
                     let moved = s - from + to;
                     self.pending.insert(
@@ -141,8 +198,14 @@ impl LazyProcess {
                 }
                 None
             }
-            LazyEvent::Dropped { start, end } => {
+            LazyEvent::Removed { start, end } => {
                 cut(&mut self.pending, start, end);
+                None
+            }
+            LazyEvent::Unmapped { start, end } => {
+                cut(&mut self.pending, start, end);
+                self.ranges = without(&self.ranges, start, end);
+                self.moved = without(&self.moved, start, end);
                 None
             }
         }
@@ -188,38 +251,78 @@ impl PendingMemory {
         Ok(())
     }
 
-    /// Loads about `budget` bytes in the background (serving faults between pieces); drops
-    /// the processes that have all their memory. Returns whether everything is loaded.
+    /// Loads about `budget` bytes in the background (serving faults between pieces); lets
+    /// go of the processes that have all their memory (but those [`PendingMemory::hand_over`]
+    /// wants). Returns whether everything is loaded.
     pub fn prefetch(&mut self, image: &mut OpenGeneration, budget: u64) -> CoreResult<bool> {
         let mut done = 0;
-        while done < budget && !self.processes.is_empty() {
+        while done < budget {
             self.serve(image)?;
-            if self.processes.is_empty() {
+            let n = self.processes.len();
+            let next = (0..n)
+                .map(|k| (self.turn + k) % n)
+                .find(|&i| !self.processes[i].pending.is_empty());
+            let Some(i) = next else {
                 break;
-            }
-            let i = self.turn % self.processes.len();
-            self.turn = self.turn.wrapping_add(1);
-            let next = self.processes[i]
-                .pending
-                .iter()
-                .next()
-                .map(|(s, p)| (*s, *p));
-            match next {
-                Some((start, piece)) => {
-                    done += piece.end - start;
-                    if self.load(i, start, image)? == Outcome::Gone {
-                        self.processes.swap_remove(i);
-                    }
-                }
-                None => {
-                    // Nothing missing: one last look for forks, then let it go.
-                    if self.serve_one(i, image)? && self.processes[i].pending.is_empty() {
-                        self.processes.swap_remove(i);
-                    }
-                }
+            };
+            self.turn = i + 1;
+            let Some((&start, piece)) = self.processes[i].pending.iter().next() else {
+                continue;
+            };
+            done += piece.end - start;
+            if self.load(i, start, image)? == Outcome::Gone {
+                self.processes.swap_remove(i);
             }
         }
-        Ok(self.processes.is_empty())
+        self.processes
+            .retain(|p| !p.pending.is_empty() || (!p.forked && p.fd.records_writes()));
+        Ok(self.is_loaded())
+    }
+
+    /// Every page is in: only faults on pages never saved are left to serve.
+    pub fn is_loaded(&self) -> bool {
+        self.processes.iter().all(|p| p.pending.is_empty())
+    }
+
+    /// With every page loaded and the job frozen: hands the restored processes' memory over
+    /// to write tracking and closes every userfaultfd (which unregisters the mappings). A
+    /// process that recorded the pages it wrote while they loaded is tracked from the
+    /// generation it was restored from: those pages, any it had zeroed or dropped, pages
+    /// moved by `mremap`, and everything outside the mappings that loaded lazily are read
+    /// at the next checkpoint; the others are known unchanged. `frozen` names the frozen
+    /// processes.
+    pub fn hand_over(self, tracking: &mut WriteTracking, frozen: &FrozenJob) {
+        let Some(base) = self.base else {
+            return;
+        };
+        for p in self.processes {
+            let main = frozen
+                .processes
+                .iter()
+                .find(|f| f.pid == p.pid)
+                .and_then(|f| f.threads.first())
+                .map(|t| t.tid);
+            let (Some(main), false, true, true) =
+                (main, p.forked, p.fd.records_writes(), p.pending.is_empty())
+            else {
+                continue;
+            };
+            let pid = p.pid;
+            let written = written_in(pid, &p.ranges);
+            let (ranges, moved) = (p.ranges.clone(), p.moved.clone());
+            drop(p);
+            let handed = written.and_then(|mut written| {
+                written.extend(moved);
+                let maps = proc::maps_without_flags(pid)?;
+                let insn = vdso::syscall_insn(pid, &maps)?;
+                let mut inj = Injector::new(main, insn);
+                tracking.adopt(pid, &maps, &mut inj, &base, written, Some(&ranges));
+                Ok(())
+            });
+            if let Err(e) = handed {
+                tracing::debug!(pid, error = %e, "lazily restored memory not handed over to write tracking");
+            }
+        }
     }
 
     /// Loads everything now.
@@ -381,6 +484,23 @@ impl PendingMemory {
     }
 }
 
+/// The pages of `ranges` of process `pid` not known unchanged since they were filled:
+/// written, zero-filled, dropped.
+fn written_in(pid: i32, ranges: &[(u64, u64)]) -> CoreResult<Vec<(u64, u64)>> {
+    let path = format!("/proc/{pid}/pagemap");
+    let pagemap = std::fs::File::open(&path).map_err(|source| CoreError::Io { path, source })?;
+    let mut out = Vec::new();
+    for &(s, e) in ranges {
+        out.extend(
+            written_ranges(&pagemap, pid, s, e, false).map_err(|source| CoreError::Sys {
+                context: format!("listing pages process {pid} wrote while its memory loaded"),
+                source,
+            })?,
+        );
+    }
+    Ok(out)
+}
+
 /// What became of a fill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -404,6 +524,27 @@ mod tests {
 
     fn piece(end: u64, chunk: u32, offset: u64) -> Piece {
         Piece { end, chunk, offset }
+    }
+
+    #[test]
+    fn ranges_follow_mremap_and_munmap() {
+        let r = [(0x1000, 0x5000), (0x8000, 0x9000)];
+        // The middle of the first range moves up; the rest stays.
+        let m = moved(&r, 0x2000, 0x20000, 0x1000);
+        assert_eq!(
+            m,
+            vec![
+                (0x1000, 0x2000),
+                (0x3000, 0x5000),
+                (0x20000, 0x21000),
+                (0x8000, 0x9000)
+            ]
+        );
+        assert_eq!(moved(&r, 0x6000, 0x30000, 0x1000), r.to_vec());
+        assert_eq!(
+            without(&r, 0x4000, 0x8800),
+            vec![(0x1000, 0x4000), (0x8800, 0x9000)]
+        );
     }
 
     #[test]

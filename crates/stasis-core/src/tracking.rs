@@ -305,14 +305,38 @@ impl WriteTracking {
         inj: &mut Injector,
         generation: &str,
     ) {
+        self.adopt(pid, maps, inj, generation, Vec::new(), None);
+    }
+
+    /// Process `pid` (frozen) holds generation `generation`'s memory — everywhere, or in
+    /// `known` only — but for the pages of `written`: tracks it anew (dropping its tracker,
+    /// if any) from that generation on. At the next checkpoint it reads `written`, and
+    /// outside `known` what the new tracker did not find protected (all of it but pages
+    /// never touched).
+    pub(crate) fn adopt(
+        &mut self,
+        pid: i32,
+        maps: &[MapEntry],
+        inj: &mut Injector,
+        generation: &str,
+        mut written: Vec<(u64, u64)>,
+        known: Option<&[(u64, u64)]>,
+    ) {
         if self.unsupported {
             return;
         }
+        self.processes.remove(&pid);
         match self.track(pid, maps, inj, true) {
-            Ok(_) => {
+            Ok((_, unprotected)) => {
+                if let Some(known) = known {
+                    let known = normalized(known.to_vec());
+                    for (s, e) in unprotected {
+                        written.extend(outside(&known, s, e));
+                    }
+                }
                 if let Some(t) = self.processes.get_mut(&pid) {
                     t.since = Some(generation.to_owned());
-                    t.carry.clear();
+                    t.carry = normalized(written);
                 }
             }
             Err(e) => self.give_up(pid, &e),
@@ -396,6 +420,28 @@ impl WriteTracking {
     }
 }
 
+/// The parts of `[start, end)` outside `ranges` (sorted, disjoint).
+fn outside(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    for &(s, e) in ranges {
+        if e <= at {
+            continue;
+        }
+        if s >= end {
+            break;
+        }
+        if s > at {
+            out.push((at, s));
+        }
+        at = at.max(e);
+    }
+    if at < end {
+        out.push((at, end));
+    }
+    out
+}
+
 /// Sorts ranges and merges those that overlap or touch.
 fn normalized(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
@@ -458,6 +504,15 @@ fn make_tracker(pid: i32, inj: &mut Injector) -> Result<WriteTracker, SysError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outside_leaves_the_gaps_between_ranges() {
+        let r = [(10, 20), (30, 40)];
+        assert_eq!(outside(&r, 0, 50), vec![(0, 10), (20, 30), (40, 50)]);
+        assert_eq!(outside(&r, 12, 18), vec![]);
+        assert_eq!(outside(&r, 15, 35), vec![(20, 30)]);
+        assert_eq!(outside(&[], 5, 6), vec![(5, 6)]);
+    }
 
     #[test]
     fn ranges_are_sorted_and_merged_when_they_overlap_or_touch() {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use stasis_core::capture::{CaptureOptions, EarlyMaps, Speedups, WriteTracking, capture_job};
-use stasis_core::freeze::freeze_job;
+use stasis_core::freeze::{freeze_job, freeze_job_serving};
 use stasis_core::lazy::PendingMemory;
 use stasis_core::restore::{
     FileReport, RestoreOptions, check_lazy_allowed, check_machine, clocks_now, prepare_files,
@@ -303,9 +303,17 @@ impl Supervisor {
                         )
                     })
                 };
-                let lazily = !eager && eager_because.is_none();
                 let mut ns = namespaces::enter(offsets);
                 let init = start_init(&mut ns)?;
+                // The job must end with its supervisor: once our userfaultfds are gone its
+                // missing pages would read as zeros.
+                let eager_because = eager_because.or_else(|| {
+                    let tied = ns.pid && init.is_some();
+                    (!eager && !tied).then(|| {
+                        "lazy restart needs a pid namespace for the job (which ends with its supervisor)".to_owned()
+                    })
+                });
+                let lazily = !eager && eager_because.is_none();
                 let mount_ns = job_mount_ns(init.as_ref())?;
                 let opts = RestoreOptions {
                     force,
@@ -495,12 +503,22 @@ impl Supervisor {
                     (m.loaded_bytes, m.total_bytes, m.faults) = (p.loaded, p.total, p.faults);
                     m.loaded_after_ms = Some(ms);
                 }
-                self.lazy = None;
+                if let Some(l) = self.lazy.take() {
+                    self.hand_over(l);
+                }
                 Ok(())
             }
             Err(e) => {
+                // Every process of the job ends before the userfaultfds close: after that
+                // its missing pages would read as zeros.
+                let supervisor = i32::try_from(std::process::id()).unwrap_or(0);
+                for pid in stasis_core::proc::descendants(supervisor) {
+                    let _ = process::kill(pid, libc::SIGKILL);
+                }
+                if let Some(init) = &self.init {
+                    let _ = process::kill(init.pid, libc::SIGKILL);
+                }
                 self.lazy = None;
-                let _ = process::kill(self.pid, libc::SIGKILL);
                 let message = format!(
                     "job {:?} was killed: its memory could not be loaded from generation {} ({e}); restart it from another generation, or with --eager to check the whole image first",
                     self.spec.name,
@@ -510,6 +528,55 @@ impl Supervisor {
                 self.lazy_failure = Some(message.clone());
                 Err(JobError::Refused(message))
             }
+        }
+    }
+
+    /// All memory is loaded: hands it over to write tracking (the job frozen meanwhile, for
+    /// a few milliseconds), so that the next checkpoint reads only what the job wrote since
+    /// the restart; without tracking the userfaultfds are just closed.
+    fn hand_over(&mut self, mut l: LazyLoad) {
+        if self.tracking.is_none() {
+            return;
+        }
+        let supervisor = i32::try_from(std::process::id()).unwrap_or(0);
+        let init = self.init.as_ref().map(|i| i.pid);
+        let t0 = Instant::now();
+        // Pages never saved are still served (zeros) until the job is frozen: a thread
+        // waiting for one in a system call stops only once it has it.
+        let mut serve = || {
+            let _ = l.memory.serve(&mut l.image);
+        };
+        let frozen = freeze_job_serving(supervisor, init, self.pid, &mut serve);
+        match (frozen, self.tracking.as_mut()) {
+            (Ok(frozen), Some(tracking)) => {
+                l.memory.hand_over(tracking, &frozen);
+                if let Err(e) = frozen.thaw(&HashMap::new()) {
+                    log(&format!(
+                        "stasis: job {:?}: resuming after handing its memory over to write tracking: {e}",
+                        self.spec.name
+                    ));
+                }
+                tracing::debug!(
+                    "memory handed over to write tracking, job frozen {:.1} ms",
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            (Err(e), _) => {
+                tracing::debug!("memory not handed over to write tracking: {e}");
+                self.note_exit(&e);
+            }
+            (Ok(frozen), None) => {
+                let _ = frozen.thaw(&HashMap::new());
+            }
+        }
+    }
+
+    /// Records the job's exit when freezing it collected its exit status.
+    fn note_exit(&mut self, e: &stasis_core::error::CoreError) {
+        if let stasis_core::error::CoreError::Exited { pid, code } = e
+            && *pid == self.pid
+        {
+            self.exit = Some(*code);
         }
     }
 
@@ -704,7 +771,7 @@ impl Supervisor {
                 .collect::<Vec<_>>(),
         );
         let frozen_at = Instant::now();
-        let frozen = freeze_job(supervisor, init, self.pid)?;
+        let frozen = freeze_job(supervisor, init, self.pid).inspect_err(|e| self.note_exit(e))?;
         fault::point("frozen");
         if fault::reached("kill-job-process")
             && let Some(victim) = frozen.processes.last()

@@ -201,6 +201,7 @@ const LAZY_FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
     | UFFD_FEATURE_EVENT_REMOVE
     | UFFD_FEATURE_EVENT_UNMAP;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 /// `_IOR(0xAA, 2, struct uffdio_range)`.
 const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 /// `_IOWR(0xAA, 3, struct uffdio_copy)`.
@@ -265,9 +266,16 @@ pub enum LazyEvent {
         /// Length moved.
         len: u64,
     },
-    /// `[start, end)` was dropped (`MADV_DONTNEED`, `MADV_REMOVE`) or unmapped: it holds
-    /// zeros, or nothing, from now on.
-    Dropped {
+    /// `[start, end)` was dropped (`MADV_DONTNEED`, `MADV_REMOVE`): it holds zeros from
+    /// now on.
+    Removed {
+        /// First byte.
+        start: u64,
+        /// End (exclusive).
+        end: u64,
+    },
+    /// `[start, end)` was unmapped.
+    Unmapped {
         /// First byte.
         start: u64,
         /// End (exclusive).
@@ -290,7 +298,7 @@ pub fn check_lazy_allowed() -> SysResult<()> {
     }
     // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    LazyMemoryFd::new(fd, 0).map(drop)
+    LazyMemoryFd::new(fd, 0, false).map(drop)
 }
 
 /// A userfaultfd bound to a process's memory, set up to report missing pages and changes
@@ -299,15 +307,21 @@ pub fn check_lazy_allowed() -> SysResult<()> {
 pub struct LazyMemoryFd {
     uffd: OwnedFd,
     pid: i32,
+    /// Pages are filled write-protected (asynchronously), so that those the program writes
+    /// while memory loads can be told apart ([`written_ranges`]).
+    wp: bool,
 }
 
 impl LazyMemoryFd {
     /// Sets up `uffd` (a userfaultfd created by process `pid` with
-    /// [`LAZY_USERFAULTFD_FLAGS`]) for lazy restore. `EPERM` without `CAP_SYS_PTRACE`.
-    pub fn new(uffd: OwnedFd, pid: i32) -> SysResult<Self> {
+    /// [`LAZY_USERFAULTFD_FLAGS`]) for lazy restore; with `wp`, pages are filled
+    /// write-protected and the program's writes to them recorded (asynchronous write
+    /// protection). `EPERM` without `CAP_SYS_PTRACE`.
+    pub fn new(uffd: OwnedFd, pid: i32, wp: bool) -> SysResult<Self> {
+        let wp_features = if wp { UFFD_FEATURE_WP_ASYNC } else { 0 };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: LAZY_FEATURES,
+            features: LAZY_FEATURES | wp_features,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes one uffdio_api struct at a valid pointer.
@@ -315,7 +329,10 @@ impl LazyMemoryFd {
         if ret == -1 {
             return Err(SysError::last("UFFDIO_API", pid));
         }
-        Ok(LazyMemoryFd { uffd, pid })
+        if api.features & wp_features != wp_features {
+            return Err(SysError::new("UFFDIO_API", pid, Errno::EINVAL));
+        }
+        Ok(LazyMemoryFd { uffd, pid, wp })
     }
 
     /// The descriptor, for `poll`.
@@ -329,7 +346,7 @@ impl LazyMemoryFd {
             &self.uffd,
             self.pid,
             (start, end),
-            UFFDIO_REGISTER_MODE_MISSING,
+            UFFDIO_REGISTER_MODE_MISSING | if self.wp { UFFDIO_REGISTER_MODE_WP } else { 0 },
         )
     }
 
@@ -375,7 +392,11 @@ impl LazyMemoryFd {
                         to: word(1),
                         len: word(2),
                     },
-                    UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => LazyEvent::Dropped {
+                    UFFD_EVENT_REMOVE => LazyEvent::Removed {
+                        start: word(0),
+                        end: word(1),
+                    },
+                    UFFD_EVENT_UNMAP => LazyEvent::Unmapped {
                         start: word(0),
                         end: word(1),
                     },
@@ -393,6 +414,7 @@ impl LazyMemoryFd {
         LazyMemoryFd {
             uffd,
             pid: self.pid,
+            wp: self.wp,
         }
     }
 
@@ -406,7 +428,7 @@ impl LazyMemoryFd {
                 dst: dst + done,
                 src: data.as_ptr() as u64 + done,
                 len: data.len() as u64 - done,
-                mode: 0,
+                mode: if self.wp { UFFDIO_COPY_MODE_WP } else { 0 },
                 copy: 0,
             };
             // SAFETY: UFFDIO_COPY reads uffdio_copy and len bytes at src (inside `data`),
@@ -466,6 +488,11 @@ impl LazyMemoryFd {
             }
         }
         Ok(())
+    }
+
+    /// Whether pages are filled write-protected (see [`LazyMemoryFd::new`]).
+    pub fn records_writes(&self) -> bool {
+        self.wp
     }
 
     /// Wakes threads waiting for pages of `[start, start + len)`.

@@ -81,10 +81,10 @@ fn pages_changed_every_way_between_checkpoints_restart_exactly() {
     }
     assert_eq!(job.wait(), EXIT_CHECKPOINTED);
 
-    // An eager restart protects the memory it restored: the first checkpoint after it,
-    // which builds on the generation restored, reads only what the job wrote since. (Memory
-    // restored lazily is tracked from the first checkpoint after the restart on.)
-    let mut restarted = env.restart(&job, &["--eager"]);
+    // The restart protects the memory it restored (a lazy one as it loads it): the first
+    // checkpoint after it, which builds on the generation restored, reads only what the job
+    // wrote since.
+    let mut restarted = env.restart(&job, &[]);
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_mostly_unchanged(&env.checkpoint(&name, false));
     step(&env, &restarted, 4);

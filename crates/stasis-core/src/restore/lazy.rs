@@ -22,11 +22,13 @@ pub(super) struct LazyPlan {
     pending: BTreeMap<u64, Piece>,
     /// Pages the restore itself makes the kernel write (rseq areas): filled eagerly.
     eager: Vec<(u64, u64)>,
+    /// Record which pages the program writes while they load (for write tracking).
+    record_writes: bool,
 }
 
 impl LazyPlan {
     /// A plan for process `p`.
-    pub fn new(p: &ProcessImage) -> Self {
+    pub fn new(p: &ProcessImage, record_writes: bool) -> Self {
         let eager = p
             .threads
             .iter()
@@ -40,6 +42,7 @@ impl LazyPlan {
             .collect();
         LazyPlan {
             eager,
+            record_writes,
             ..Default::default()
         }
     }
@@ -142,8 +145,12 @@ impl LazyPlan {
             libc::SYS_close,
             &[u64::try_from(fd).unwrap_or(u64::MAX)],
         )?;
-        let uffd = LazyMemoryFd::new(taken.map_err(sys("taking over a userfaultfd"))?, c.pid)
-            .map_err(sys("setting up a userfaultfd for lazy loading"))?;
+        let uffd = LazyMemoryFd::new(
+            taken.map_err(sys("taking over a userfaultfd"))?,
+            c.pid,
+            self.record_writes,
+        )
+        .map_err(sys("setting up a userfaultfd for lazy loading"))?;
         for &(s, e) in &merged {
             uffd.register(s, e)
                 .map_err(sys("registering memory for lazy loading"))?;
@@ -152,6 +159,9 @@ impl LazyPlan {
             fd: uffd,
             pid: c.pid,
             pending: self.pending,
+            ranges: merged,
+            moved: Vec::new(),
+            forked: false,
         }))
     }
 }

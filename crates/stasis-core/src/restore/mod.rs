@@ -173,7 +173,7 @@ fn rebuild(
         ],
     )?;
     c.scratch = scratch;
-    let mut plan = opts.lazy.then(|| lazy::LazyPlan::new(p));
+    let mut plan = opts.lazy.then(|| lazy::LazyPlan::new(p, opts.track_writes));
     memory::map_memory(c, image, p, st, plan.as_mut())?;
     memory::set_mm(c, p, st.exes.get(&p.exe).copied().unwrap_or(-1))?;
     state::restore_controlling_terminal(c, m, p, st)?;
@@ -282,6 +282,7 @@ pub fn restore_job(image: &mut OpenGeneration, opts: &RestoreOptions) -> CoreRes
     let mut tree = tree::create(&m, opts, vdso_base + vdso_off)?;
     let mut tracking = WriteTracking::new();
     let mut pending = PendingMemory::default();
+    pending.base = m.packs.first().cloned();
     let result = (|| -> CoreResult<Vec<(usize, Rebuilt)>> {
         if let Some(probe) = tree.children.iter().flatten().next() {
             check_cpu(probe.pid, &m)?;
