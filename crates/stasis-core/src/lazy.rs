@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use stasis_image::OpenGeneration;
 use stasis_sys::inject::Injector;
-use stasis_sys::uffd::{LazyEvent, LazyMemoryFd, written_ranges};
+use stasis_sys::uffd::{LazyEvent, LazyMemoryFd};
 use stasis_sys::{Errno, SysError};
 
 use crate::error::{CoreError, CoreResult};
 use crate::freeze::FrozenJob;
-use crate::tracking::WriteTracking;
+use crate::tracking::{WriteTracking, written_in};
 use crate::{proc, vdso};
 
 const PAGE: u64 = 4096;
@@ -307,10 +307,20 @@ impl PendingMemory {
             else {
                 continue;
             };
-            let pid = p.pid;
-            let written = written_in(pid, &p.ranges);
-            let (ranges, moved) = (p.ranges.clone(), p.moved.clone());
-            drop(p);
+            let LazyProcess {
+                fd,
+                pid,
+                ranges,
+                moved,
+                ..
+            } = p;
+            // Written, zero-filled or dropped since filled (write-protected).
+            let written = written_in(pid, &ranges, false).map_err(|source| CoreError::Sys {
+                context: format!("listing pages process {pid} wrote while its memory loaded"),
+                source,
+            });
+            // Closing it unregisters the mappings, the job still frozen.
+            drop(fd);
             let handed = written.and_then(|mut written| {
                 written.extend(moved);
                 let maps = proc::maps_without_flags(pid)?;
@@ -482,23 +492,6 @@ impl PendingMemory {
             Err(e) => Err(sys_err(&self.processes[i], e)),
         }
     }
-}
-
-/// The pages of `ranges` of process `pid` not known unchanged since they were filled:
-/// written, zero-filled, dropped.
-fn written_in(pid: i32, ranges: &[(u64, u64)]) -> CoreResult<Vec<(u64, u64)>> {
-    let path = format!("/proc/{pid}/pagemap");
-    let pagemap = std::fs::File::open(&path).map_err(|source| CoreError::Io { path, source })?;
-    let mut out = Vec::new();
-    for &(s, e) in ranges {
-        out.extend(
-            written_ranges(&pagemap, pid, s, e, false).map_err(|source| CoreError::Sys {
-                context: format!("listing pages process {pid} wrote while its memory loaded"),
-                source,
-            })?,
-        );
-    }
-    Ok(out)
 }
 
 /// What became of a fill.

@@ -409,13 +409,7 @@ impl WriteTracking {
                 }
             }
         }
-        let path = format!("/proc/{pid}/pagemap");
-        let pagemap =
-            File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
-        let mut written = Vec::new();
-        for &(start, end) in &tracked {
-            written.extend(written_ranges(&pagemap, pid, start, end, protect)?);
-        }
+        let written = written_in(pid, &tracked, protect)?;
         Ok((tracked, written))
     }
 }
@@ -442,6 +436,23 @@ fn outside(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// The pages of `ranges` of process `pid` written since they were last protected (or never
+/// protected); with `protect`, protects them again in the same pass.
+pub(crate) fn written_in(
+    pid: i32,
+    ranges: &[(u64, u64)],
+    protect: bool,
+) -> Result<Vec<(u64, u64)>, SysError> {
+    let path = format!("/proc/{pid}/pagemap");
+    let pagemap =
+        File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
+    let mut written = Vec::new();
+    for &(start, end) in ranges {
+        written.extend(written_ranges(&pagemap, pid, start, end, protect)?);
+    }
+    Ok(written)
+}
+
 /// Sorts ranges and merges those that overlap or touch.
 fn normalized(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
@@ -460,12 +471,7 @@ fn normalized(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 fn protect_and_carry(pid: i32, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, SysError> {
     const PRESENT: u64 = 1 << 63;
     const EXCLUSIVE: u64 = 1 << 56;
-    let path = format!("/proc/{pid}/pagemap");
-    let pagemap =
-        File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
-    for &(start, end) in ranges {
-        written_ranges(&pagemap, pid, start, end, true)?;
-    }
+    written_in(pid, ranges, true)?;
     let mut carry: Vec<(u64, u64)> = Vec::new();
     for &(start, end) in ranges {
         let entries = crate::proc::pagemap(pid, start, end)
