@@ -28,6 +28,8 @@ use crate::{proc, vdso};
 const PAGE: u64 = 4096;
 /// A fault on a never-saved page maps zeros over this much around it (within its gap).
 const ZERO_WINDOW: u64 = 1 << 20;
+/// How far ahead of background loading the disk is asked to read.
+const READ_AHEAD: u64 = 32 << 20;
 /// How long an address space may stay changing (its event not queued) before we give up.
 const CHANGING_LIMIT: Duration = Duration::from_secs(10);
 
@@ -57,6 +59,8 @@ pub(crate) struct LazyProcess {
     /// Made by a fork while loading (its pid unknown: it is not handed over to write
     /// tracking, see [`PendingMemory::hand_over`]).
     pub forked: bool,
+    /// Address up to which the disk was asked to read the pieces ahead of loading.
+    pub read_ahead_to: u64,
 }
 
 /// Memory of restored processes still being loaded, kept by the supervisor until every page
@@ -179,6 +183,7 @@ impl LazyProcess {
                 ranges: self.ranges.clone(),
                 moved: self.moved.clone(),
                 forked: true,
+                read_ahead_to: self.read_ahead_to,
             }),
             LazyEvent::Remap { from, to, len } => {
                 self.ranges = moved(&self.ranges, from, to, len);
@@ -270,6 +275,7 @@ impl PendingMemory {
                 continue;
             };
             done += piece.end - start;
+            self.read_ahead(i, start, image);
             if self.load(i, start, image)? == Outcome::Gone {
                 self.processes.swap_remove(i);
             }
@@ -277,6 +283,22 @@ impl PendingMemory {
         self.processes
             .retain(|p| !p.pending.is_empty() || (!p.forked && p.fd.records_writes()));
         Ok(self.is_loaded())
+    }
+
+    /// Asks the disk for the chunks of process `i`'s pieces up to [`READ_AHEAD`] bytes
+    /// beyond `start` (where loading is), so that it reads while we copy.
+    fn read_ahead(&mut self, i: usize, start: u64, image: &OpenGeneration) {
+        let p = &mut self.processes[i];
+        let limit = start.saturating_add(READ_AHEAD);
+        let mut to = p.read_ahead_to.max(start);
+        for (&s, piece) in p.pending.range(to..) {
+            if s >= limit {
+                break;
+            }
+            image.read_ahead(piece.chunk);
+            to = piece.end;
+        }
+        p.read_ahead_to = p.read_ahead_to.max(to);
     }
 
     /// Every page is in: only faults on pages never saved are left to serve.

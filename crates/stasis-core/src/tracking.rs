@@ -169,6 +169,25 @@ impl Cursor<'_> {
                 .map(|r| r.2 + u32::try_from((addr - r.0) / PAGE).unwrap_or(u32::MAX)),
         )
     }
+
+    /// After [`Cursor::at`] said the page at `addr` must be read: an address up to which
+    /// the pages from `addr` on must be read too (the end of its written range, or the
+    /// start of the next tracked range), where pages known unchanged may begin; and
+    /// whether they are tracked pages the job wrote (present then, or dropped: whether
+    /// they exist need not be asked).
+    pub fn read_until(&self, addr: u64) -> (u64, bool) {
+        let tracked = self.u.tracked.get(self.t);
+        match tracked {
+            Some(t) if t.0 <= addr => self
+                .u
+                .written
+                .get(self.w)
+                .filter(|w| w.0 <= addr)
+                .map_or((addr + PAGE, false), |w| (w.1.min(t.1), true)),
+            Some(t) => (t.0, false),
+            None => (u64::MAX, false),
+        }
+    }
 }
 
 /// Whether mapping `m` is tracked: private anonymous memory, large enough to pay.
@@ -471,9 +490,12 @@ fn normalized(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 fn protect_and_carry(pid: i32, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, SysError> {
     const PRESENT: u64 = 1 << 63;
     const EXCLUSIVE: u64 = 1 << 56;
-    written_in(pid, ranges, true)?;
+    // Pages outside what is protected again here stayed protected since the cut: a write
+    // to them since would show as written in this very pass. So only these pages can have
+    // been written since the cut without a trace.
+    let protected = written_in(pid, ranges, true)?;
     let mut carry: Vec<(u64, u64)> = Vec::new();
-    for &(start, end) in ranges {
+    for &(start, end) in &protected {
         let entries = crate::proc::pagemap(pid, start, end)
             .map_err(|_| SysError::new("read pagemap", pid, Errno::EIO))?;
         for (i, e) in entries.iter().enumerate() {

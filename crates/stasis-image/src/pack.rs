@@ -82,6 +82,33 @@ enum Known {
     Base(u32, u32, u32),
 }
 
+/// Blobs by content address, each where it lies in a base generation: built from the
+/// base's index, or carried over from the writer that wrote the base.
+#[derive(Debug, Default)]
+pub struct KnownBlobs(HashMap<BlobHash, Known, BuildBlobHasher>);
+
+impl KnownBlobs {
+    /// Every blob of `index`.
+    fn of(index: &ChunkIndex) -> Self {
+        let mut known =
+            HashMap::with_capacity_and_hasher(index.blobs.len(), BuildBlobHasher::default());
+        for b in &index.blobs {
+            known.insert(b.hash, Known::Base(b.frame, b.start, b.len));
+        }
+        KnownBlobs(known)
+    }
+
+    /// Blobs in the frames the generation reaches, as a base (count, for tests).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// None known.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// What a finished pack writer produced.
 #[derive(Debug)]
 pub struct Written {
@@ -89,6 +116,9 @@ pub struct Written {
     pub index: ChunkIndex,
     /// Pack names its frames refer to; the first is the pack this writer wrote.
     pub packs: Vec<String>,
+    /// The blobs the generation reaches (those of its frames), by content address, for a
+    /// writer that takes it as its base.
+    pub known: KnownBlobs,
 }
 
 /// Stores chunks: each is cut into blobs, a blob already known (written earlier by this
@@ -104,7 +134,7 @@ pub struct PackWriter {
     compression: Compression,
     index: ChunkIndex,
     packs: Vec<String>,
-    known: HashMap<BlobHash, Known, BuildBlobHasher>,
+    known: KnownBlobs,
     base: Base,
     /// Base frame index → frame index in ours, for frames referenced so far.
     imported: HashMap<u32, u32>,
@@ -115,12 +145,64 @@ pub struct PackWriter {
     backoff: u32,
     /// Raw bytes of blobs written (not deduplicated).
     new_bytes: u64,
+    /// The file's writeback, started behind the writer.
+    behind: WriteBehind,
+}
+
+/// Bytes handed to the kernel between two starts of writeback.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+/// How far behind the writer writeback is awaited: bounds the dirty pages a checkpoint
+/// leaves in the page cache while keeping the disk's queue fed.
+const WRITEBACK_LAG: u64 = 64 << 20;
+
+/// Writeback started as the file grows, so that the disk writes while the rest is still
+/// being read, hashed and compressed, and the final `fsync` finds little left: a
+/// checkpoint then takes about the longer of the two, not their sum.
+#[derive(Debug, Default)]
+struct WriteBehind {
+    /// Offset up to which writeback was started.
+    started: u64,
+    /// Offset up to which writeback was awaited.
+    awaited: u64,
+}
+
+impl WriteBehind {
+    /// Called with the offset up to which bytes are in the kernel's hands.
+    fn advance(&mut self, file: &File, path: &Path, written: u64) -> ImageResult<()> {
+        if written < self.started + WRITEBACK_WINDOW {
+            return Ok(());
+        }
+        // A failed start is only a lost hint: the final fsync writes and reports.
+        let _ = stasis_sys::cache::start_writeback(file, self.started, written - self.started);
+        self.started = written;
+        if self.started > self.awaited + WRITEBACK_LAG + WRITEBACK_WINDOW {
+            let to = self.started - WRITEBACK_LAG;
+            // Waiting consumes a write error fsync would otherwise report: it is ours to
+            // report.
+            stasis_sys::cache::await_writeback(file, self.awaited, to - self.awaited)
+                .map_err(io(path))?;
+            self.awaited = to;
+        }
+        Ok(())
+    }
 }
 
 impl PackWriter {
     /// Creates a new pack file at `path` (mode 0600), deduplicating against `base`. The
     /// file's name (without directory) is how indexes refer to it.
     pub fn create(path: &Path, compression: Compression, base: Base) -> ImageResult<Self> {
+        Self::create_with(path, compression, base, None)
+    }
+
+    /// Like [`PackWriter::create`], with `base`'s blobs by content address when the caller
+    /// has them (from [`Written::known`] of the writer that wrote `base`): building them
+    /// again from its index is a random insert per page of the job.
+    pub fn create_with(
+        path: &Path,
+        compression: Compression,
+        base: Base,
+        known: Option<KnownBlobs>,
+    ) -> ImageResult<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -138,11 +220,7 @@ impl PackWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut known =
-            HashMap::with_capacity_and_hasher(base.index.blobs.len(), BuildBlobHasher::default());
-        for b in &base.index.blobs {
-            known.insert(b.hash, Known::Base(b.frame, b.start, b.len));
-        }
+        let known = known.unwrap_or_else(|| KnownBlobs::of(&base.index));
         Ok(PackWriter {
             file,
             path: path.to_owned(),
@@ -156,6 +234,7 @@ impl PackWriter {
             skip: 0,
             backoff: 0,
             new_bytes: 0,
+            behind: WriteBehind::default(),
         })
     }
 
@@ -178,18 +257,35 @@ impl PackWriter {
         // by a placeholder (base frames imported meanwhile take the indices before it).
         const PENDING: u32 = u32::MAX;
         let first_blob = self.index.blobs.len();
-        let mut fresh: Vec<u8> = Vec::new();
         let mut fresh_hashes = Vec::new();
-        for piece in raw.chunks(BLOB_LEN) {
+        // Where the new blobs lie in `raw`, while they follow each other from its start
+        // (the usual case: a chunk of fresh data is written as it is, not copied).
+        let mut fresh_prefix = 0;
+        let mut fresh: Option<Vec<u8>> = None;
+        for (i, piece) in raw.chunks(BLOB_LEN).enumerate() {
             let hash = blob_hash(piece);
             let len = piece.len() as u32;
-            let (frame, start) = match self.known.get(&hash) {
+            let (frame, start) = match self.known.0.get(&hash) {
                 Some(&Known::Ours(f, s, l)) if l == len => (f, s),
                 Some(&Known::Base(f, s, l)) if l == len => (self.import(f)?, s),
                 _ => {
-                    let start = fresh.len() as u32;
-                    fresh.extend_from_slice(piece);
-                    self.known.insert(hash, Known::Ours(PENDING, start, len));
+                    let start = match &mut fresh {
+                        None if fresh_prefix == i * BLOB_LEN => {
+                            fresh_prefix += piece.len();
+                            i * BLOB_LEN
+                        }
+                        None => {
+                            let mut copy = raw[..fresh_prefix].to_vec();
+                            copy.extend_from_slice(piece);
+                            fresh = Some(copy);
+                            fresh_prefix
+                        }
+                        Some(copy) => {
+                            copy.extend_from_slice(piece);
+                            copy.len() - piece.len()
+                        }
+                    } as u32;
+                    self.known.0.insert(hash, Known::Ours(PENDING, start, len));
                     fresh_hashes.push(hash);
                     (PENDING, start)
                 }
@@ -201,16 +297,17 @@ impl PackWriter {
                 hash,
             });
         }
+        let fresh: &[u8] = fresh.as_deref().unwrap_or(&raw[..fresh_prefix]);
         if !fresh.is_empty() {
             let frame = u32::try_from(self.index.frames.len()).unwrap_or(u32::MAX - 1);
-            self.write_frame(&fresh)?;
+            self.write_frame(fresh)?;
             for b in &mut self.index.blobs[first_blob..] {
                 if b.frame == PENDING {
                     b.frame = frame;
                 }
             }
             for h in fresh_hashes {
-                if let Some(Known::Ours(f, _, _)) = self.known.get_mut(&h) {
+                if let Some(Known::Ours(f, _, _)) = self.known.0.get_mut(&h) {
                     *f = frame;
                 }
             }
@@ -330,6 +427,9 @@ impl PackWriter {
         });
         self.offset += HEADER_LEN + u64::from(stored_len);
         self.new_bytes += u64::from(raw_len);
+        let in_kernel = self.offset - self.file.buffer().len() as u64;
+        self.behind
+            .advance(self.file.get_ref(), &self.path, in_kernel)?;
         crate::fault::point("pack-chunk");
         Ok(())
     }
@@ -357,9 +457,21 @@ impl PackWriter {
         })?;
         file.sync_all().map_err(io(&self.path))?;
         crate::fault::point("pack-finished");
+        // As a base, the blobs written here lie in our frames, the base's in the frames
+        // imported from it (the others are out of reach).
+        let mut known = self.known;
+        let imported = self.imported;
+        known.0.retain(|_, k| {
+            let ours = match *k {
+                Known::Ours(f, s, l) => Some((f, s, l)),
+                Known::Base(f, s, l) => imported.get(&f).map(|&f| (f, s, l)),
+            };
+            ours.map(|(f, s, l)| *k = Known::Base(f, s, l)).is_some()
+        });
         Ok(Written {
             index: self.index,
             packs: self.packs,
+            known,
         })
     }
 }
@@ -418,6 +530,17 @@ impl PackReader {
         let mut raw = Vec::new();
         self.read_frame_into(frame, &mut raw)?;
         Ok(raw)
+    }
+
+    /// Asks the kernel to start reading `frame` from disk now, so that reading it later
+    /// does not wait.
+    pub fn read_ahead(&self, frame: &Frame) {
+        // Only a hint: a refusal costs the read its wait on the disk, nothing else.
+        let _ = stasis_sys::cache::read_ahead(
+            &self.file,
+            frame.offset,
+            HEADER_LEN + u64::from(frame.stored_len),
+        );
     }
 
     /// Like [`PackReader::read_frame`], into `raw` (its old contents replaced; its memory

@@ -19,7 +19,7 @@ use stasis_core::restore::{
     restore_job,
 };
 use stasis_image::fault;
-use stasis_image::generation::{list_generations, prune_generations, resolve};
+use stasis_image::generation::{Carried, list_generations, prune_generations, resolve};
 use stasis_image::manifest::Namespaces;
 use stasis_image::pack::Compression;
 use stasis_image::{GenerationWriter, OpenGeneration};
@@ -122,6 +122,9 @@ pub struct Supervisor {
     memory: Option<MemoryRestore>,
     /// Why the job was killed while its memory loaded: the supervisor fails with it.
     lazy_failure: Option<String>,
+    /// What the last checkpoint's writer left for the next one (its generation's index and
+    /// blobs), so that it need not read them back.
+    carried: Option<Carried>,
 }
 
 fn resolve_program(program: &str) -> JobResult<PathBuf> {
@@ -380,6 +383,7 @@ impl Supervisor {
             lazy,
             memory,
             lazy_failure: None,
+            carried: None,
             spec,
         })
     }
@@ -762,7 +766,11 @@ impl Supervisor {
         let init = self.init.as_ref().map(|i| i.pid);
         // Before the job is frozen: choosing the generation to share data with (reading its
         // index) and sweeping old packs take time the job need not stand still for.
-        let mut writer = GenerationWriter::begin(&self.job_dir, self.spec.compression)?;
+        let mut writer = GenerationWriter::begin_after(
+            &self.job_dir,
+            self.spec.compression,
+            self.carried.take(),
+        )?;
         let begun_ms = t0.elapsed().as_secs_f64() * 1e3;
         let early_maps = EarlyMaps::read(
             &stasis_core::proc::descendants(supervisor)
@@ -849,8 +857,11 @@ impl Supervisor {
             &mut captured,
         );
         let stored_bytes = writer.pack().bytes_written();
-        let (generation, path) = match writer.finish(&mut manifest) {
-            Ok(x) => x,
+        let (generation, path) = match writer.finish_carrying(&mut manifest) {
+            Ok((generation, path, carried)) => {
+                self.carried = Some(carried);
+                (generation, path)
+            }
             Err(e) => {
                 captured.put_back_pty_bytes();
                 if let Some(f) = frozen.take() {

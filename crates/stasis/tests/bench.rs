@@ -49,6 +49,10 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
             assert!(v.is_finite() && v > 0.0, "{key} measured: {r}");
         }
         assert!(r["checkpoint_bytes"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(
+            r["restarts_read_disk"], true,
+            "the image was dropped from the page cache before restarts: {r}"
+        );
     }
     let random = rows.iter().find(|r| r["mib"] == 16).unwrap();
     assert!(

@@ -10,7 +10,7 @@ use stasis_sys::mem;
 use super::content::{FileContents, Found};
 use crate::error::{CoreError, CoreResult, io_err};
 use crate::proc::{self, MapEntry};
-use crate::tracking::Unchanged;
+use crate::tracking::{Cursor, Unchanged};
 
 const PAGE: u64 = 4096;
 /// Pages per chunk of saved memory (1 MiB).
@@ -90,6 +90,14 @@ fn save_pages(
     let mut reused = ReusedRun::default();
     let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
     let mut i = 0;
+    // Where the stretch of pages to read (not known unchanged) that page `i` is in ends:
+    // pagemap is read no further.
+    let mut stop = 0;
+    // Whether that stretch is of pages the job wrote since the base: read from a snapshot
+    // whether or not they exist (absent ones read as zeros, which are left out anyway).
+    let mut written = false;
+    let page_of =
+        |addr: u64| usize::try_from((addr.max(m.start) - m.start) / PAGE).unwrap_or(pages);
     while i < pages {
         if let Some(known) = unchanged.at(addr_of(i)) {
             if let Some(blob) = known {
@@ -98,15 +106,28 @@ fn save_pages(
             i += 1;
             continue;
         }
-        let mut want = |i: usize| -> CoreResult<bool> {
-            Ok(wanted(pagemap.entry(i, pages)?) && !skip(base(addr_of(i))))
+        let next_stop = |u: &Cursor<'_>, i: usize, stop: &mut usize, written: &mut bool| {
+            if i >= *stop {
+                let (end, w) = u.read_until(addr_of(i));
+                *stop = page_of(end).clamp(i + 1, pages);
+                *written = w && mem.is_some();
+            }
         };
-        if !want(i)? {
+        next_stop(&unchanged, i, &mut stop, &mut written);
+        let mut want = |i: usize, stop: usize, written: bool| -> CoreResult<bool> {
+            Ok((written || wanted(pagemap.entry(i, stop)?)) && !skip(base(addr_of(i))))
+        };
+        if !want(i, stop, written)? {
             i += 1;
             continue;
         }
         let start = i;
-        while i < pages && i - start < RUN_PAGES && want(i)? && unchanged.at(addr_of(i)).is_none() {
+        i += 1;
+        while i < pages && i - start < RUN_PAGES && unchanged.at(addr_of(i)).is_none() {
+            next_stop(&unchanged, i, &mut stop, &mut written);
+            if !want(i, stop, written)? {
+                break;
+            }
             i += 1;
         }
         let addr = addr_of(start);
@@ -164,10 +185,11 @@ impl PagemapWindow {
         }
     }
 
-    /// The entry of page `i` of the mapping (of `pages` pages).
-    fn entry(&mut self, i: usize, pages: usize) -> CoreResult<u64> {
+    /// The entry of page `i` of the mapping, reading no further than page `stop` (beyond
+    /// which pages need not be looked at).
+    fn entry(&mut self, i: usize, stop: usize) -> CoreResult<u64> {
         if i < self.first || i >= self.first + self.entries.len() {
-            let end = (i + Self::PAGES).min(pages);
+            let end = (i + Self::PAGES).min(stop).max(i + 1);
             self.entries = proc::pagemap(
                 self.pid,
                 self.start + i as u64 * PAGE,

@@ -162,6 +162,7 @@ impl LazyPlan {
             ranges: merged,
             moved: Vec::new(),
             forked: false,
+            read_ahead_to: 0,
         }))
     }
 }
