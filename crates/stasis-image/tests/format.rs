@@ -559,3 +559,54 @@ fn chunks_made_of_base_blobs_read_back_as_the_base_pages() {
     let v = verify(&gen2).unwrap();
     assert_eq!(v.shared_bytes, 3 * 4096, "{v:?}");
 }
+
+#[test]
+fn a_writer_starts_from_what_the_last_one_carried_only_while_its_generation_is_newest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let mut data = noise(4 << 20, 5);
+    let writes = std::cell::Cell::new(0u32);
+    // The n-th write stores n chunks of new noise first (so the frames of its base take
+    // other indices in its own index each time), then `data` as chunk n.
+    let write = |data: &[u8], carried| {
+        writes.set(writes.get() + 1);
+        let n = writes.get();
+        let mut w = GenerationWriter::begin_after(&job, Compression::Zstd(1), carried).unwrap();
+        let base = w.pack().base().name().map(str::to_owned);
+        for k in 0..n {
+            w.pack().add(&noise(4096, u64::from(n * 100 + k))).unwrap();
+        }
+        let c = w.pack().add(data).unwrap();
+        assert_eq!(c, n);
+        let (_, dir, carried) = w.finish_carrying(&mut manifest(c)).unwrap();
+        (base, dir, carried)
+    };
+    let (_, gen1, carried) = write(&data, None);
+    let pack1 = read_manifest(&gen1.join(MANIFEST_FILE)).unwrap().packs[0].clone();
+    for page in data.chunks_mut(4096).step_by(100) {
+        page[1] ^= 1;
+    }
+    // From what generation 1's writer carried: the same sharing as from the disk.
+    let (base, gen2, carried) = write(&data, Some(carried));
+    assert_eq!(base.as_deref(), Some(pack1.as_str()));
+    let v = verify(&gen2).unwrap();
+    assert_eq!(v.shared_bytes, (4 << 20) - 11 * 4096, "{v:?}");
+    assert_eq!(OpenGeneration::open(&gen2).unwrap().chunk(2).unwrap(), data);
+    // Generation 2 shares generation 1's frames: as a base, its blobs are known there too.
+    let (_, gen3, _) = write(&data, Some(carried));
+    assert_eq!(verify(&gen3).unwrap().shared_bytes, 4 << 20);
+    assert_eq!(OpenGeneration::open(&gen3).unwrap().chunk(3).unwrap(), data);
+
+    // Another writer wrote a newer generation: what generation 4's writer carried is stale.
+    let (_, _, stale) = write(&data, None);
+    let other = write_one(&job, &noise(4 << 20, 9), true);
+    let newest = read_manifest(&other.join(MANIFEST_FILE)).unwrap().packs[0].clone();
+    let (base, gen6, _) = write(&data, Some(stale));
+    assert_eq!(
+        base.as_deref(),
+        Some(newest.as_str()),
+        "the newest generation is the base"
+    );
+    assert_eq!(verify(&gen6).unwrap().shared_bytes, 0);
+    assert_eq!(OpenGeneration::open(&gen6).unwrap().chunk(5).unwrap(), data);
+}
