@@ -172,10 +172,9 @@ impl Cursor<'_> {
 
     /// After [`Cursor::at`] said the page at `addr` must be read: an address up to which
     /// the pages from `addr` on must be read too (the end of its written range, or the
-    /// start of the next tracked range), where pages known unchanged may begin; and
-    /// whether they are tracked pages the job wrote (present then, or dropped: whether
-    /// they exist need not be asked).
-    pub fn read_until(&self, addr: u64) -> (u64, bool) {
+    /// start of the next tracked range), where pages known unchanged may begin. (Written
+    /// pages need not exist: never-touched pages count as written.)
+    pub fn read_until(&self, addr: u64) -> u64 {
         let tracked = self.u.tracked.get(self.t);
         match tracked {
             Some(t) if t.0 <= addr => self
@@ -183,9 +182,9 @@ impl Cursor<'_> {
                 .written
                 .get(self.w)
                 .filter(|w| w.0 <= addr)
-                .map_or((addr + PAGE, false), |w| (w.1.min(t.1), true)),
-            Some(t) => (t.0, false),
-            None => (u64::MAX, false),
+                .map_or(addr + PAGE, |w| w.1.min(t.1)),
+            Some(t) => t.0,
+            None => u64::MAX,
         }
     }
 }

@@ -93,9 +93,6 @@ fn save_pages(
     // Where the stretch of pages to read (not known unchanged) that page `i` is in ends:
     // pagemap is read no further.
     let mut stop = 0;
-    // Whether that stretch is of pages the job wrote since the base: read from a snapshot
-    // whether or not they exist (absent ones read as zeros, which are left out anyway).
-    let mut written = false;
     let page_of =
         |addr: u64| usize::try_from((addr.max(m.start) - m.start) / PAGE).unwrap_or(pages);
     while i < pages {
@@ -106,26 +103,24 @@ fn save_pages(
             i += 1;
             continue;
         }
-        let next_stop = |u: &Cursor<'_>, i: usize, stop: &mut usize, written: &mut bool| {
+        let next_stop = |u: &Cursor<'_>, i: usize, stop: &mut usize| {
             if i >= *stop {
-                let (end, w) = u.read_until(addr_of(i));
-                *stop = page_of(end).clamp(i + 1, pages);
-                *written = w && mem.is_some();
+                *stop = page_of(u.read_until(addr_of(i))).clamp(i + 1, pages);
             }
         };
-        next_stop(&unchanged, i, &mut stop, &mut written);
-        let mut want = |i: usize, stop: usize, written: bool| -> CoreResult<bool> {
-            Ok((written || wanted(pagemap.entry(i, stop)?)) && !skip(base(addr_of(i))))
+        next_stop(&unchanged, i, &mut stop);
+        let mut want = |i: usize, stop: usize| -> CoreResult<bool> {
+            Ok(wanted(pagemap.entry(i, stop)?) && !skip(base(addr_of(i))))
         };
-        if !want(i, stop, written)? {
+        if !want(i, stop)? {
             i += 1;
             continue;
         }
         let start = i;
         i += 1;
         while i < pages && i - start < RUN_PAGES && unchanged.at(addr_of(i)).is_none() {
-            next_stop(&unchanged, i, &mut stop, &mut written);
-            if !want(i, stop, written)? {
+            next_stop(&unchanged, i, &mut stop);
+            if !want(i, stop)? {
                 break;
             }
             i += 1;
