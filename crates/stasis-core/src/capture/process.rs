@@ -127,6 +127,7 @@ pub fn capture_process(
     )?;
     let known_pages = unchanged.known_pages();
     tables.unchanged_pages += known_pages;
+    let t_vmas = std::time::Instant::now();
     if let Some(pending) = tables.pending.as_mut() {
         let snapshot = take(frozen, vdso.syscall_insn)?;
         pending.push(PendingMemory {
@@ -144,7 +145,8 @@ pub fn capture_process(
         fds_ms = (t_fds - t_state).as_secs_f64() * 1e3,
         tracking_ms = (t_tracked - t_fds).as_secs_f64() * 1e3,
         known_pages,
-        memory_ms = t_tracked.elapsed().as_secs_f64() * 1e3,
+        vmas_ms = (t_vmas - t_tracked).as_secs_f64() * 1e3,
+        snapshot_ms = t_vmas.elapsed().as_secs_f64() * 1e3,
         "capture phases"
     );
     let image = ProcessImage {
