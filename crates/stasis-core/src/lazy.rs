@@ -29,7 +29,7 @@ const PAGE: u64 = 4096;
 /// A fault on a never-saved page maps zeros over this much around it (within its gap).
 const ZERO_WINDOW: u64 = 1 << 20;
 /// How far ahead of background loading the disk is asked to read.
-const READ_AHEAD: u64 = 32 << 20;
+const READ_AHEAD: u64 = 128 << 20;
 /// How long an address space may stay changing (its event not queued) before we give up.
 const CHANGING_LIMIT: Duration = Duration::from_secs(10);
 
@@ -453,13 +453,14 @@ impl PendingMemory {
         let Some(piece) = self.processes[i].pending.remove(&start) else {
             return Ok(Outcome::Done);
         };
-        let mut data = std::mem::take(&mut self.buf);
-        let read = image.chunk_into(piece.chunk, &mut data);
-        let outcome = read
-            .map_err(CoreError::from)
-            .and_then(|()| self.copy_piece(i, start, piece, &data));
-        self.buf = data;
-        let outcome = outcome?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let outcome = image
+            .with_chunk(piece.chunk, &mut buf, |data| {
+                self.copy_piece(i, start, piece, data)
+            })
+            .map_err(CoreError::from);
+        self.buf = buf;
+        let outcome = outcome??;
         match outcome {
             // Copied pages are skipped when it is tried again.
             Outcome::Again => {

@@ -769,6 +769,47 @@ impl OpenGeneration {
         Ok(out)
     }
 
+    /// Calls `use_bytes` with chunk `index`, every blob checked against its content
+    /// address, copying it as little as it can: a chunk that is one frame is read into
+    /// `buf`; one that lies in one frame, blob after blob (as a chunk of unchanged pages
+    /// does in an incremental generation), is lent from the frame cache; any other is put
+    /// together in `buf`.
+    pub fn with_chunk<R>(
+        &mut self,
+        index: u32,
+        buf: &mut Vec<u8>,
+        use_bytes: impl FnOnce(&[u8]) -> R,
+    ) -> ImageResult<R> {
+        let blobs = match self.manifest.chunks.len() > index as usize {
+            true => self.manifest.chunks.blobs_of(index),
+            false => &[],
+        };
+        let Some((f, from, len)) = within_frame(blobs)
+            .filter(|_| whole_frame(blobs, &self.manifest.chunks.frames).is_none())
+        else {
+            self.chunk_into(index, buf)?;
+            return Ok(use_bytes(buf));
+        };
+        let blobs = blobs.to_vec();
+        let raw = self.frame(f)?;
+        let bytes = raw.get(from..from + len);
+        let damaged = match bytes {
+            None => true,
+            Some(bytes) => {
+                let mut at = 0;
+                blobs.iter().any(|b| {
+                    let piece = &bytes[at..at + b.len as usize];
+                    at += b.len as usize;
+                    blob_hash(piece) != b.hash
+                })
+            }
+        };
+        match bytes {
+            Some(bytes) if !damaged => Ok(use_bytes(bytes)),
+            _ => Err(self.damaged_blob(index, f)),
+        }
+    }
+
     /// Like [`OpenGeneration::chunk`], into `out` (its old contents replaced, its memory
     /// reused).
     pub fn chunk_into(&mut self, index: u32, out: &mut Vec<u8>) -> ImageResult<()> {
@@ -836,6 +877,23 @@ impl OpenGeneration {
             }
         }
     }
+}
+
+/// The frame chunk `blobs` lies in, blob after blob, and where in it (start, length).
+fn within_frame(blobs: &[Blob]) -> Option<(u32, usize, usize)> {
+    let first = blobs.first()?;
+    let mut end = first.start;
+    for b in blobs {
+        if b.frame != first.frame || b.start != end {
+            return None;
+        }
+        end = end.checked_add(b.len)?;
+    }
+    Some((
+        first.frame,
+        first.start as usize,
+        (end - first.start) as usize,
+    ))
 }
 
 /// The frame that chunk `blobs` fills exactly, blob after blob, if there is one.

@@ -558,6 +558,23 @@ fn chunks_made_of_base_blobs_read_back_as_the_base_pages() {
     );
     let v = verify(&gen2).unwrap();
     assert_eq!(v.shared_bytes, 3 * 4096, "{v:?}");
+    // Lent from the base's frame, uncopied, checked all the same.
+    let mut buf = Vec::new();
+    let mut open = OpenGeneration::open(&gen2).unwrap();
+    let lent = open.with_chunk(c, &mut buf, <[u8]>::to_vec).unwrap();
+    assert_eq!(lent, data[3 * 4096..6 * 4096]);
+    assert!(buf.is_empty(), "nothing was put together");
+    let frame = frame_of(&m1, 0);
+    let pack1 = job.join(PACKS_DIR).join(&m1.packs[0]);
+    flip(&pack1, (frame.offset + 16) as usize + 4 * 4096 + 7);
+    let err = OpenGeneration::open(&gen2)
+        .unwrap()
+        .with_chunk(c, &mut buf, <[u8]>::to_vec)
+        .unwrap_err();
+    assert!(
+        matches!(&err, ImageError::Corrupt { path, .. } if *path == pack1),
+        "{err}"
+    );
 }
 
 #[test]

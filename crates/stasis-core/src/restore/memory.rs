@@ -172,11 +172,14 @@ pub(super) fn map_memory(
             )));
         }
         for run in now {
-            image.chunk_into(run.chunk, &mut data)?;
-            mem::write(c.pid, run.addr, &data).map_err(|source| CoreError::Sys {
-                context: format!("filling memory at {:#x}", run.addr),
-                source,
-            })?;
+            image
+                .with_chunk(run.chunk, &mut data, |bytes| {
+                    mem::write(c.pid, run.addr, bytes)
+                })?
+                .map_err(|source| CoreError::Sys {
+                    context: format!("filling memory at {:#x}", run.addr),
+                    source,
+                })?;
         }
         if prot != v.prot {
             c.call(&what, libc::SYS_mprotect, &[v.start, len, v.prot as u64])?;
