@@ -372,25 +372,46 @@ pub fn timers(pid: i32) -> Vec<TimerEntry> {
 
 /// `/proc/PID/pagemap` entries for `[start, end)`, one u64 per page.
 pub fn pagemap(pid: i32, start: u64, end: u64) -> CoreResult<Vec<u64>> {
-    use std::os::unix::fs::FileExt;
-    let path = format!("/proc/{pid}/pagemap");
-    let f = std::fs::File::open(&path).map_err(io_err(&path))?;
-    let pages = usize::try_from((end - start) / 4096).unwrap_or(0);
-    let mut buf = vec![0u8; pages * 8];
-    let mut done = 0;
-    while done < buf.len() {
-        let n = f
-            .read_at(&mut buf[done..], (start / 4096) * 8 + done as u64)
-            .map_err(io_err(&path))?;
-        if n == 0 {
-            break;
-        }
-        done += n;
+    Pagemap::open(pid)?.entries(start, end)
+}
+
+/// `/proc/PID/pagemap`, kept open for reading many ranges (opening a `/proc` file costs
+/// more than reading a few entries).
+#[derive(Debug)]
+pub struct Pagemap {
+    file: std::fs::File,
+    path: String,
+}
+
+impl Pagemap {
+    /// Opens the pagemap of `pid`.
+    pub fn open(pid: i32) -> CoreResult<Self> {
+        let path = format!("/proc/{pid}/pagemap");
+        let file = std::fs::File::open(&path).map_err(io_err(&path))?;
+        Ok(Pagemap { file, path })
     }
-    Ok(buf
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect())
+
+    /// The entries of the pages from `start` to `end`.
+    pub fn entries(&self, start: u64, end: u64) -> CoreResult<Vec<u64>> {
+        use std::os::unix::fs::FileExt;
+        let pages = usize::try_from((end - start) / 4096).unwrap_or(0);
+        let mut buf = vec![0u8; pages * 8];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self
+                .file
+                .read_at(&mut buf[done..], (start / 4096) * 8 + done as u64)
+                .map_err(io_err(&self.path))?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(buf
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect())
+    }
 }
 
 /// Whether `/proc/PID` still exists.

@@ -494,8 +494,11 @@ fn protect_and_carry(pid: i32, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>,
     // been written since the cut without a trace.
     let protected = written_in(pid, ranges, true)?;
     let mut carry: Vec<(u64, u64)> = Vec::new();
+    let pagemap = crate::proc::Pagemap::open(pid)
+        .map_err(|_| SysError::new("open pagemap", pid, Errno::EIO))?;
     for &(start, end) in &protected {
-        let entries = crate::proc::pagemap(pid, start, end)
+        let entries = pagemap
+            .entries(start, end)
             .map_err(|_| SysError::new("read pagemap", pid, Errno::EIO))?;
         for (i, e) in entries.iter().enumerate() {
             // Still shared with the snapshot: not written since the cut.

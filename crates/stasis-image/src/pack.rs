@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -136,8 +136,9 @@ pub struct PackWriter {
     packs: Vec<String>,
     known: KnownBlobs,
     base: Base,
-    /// Base frame index → frame index in ours, for frames referenced so far.
-    imported: HashMap<u32, u32>,
+    /// Base frame index → frame index in ours ([`NOT_IMPORTED`] for frames not referenced
+    /// so far).
+    imported: Vec<u32>,
     /// Frames still to store without trying compression (it did not pay lately).
     skip: u32,
     /// Grows with every frame in a row that does not compress (1, 2, 4 … 32): from 2 on,
@@ -148,6 +149,9 @@ pub struct PackWriter {
     /// The file's writeback, started behind the writer.
     behind: WriteBehind,
 }
+
+/// In [`PackWriter`]'s table of base frames imported: not (yet).
+const NOT_IMPORTED: u32 = u32::MAX;
 
 /// Bytes handed to the kernel between two starts of writeback.
 const WRITEBACK_WINDOW: u64 = 8 << 20;
@@ -230,7 +234,7 @@ impl PackWriter {
             packs: vec![name],
             known,
             base,
-            imported: HashMap::new(),
+            imported: Vec::new(),
             skip: 0,
             backoff: 0,
             new_bytes: 0,
@@ -356,7 +360,11 @@ impl PackWriter {
 
     /// The frame index in ours of base frame `f`, importing it on first use.
     fn import(&mut self, f: u32) -> ImageResult<u32> {
-        if let Some(&ours) = self.imported.get(&f) {
+        if let Some(&ours) = self
+            .imported
+            .get(f as usize)
+            .filter(|&&o| o != NOT_IMPORTED)
+        {
             return Ok(ours);
         }
         let corrupt = || ImageError::Corrupt {
@@ -379,7 +387,10 @@ impl PackWriter {
         };
         let ours = self.index.frames.len() as u32;
         self.index.frames.push(frame);
-        self.imported.insert(f, ours);
+        if self.imported.len() <= f as usize {
+            self.imported.resize(f as usize + 1, NOT_IMPORTED);
+        }
+        self.imported[f as usize] = ours;
         Ok(ours)
     }
 
@@ -464,7 +475,10 @@ impl PackWriter {
         known.0.retain(|_, k| {
             let ours = match *k {
                 Known::Ours(f, s, l) => Some((f, s, l)),
-                Known::Base(f, s, l) => imported.get(&f).map(|&f| (f, s, l)),
+                Known::Base(f, s, l) => imported
+                    .get(f as usize)
+                    .filter(|&&o| o != NOT_IMPORTED)
+                    .map(|&f| (f, s, l)),
             };
             ours.map(|(f, s, l)| *k = Known::Base(f, s, l)).is_some()
         });
@@ -594,9 +608,20 @@ impl PackReader {
                 .map_err(|_| corrupt("zstd data"))?;
             raw.truncate(n);
         } else {
-            // Only memory not used before is zeroed.
-            raw.resize(frame.stored_len as usize, 0);
-            self.file.read_exact_at(raw, at).map_err(io(&self.path))?;
+            // Read into the buffer's spare capacity: nothing is zeroed first.
+            raw.clear();
+            raw.reserve(frame.stored_len as usize);
+            let mut file = &self.file;
+            file.seek(std::io::SeekFrom::Start(at))
+                .and_then(|_| file.take(u64::from(frame.stored_len)).read_to_end(raw))
+                .map_err(io(&self.path))?;
+            if raw.len() != frame.stored_len as usize {
+                return Err(ImageError::Truncated {
+                    path: self.path.clone(),
+                    offset: at + raw.len() as u64,
+                    expected: u64::from(frame.stored_len) - raw.len() as u64,
+                });
+            }
         }
         if raw.len() != frame.raw_len as usize {
             return Err(corrupt("frame length"));

@@ -823,16 +823,24 @@ impl Supervisor {
             frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
             fault::point("thawed");
             // The job runs again; its memory is read from copy-on-write snapshots.
+            let thawed_at = Instant::now();
             captured.read_snapshots(writer.pack(), self.tracking.as_mut())?;
             fault::point("snapshots-read");
             tracing::debug!(
                 begun_ms,
+                early_maps_ms = (frozen_at - t0).as_secs_f64() * 1e3 - begun_ms,
                 frozen_ms,
-                snapshots_read_ms = t0.elapsed().as_secs_f64() * 1e3 - frozen_ms - begun_ms,
+                snapshots_read_ms = thawed_at.elapsed().as_secs_f64() * 1e3,
                 "checkpoint phases"
             );
         }
-        if let Err(e) = captured.check_flags() {
+        let checked_at = Instant::now();
+        let flags_checked = captured.check_flags();
+        tracing::debug!(
+            check_flags_ms = checked_at.elapsed().as_secs_f64() * 1e3,
+            "flags checked"
+        );
+        if let Err(e) = flags_checked {
             captured.put_back_pty_bytes();
             if let Some(f) = frozen.take() {
                 f.thaw(&captured.insns)?;

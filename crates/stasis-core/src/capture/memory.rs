@@ -163,6 +163,8 @@ fn save_pages(
 /// stretches that write tracking knows unchanged are never walked.
 struct PagemapWindow {
     pid: i32,
+    /// Opened at the first entry asked for.
+    pagemap: Option<proc::Pagemap>,
     start: u64,
     first: usize,
     entries: Vec<u64>,
@@ -174,6 +176,7 @@ impl PagemapWindow {
     fn new(pid: i32, start: u64) -> Self {
         PagemapWindow {
             pid,
+            pagemap: None,
             start,
             first: 0,
             entries: Vec::new(),
@@ -185,11 +188,12 @@ impl PagemapWindow {
     fn entry(&mut self, i: usize, stop: usize) -> CoreResult<u64> {
         if i < self.first || i >= self.first + self.entries.len() {
             let end = (i + Self::PAGES).min(stop).max(i + 1);
-            self.entries = proc::pagemap(
-                self.pid,
-                self.start + i as u64 * PAGE,
-                self.start + end as u64 * PAGE,
-            )?;
+            let pagemap = match &mut self.pagemap {
+                Some(p) => p,
+                None => self.pagemap.insert(proc::Pagemap::open(self.pid)?),
+            };
+            self.entries =
+                pagemap.entries(self.start + i as u64 * PAGE, self.start + end as u64 * PAGE)?;
             self.first = i;
         }
         Ok(self.entries.get(i - self.first).copied().unwrap_or(0))
