@@ -148,6 +148,18 @@ pub struct PackWriter {
     new_bytes: u64,
     /// The file's writeback, started behind the writer.
     behind: WriteBehind,
+    /// The compression context, made at the first frame tried and reused (making one
+    /// allocates its tables afresh every time).
+    compressor: Option<Context<zstd::bulk::Compressor<'static>>>,
+}
+
+/// A zstd context kept for reuse (the crate's types do not implement `Debug`).
+struct Context<T>(T);
+
+impl<T> std::fmt::Debug for Context<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("zstd context")
+    }
 }
 
 /// In [`PackWriter`]'s table of base frames imported: not (yet).
@@ -225,12 +237,16 @@ impl PackWriter {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let known = known.unwrap_or_else(|| KnownBlobs::of(&base.index));
+        // A generation is mostly the size of the one before: its index grows once.
+        let mut index = ChunkIndex::default();
+        index.blobs.reserve(base.index.blobs.len());
+        index.starts.reserve(base.index.starts.len());
         Ok(PackWriter {
             file,
             path: path.to_owned(),
             offset: HEADER_LEN,
             compression,
-            index: ChunkIndex::default(),
+            index,
             packs: vec![name],
             known,
             base,
@@ -239,6 +255,7 @@ impl PackWriter {
             backoff: 0,
             new_bytes: 0,
             behind: WriteBehind::default(),
+            compressor: None,
         })
     }
 
@@ -403,8 +420,14 @@ impl PackWriter {
                 None
             }
             Compression::Zstd(level) => {
-                let c = zstd::bulk::compress(raw, level)
-                    .ok()
+                let compressor = match &mut self.compressor {
+                    Some(c) => Some(c),
+                    None => zstd::bulk::Compressor::new(level)
+                        .ok()
+                        .map(|c| self.compressor.insert(Context(c))),
+                };
+                let c = compressor
+                    .and_then(|c| c.0.compress(raw).ok())
                     .filter(|c| c.len() < raw.len() - raw.len() / 8);
                 // Incompressible data (random, already compressed) is probed, not
                 // compressed frame after frame for nothing. One frame that does not
@@ -496,6 +519,8 @@ pub struct PackReader {
     file: File,
     path: PathBuf,
     len: u64,
+    /// The decompression context, made at the first compressed frame and reused.
+    decompressor: Option<Context<zstd::bulk::Decompressor<'static>>>,
 }
 
 impl PackReader {
@@ -530,6 +555,7 @@ impl PackReader {
             file,
             path: path.to_owned(),
             len,
+            decompressor: None,
         })
     }
 
@@ -603,8 +629,15 @@ impl PackReader {
                 .map_err(io(&self.path))?;
             raw.clear();
             raw.reserve(frame.raw_len as usize);
-            let n = zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(&stored, raw))
+            let decompressor = match &mut self.decompressor {
+                Some(d) => d,
+                None => self.decompressor.insert(Context(
+                    zstd::bulk::Decompressor::new().map_err(io(&self.path))?,
+                )),
+            };
+            let n = decompressor
+                .0
+                .decompress_to_buffer(&stored, raw)
                 .map_err(|_| corrupt("zstd data"))?;
             raw.truncate(n);
         } else {
