@@ -109,6 +109,7 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
         frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
         frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
         captured.read_snapshots(writer.pack(), None)?;
+        captured.end_snapshots()?;
     }
     let mut manifest = record::manifest(
         record::JobFacts {

@@ -834,12 +834,14 @@ impl Supervisor {
                 "checkpoint phases"
             );
         }
+        // While the snapshots die.
         let checked_at = Instant::now();
         let flags_checked = captured.check_flags();
         tracing::debug!(
             check_flags_ms = checked_at.elapsed().as_secs_f64() * 1e3,
             "flags checked"
         );
+        captured.end_snapshots()?;
         if let Err(e) = flags_checked {
             captured.put_back_pty_bytes();
             if let Some(f) = frozen.take() {

@@ -82,6 +82,8 @@ pub struct CapturedJob {
     /// Private memory still to be read from copy-on-write snapshots (see
     /// [`CapturedJob::read_snapshots`]).
     pub pending: Vec<snapshot::PendingMemory>,
+    /// Snapshots read and killed, not collected yet (see [`CapturedJob::end_snapshots`]).
+    ending: Vec<snapshot::Snapshot>,
     /// Bytes of private memory write tracking knew unchanged (not read).
     pub unchanged_bytes: u64,
     /// Mappings whose flags were taken from [`EarlyMaps`], by host pid.
@@ -154,7 +156,21 @@ impl CapturedJob {
                     v.pages = pages;
                 }
             }
-            p.snapshot.release()?;
+            let mut snapshot = p.snapshot;
+            snapshot.kill();
+            self.ending.push(snapshot);
+        }
+        Ok(())
+    }
+
+    /// Collects the snapshots [`CapturedJob::read_snapshots`] killed, each reaped by its
+    /// parent (frozen for a moment). A snapshot takes a while to die (its address space
+    /// torn down, page by page): whatever the caller does in between overlaps it. Until
+    /// collected here, no process of the job can see it exit. (Dropped uncollected, they
+    /// are collected then.)
+    pub fn end_snapshots(&mut self) -> CoreResult<()> {
+        for snapshot in std::mem::take(&mut self.ending) {
+            snapshot.release()?;
         }
         Ok(())
     }
@@ -476,6 +492,7 @@ fn capture_all(
         vdso_blake3: vdso_blake3.unwrap_or_default(),
         insns,
         pending: Vec::new(),
+        ending: Vec::new(),
         unchanged_bytes: tables.unchanged_pages * 4096,
         early_flags: tables.early_flags,
         pty_bytes: put_back,

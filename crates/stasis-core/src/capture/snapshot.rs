@@ -145,6 +145,12 @@ impl Snapshot {
         ) {}
     }
 
+    /// Kills the snapshot without waiting for it to die ([`Snapshot::release`] then
+    /// collects it). While its tracer has not collected it, its parent cannot see it exit.
+    pub fn kill(&mut self) {
+        let _ = process::kill(self.pid, libc::SIGKILL);
+    }
+
     /// Has the (frozen) parent reap the ended snapshot through thread `tid`.
     fn reap_in(&self, tid: i32) -> CoreResult<()> {
         Injector::new(tid, self.insn)
