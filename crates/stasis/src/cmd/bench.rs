@@ -122,6 +122,27 @@ fn drop_cached(dir: &Path) -> bool {
     ok
 }
 
+/// The machine's CPU time so far from `/proc/stat`: (steal, all), in clock ticks.
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is counted in user).
+    Some((*ticks.get(7)?, ticks.iter().take(8).sum()))
+}
+
+/// The share of CPU time the hypervisor took between two [`cpu_times`] readings: on a
+/// virtual machine whose host is busy, the figures of a run vary with it.
+fn steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (before?, after?);
+    (t1 > t0).then(|| 100.0 * (s1 - s0) as f64 / (t1 - t0) as f64)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -399,16 +420,19 @@ pub fn run(a: Args, json_out: bool) -> Result<i32> {
         });
     }
     let mut rows = Vec::new();
+    let cpu_before = cpu_times();
     for c in &cases {
         eprintln!("stasis bench: {} MiB {} x{} …", c.mib, c.pattern, c.procs);
         rows.push(measure(c, &base)?);
     }
+    let steal = steal_percent(cpu_before, cpu_times());
     let _ = std::fs::remove_dir_all(base.join("images"));
     let report = json!({
         "machine": {
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
             "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "dir": base.display().to_string(),
+            "steal_percent": steal,
         },
         "rows": rows,
     });
@@ -420,6 +444,11 @@ pub fn run(a: Args, json_out: bool) -> Result<i32> {
         println!("{report}");
     } else {
         print!("{}", table(&rows));
+        if let Some(steal) = steal {
+            println!(
+                "CPU time taken by the hypervisor (steal) during the run: {steal:.1}% (figures are noisier the higher it is)"
+            );
+        }
         println!(
             "JSON: {}  chart: {}",
             a.json_out.display(),
