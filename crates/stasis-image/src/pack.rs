@@ -365,6 +365,15 @@ impl PackWriter {
         Ok(chunk)
     }
 
+    /// Whether base blob `next` lies right after base blob `last`, in the same frame.
+    pub fn base_blob_follows(&self, last: u32, next: u32) -> bool {
+        let blobs = &self.base.index.blobs;
+        match (blobs.get(last as usize), blobs.get(next as usize)) {
+            (Some(a), Some(b)) => a.frame == b.frame && a.start.checked_add(a.len) == Some(b.start),
+            _ => false,
+        }
+    }
+
     /// The generation this writer shares unchanged data with.
     pub fn base(&self) -> &Base {
         &self.base

@@ -209,7 +209,9 @@ struct ReusedRun {
 
 impl ReusedRun {
     /// Adds the page at `addr`, kept in base blob `blob`; stores the run so far first when
-    /// the page does not continue it or it is full.
+    /// the page does not continue it, or its blob does not follow the run's last in the
+    /// same frame (a chunk inside one frame is read without being put together), or it is
+    /// full.
     fn push(
         &mut self,
         addr: u64,
@@ -218,7 +220,12 @@ impl ReusedRun {
         runs: &mut Vec<PageRun>,
     ) -> CoreResult<()> {
         let next = self.addr + self.blobs.len() as u64 * PAGE;
-        if !self.blobs.is_empty() && (next != addr || self.blobs.len() == RUN_PAGES) {
+        let follows = |&last: &u32| pack.base_blob_follows(last, blob);
+        if !self.blobs.is_empty()
+            && (next != addr
+                || self.blobs.len() == RUN_PAGES
+                || !self.blobs.last().is_some_and(follows))
+        {
             self.flush(pack, runs)?;
         }
         if self.blobs.is_empty() {
