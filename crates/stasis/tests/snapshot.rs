@@ -26,16 +26,7 @@ fn sweep_survives(kill: bool) {
         env.ok(&["kill", &name]);
         job.wait();
     }
-    env.go();
-    let mut restarted = env.restart(&job, &[]);
-    assert_eq!(
-        restarted.wait(),
-        0,
-        "output:\n{}\nstderr: {}",
-        env.output(&job),
-        env.stderr(&restarted)
-    );
-    assert_all_pass(&env.output(&job));
+    assert_all_pass(&env.restart_to_success(&job));
 }
 
 #[test]
@@ -46,4 +37,27 @@ fn memory_written_during_a_checkpoint_that_continues_is_saved_as_at_the_cut() {
 #[test]
 fn memory_written_until_a_checkpoint_kill_is_saved_as_at_the_cut() {
     sweep_survives(true);
+}
+
+/// `t_forkflags` has memory a fork leaves out (`MADV_DONTFORK`) or wipes
+/// (`MADV_WIPEONFORK`), read from the job itself rather than from the snapshot, and changes
+/// those flags on whole mappings between two checkpoints that let it run on: the newer
+/// generation must hold every page as written before it.
+#[test]
+fn memory_left_out_of_or_wiped_in_a_fork_is_saved_as_the_job_has_it() {
+    let env = Env::new();
+    let name = env.name("forkflags");
+    let prog = program("t_forkflags", false);
+    let mut job = env.start(&name, &prog, &[env.work.to_str().unwrap()]);
+    env.wait_output(&job, "READY\n");
+    assert_eq!(env.checkpoint(&name, false)["generation"], 1);
+    std::fs::write(env.work.join("step"), "").unwrap();
+    env.wait_output(&job, "STEP DONE\n");
+    let report = env.checkpoint(&name, false);
+    assert_eq!(report["generation"], 2, "{report}");
+    env.ok(&["kill", &name]);
+    job.wait();
+    let out = env.restart_to_success(&job);
+    assert_all_pass(&out);
+    assert_eq!(out.matches("PASS t_forkflags").count(), 3, "{out}");
 }

@@ -242,6 +242,21 @@ impl Env {
         }
     }
 
+    /// Tells the job's program to go on, restarts the job and asserts that the restarted
+    /// program exits 0; returns its whole output.
+    pub fn restart_to_success(&self, job: &Job) -> String {
+        self.go();
+        let mut restarted = self.restart(job, &[]);
+        assert_eq!(
+            restarted.wait(),
+            0,
+            "output:\n{}\nstderr: {}",
+            self.output(job),
+            self.stderr(&restarted)
+        );
+        self.output(job)
+    }
+
     /// The program's output so far.
     pub fn output(&self, job: &Job) -> String {
         std::fs::read_to_string(&job.out).unwrap_or_default()
