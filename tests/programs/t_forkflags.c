@@ -1,29 +1,36 @@
 /* t_forkflags: memory the kernel leaves out of a fork (MADV_DONTFORK) or hands to it
  * wiped (MADV_WIPEONFORK), whose flags change between checkpoints. A copy-on-write
  * snapshot (a fork) has no such memory, or zeros: it must be read from the job itself.
+ * The advice itself must come back with the memory at restart.
  *
- * Usage: t_forkflags WORKDIR. Maps three 4 MiB regions: A with MADV_WIPEONFORK, B with
- * MADV_DONTFORK, C plain; fills every page with version 1 (pages.h) and prints READY. When
- * WORKDIR/step exists it writes version 2 everywhere, sets MADV_WIPEONFORK on C and
- * MADV_DOFORK on B (the flags of whole mappings change, their bounds do not) and prints
- * STEP DONE. After a restart, with WORKDIR/go, it checks that every page holds version 2
- * (PASS/FAIL lines, DONE <failures>, exit status = failures).
+ * Usage: t_forkflags WORKDIR. Maps four 4 MiB regions: A with MADV_WIPEONFORK, B with
+ * MADV_DONTFORK, C plain, D with MADV_DONTFORK and MADV_DONTDUMP; fills every page with
+ * version 1 (pages.h) and prints READY. When WORKDIR/step exists it writes version 2
+ * everywhere, sets MADV_WIPEONFORK on C and MADV_DOFORK on B (the flags of whole mappings
+ * change, their bounds do not) and prints STEP DONE. After a restart, with WORKDIR/go, it
+ * checks that every page holds version 2, that D still carries both advices
+ * (/proc/self/smaps), and that a forked child sees A and C as zeros, B as version 2 and no D
+ * at all (PASS/FAIL lines, DONE <failures>, exit status = failures).
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 
 static const char *me = "t_forkflags";
 #include "report.h"
 #include "pages.h"
 
 #define REGION_PAGES 1024
+#define REGION_LEN (REGION_PAGES * PAGE)
 
-static unsigned char *region(int advice) {
-    unsigned char *p = mmap(NULL, REGION_PAGES * PAGE, PROT_READ | PROT_WRITE,
+static unsigned char *region(int advice, int more) {
+    unsigned char *p = mmap(NULL, REGION_LEN, PROT_READ | PROT_WRITE,
                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) _exit(98);
-    if (advice && madvise(p, REGION_PAGES * PAGE, advice) != 0) _exit(97);
+    if (advice && madvise(p, REGION_LEN, advice) != 0) _exit(97);
+    if (more && madvise(p, REGION_LEN, more) != 0) _exit(97);
     return p;
 }
 
@@ -37,25 +44,67 @@ static long wrong_pages(const unsigned char *p, int v) {
     return bad;
 }
 
+/* whether the mapping starting at `p` carries VmFlags `flag` in /proc/self/smaps */
+static int has_vmflag(const void *p, const char *flag) {
+    char want[32], line[512];
+    snprintf(want, sizeof want, "%lx-", (unsigned long)p);
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) return 0;
+    int in = 0, found = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, want, strlen(want)) == 0) in = 1;
+        else if (in && strncmp(line, "VmFlags:", 8) == 0) {
+            char needle[8];
+            snprintf(needle, sizeof needle, " %s", flag);
+            found = strstr(line, needle) != NULL;
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
 int main(int argc, char **argv) {
     snprintf(work, sizeof work, "%s", argc > 1 ? argv[1] : ".");
-    unsigned char *a = region(MADV_WIPEONFORK), *b = region(MADV_DONTFORK), *c = region(0);
+    unsigned char *a = region(MADV_WIPEONFORK, 0), *b = region(MADV_DONTFORK, 0);
+    unsigned char *c = region(0, 0), *d = region(MADV_DONTFORK, MADV_DONTDUMP);
     fill_all(a, 1);
     fill_all(b, 1);
     fill_all(c, 1);
+    fill_all(d, 1);
     say("READY");
     while (!exists("step")) sleep_ms(5);
     fill_all(a, 2);
     fill_all(b, 2);
     fill_all(c, 2);
-    if (madvise(c, REGION_PAGES * PAGE, MADV_WIPEONFORK) != 0) _exit(96);
-    if (madvise(b, REGION_PAGES * PAGE, MADV_DOFORK) != 0) _exit(95);
+    fill_all(d, 2);
+    if (madvise(c, REGION_LEN, MADV_WIPEONFORK) != 0) _exit(96);
+    if (madvise(b, REGION_LEN, MADV_DOFORK) != 0) _exit(95);
     say("STEP DONE");
     while (!exists("go")) sleep_ms(5);
     long bad_a = wrong_pages(a, 2), bad_b = wrong_pages(b, 2), bad_c = wrong_pages(c, 2);
+    long bad_d = wrong_pages(d, 2);
     report(bad_a == 0, "wipe-on-fork region restored (%ld of %d pages wrong)", bad_a, REGION_PAGES);
     report(bad_b == 0, "region no longer don't-fork restored (%ld of %d pages wrong)", bad_b, REGION_PAGES);
     report(bad_c == 0, "region made wipe-on-fork restored (%ld of %d pages wrong)", bad_c, REGION_PAGES);
+    report(bad_d == 0, "don't-fork, don't-dump region restored (%ld of %d pages wrong)", bad_d, REGION_PAGES);
+    report(has_vmflag(d, "dc") && has_vmflag(d, "dd"), "don't-fork and don't-dump advice kept");
+    pid_t child = fork();
+    if (child == 0) {
+        /* exit status: one bit per wrong finding */
+        int st = 0;
+        if (wrong_pages(a, 0) != 0) st |= 1;
+        if (wrong_pages(c, 0) != 0) st |= 2;
+        if (wrong_pages(b, 2) != 0) st |= 4;
+        if (msync(d, PAGE, MS_ASYNC) == 0) st |= 8; /* D must not be mapped here */
+        _exit(st);
+    }
+    int status = -1;
+    if (child < 0 || waitpid(child, &status, 0) != child) status = -1;
+    int st = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    report(st == 0, "a forked child sees the advice (wiped A %s, wiped C %s, B %s, D %s)",
+           st < 0 ? "?" : st & 1 ? "no" : "yes", st < 0 ? "?" : st & 2 ? "no" : "yes",
+           st < 0 ? "?" : st & 4 ? "wrong" : "copied", st < 0 ? "?" : st & 8 ? "present" : "absent");
     say("DONE %d", failures);
     return failures;
 }

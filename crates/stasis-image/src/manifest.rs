@@ -459,6 +459,44 @@ pub struct Vma {
     /// For [`VmaKind::SysvShm`]: the segment's id; `offset` is the offset in it.
     #[serde(default)]
     pub sysv: Option<i32>,
+    /// Advice the program gave the mapping with `madvise` that the kernel keeps on it
+    /// (and shows in smaps' `VmFlags`): given again at restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advice: Vec<Advice>,
+}
+
+/// `madvise` advice a mapping keeps, restored with it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Advice {
+    /// `MADV_DONTFORK` (`dc`): a forked child does not get the mapping.
+    DontFork,
+    /// `MADV_WIPEONFORK` (`wf`): a forked child gets the mapping zeroed.
+    WipeOnFork,
+    /// `MADV_DONTDUMP` (`dd`): left out of core dumps.
+    DontDump,
+    /// `MADV_HUGEPAGE` (`hg`): backed by transparent huge pages where possible.
+    HugePage,
+    /// `MADV_NOHUGEPAGE` (`nh`): never backed by transparent huge pages.
+    NoHugePage,
+}
+
+impl Advice {
+    /// Every advice with the `VmFlags` name smaps shows for it.
+    pub const ALL: [(Advice, &'static str); 5] = [
+        (Advice::DontFork, "dc"),
+        (Advice::WipeOnFork, "wf"),
+        (Advice::DontDump, "dd"),
+        (Advice::HugePage, "hg"),
+        (Advice::NoHugePage, "nh"),
+    ];
+
+    /// Whether a forked child gets something other than a copy of the mapping: such
+    /// mappings are loaded at once at a lazy restart, never through a userfaultfd whose
+    /// fork events would hand the child a copy.
+    pub fn changes_fork(self) -> bool {
+        matches!(self, Advice::DontFork | Advice::WipeOnFork)
+    }
 }
 
 /// A contiguous run of saved pages, stored as one chunk of the pack.

@@ -9,8 +9,8 @@ use stasis_image::generation::{
 };
 use stasis_image::manifest::FORMAT_VERSION;
 use stasis_image::manifest::{
-    FileRun, JobInfo, Manifest, MmFields, Namespaces, PageRun, ProcessImage, Rseq, SavedFile,
-    ThreadImage, Vma, VmaKind,
+    Advice, FileRun, JobInfo, Manifest, MmFields, Namespaces, PageRun, ProcessImage, Rseq,
+    SavedFile, ThreadImage, Vma, VmaKind,
 };
 use stasis_image::pack::Compression;
 use stasis_image::verify::verify;
@@ -77,6 +77,7 @@ fn manifest(chunk: u32) -> Manifest {
                 }],
                 shmem: None,
                 sysv: None,
+                advice: vec![Advice::WipeOnFork],
             }],
             fds: vec![],
             ..ProcessImage::default()

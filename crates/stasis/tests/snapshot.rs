@@ -59,5 +59,5 @@ fn memory_left_out_of_or_wiped_in_a_fork_is_saved_as_the_job_has_it() {
     job.wait();
     let out = env.restart_to_success(&job);
     assert_all_pass(&out);
-    assert_eq!(out.matches("PASS t_forkflags").count(), 3, "{out}");
+    assert_eq!(out.matches("PASS t_forkflags").count(), 6, "{out}");
 }

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use stasis_image::manifest::{PageRun, SharedMemory, Vma, VmaKind};
+use stasis_image::manifest::{Advice, PageRun, SharedMemory, Vma, VmaKind};
 use stasis_image::pack::PackWriter;
 use stasis_sys::mem;
 
@@ -460,6 +460,11 @@ pub fn capture_vmas(
             pages,
             shmem,
             sysv: (kind == VmaKind::SysvShm).then(|| i32::try_from(m.inode).unwrap_or(-1)),
+            advice: Advice::ALL
+                .iter()
+                .filter(|(_, flag)| m.has_flag(flag))
+                .map(|&(a, _)| a)
+                .collect(),
         });
     }
     Ok(out)

@@ -49,7 +49,8 @@ impl LazyPlan {
 
     /// Whether mapping `v` loads lazily: private anonymous memory (the only kind a
     /// userfaultfd serves missing pages of, besides shared memory restored whole) with
-    /// saved pages.
+    /// saved pages, that a fork copies as it is (the loader hands a forked child a copy of
+    /// what is still missing).
     pub fn takes(&self, v: &Vma) -> bool {
         matches!(v.kind, VmaKind::Anon | VmaKind::Heap | VmaKind::Stack)
             && v.file.is_none()
@@ -57,6 +58,7 @@ impl LazyPlan {
             && v.sysv.is_none()
             && !v.shared
             && !v.pages.is_empty()
+            && !v.advice.iter().any(|a| a.changes_fork())
     }
 
     /// Records mapping `v` (taken with [`LazyPlan::takes`]) as left empty, but for the

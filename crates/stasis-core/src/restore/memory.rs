@@ -2,7 +2,7 @@
 //! to their saved addresses, map and fill every saved mapping, restore the mm fields.
 
 use stasis_image::OpenGeneration;
-use stasis_image::manifest::{ProcessImage, Vma, VmaKind};
+use stasis_image::manifest::{Advice, ProcessImage, Vma, VmaKind};
 use stasis_sys::mem;
 
 use super::child::Child;
@@ -183,6 +183,36 @@ pub(super) fn map_memory(
         }
         if prot != v.prot {
             c.call(&what, libc::SYS_mprotect, &[v.start, len, v.prot as u64])?;
+        }
+        give_advice(c, v)?;
+    }
+    Ok(())
+}
+
+/// Gives mapping `v` the `madvise` advice it had. Huge-page advice is a hint: a kernel
+/// without transparent huge pages refuses it (`EINVAL`), and the mapping goes without.
+fn give_advice(c: &mut Child, v: &Vma) -> CoreResult<()> {
+    for &a in &v.advice {
+        let (advice, name) = match a {
+            Advice::DontFork => (libc::MADV_DONTFORK, "MADV_DONTFORK"),
+            Advice::WipeOnFork => (libc::MADV_WIPEONFORK, "MADV_WIPEONFORK"),
+            Advice::DontDump => (libc::MADV_DONTDUMP, "MADV_DONTDUMP"),
+            Advice::HugePage => (libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"),
+            Advice::NoHugePage => (libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"),
+        };
+        let what = format!("giving mapping {:#x}-{:#x} {name}", v.start, v.end);
+        let done = c.call(
+            &what,
+            libc::SYS_madvise,
+            &[v.start, v.end - v.start, advice as u64],
+        );
+        match done {
+            Err(_) if matches!(a, Advice::HugePage | Advice::NoHugePage) => {
+                tracing::debug!(start = v.start, advice = name, "huge-page advice refused");
+            }
+            other => {
+                other?;
+            }
         }
     }
     Ok(())
