@@ -1,10 +1,10 @@
 /* t_dirty: memory changed between checkpoints in every way write tracking must notice,
  * self-checking.
  *
- * Usage: t_dirty WORKDIR
- * Region A (2048 pages of private anonymous memory) is filled, then READY is printed. The
- * program then waits: when WORKDIR/stepK appears (K = 1, 2, …) it makes the changes of step
- * K and prints "STEP K"; when WORKDIR/go appears it checks every page it holds against the
+ * Usage: t_dirty WORKDIR [PAGES]
+ * Region A (PAGES pages of private anonymous memory, 2048 to 16384, default 2048) is
+ * filled, then READY is printed. The program then waits: when WORKDIR/stepK appears
+ * (K = 1, 2, …) it makes the changes of step K and prints "STEP K"; when WORKDIR/go appears it checks every page it holds against the
  * contents it expects (a page's content is a function of its number and a version the
  * program keeps; version 0 is a zero page), prints PASS/FAIL lines and "DONE <failures>".
  * The steps, meant to be separated by checkpoints:
@@ -32,11 +32,12 @@ static const char *me = "dirty";
 #include "report.h"
 #include "pages.h"
 
-#define NA 2048
+#define NA_MAX 16384
 #define NC 64
 
+static int NA = 2048;
 static unsigned char *A, *C;
-static int va[NA], vc[NC];
+static int va[NA_MAX], vc[NC];
 static void set_a(int i, int v) {
     fill(A + (size_t)i * PAGE, i, v);
     va[i] = v;
@@ -102,6 +103,8 @@ static void step(int k) {
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     snprintf(work, sizeof work, "%s", argv[1]);
+    if (argc > 2) NA = atoi(argv[2]);
+    if (NA < 2048 || NA > NA_MAX) return 2;
     setvbuf(stdout, NULL, _IONBF, 0);
     A = mmap(NULL, (size_t)NA * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (A == MAP_FAILED) return 3;

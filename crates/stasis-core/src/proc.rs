@@ -29,6 +29,9 @@ pub struct MapEntry {
     pub path: String,
     /// VmFlags two-letter codes.
     pub flags: Vec<String>,
+    /// Pages of anonymous memory in it, present (`Anonymous:`) or swapped out (`Swap:`), as
+    /// smaps last told (0 when read from `/proc/PID/maps` alone).
+    pub anon_pages: u64,
 }
 
 /// The `VmFlags` codes capture relies on: don't-copy and wipe-on-fork (what a snapshot can
@@ -98,6 +101,7 @@ fn parse_map_header(line: &str) -> Option<MapEntry> {
         inode: inode.parse().ok()?,
         path,
         flags: Vec::new(),
+        anon_pages: 0,
     })
 }
 
@@ -109,6 +113,14 @@ pub fn maps(pid: i32) -> CoreResult<Vec<MapEntry>> {
         if let Some(flags) = line.strip_prefix("VmFlags:") {
             if let Some(last) = out.last_mut() {
                 last.flags = flags.split_whitespace().map(str::to_owned).collect();
+            }
+        } else if let Some(kb) = line
+            .strip_prefix("Anonymous:")
+            .or_else(|| line.strip_prefix("Swap:"))
+        {
+            if let Some(last) = out.last_mut() {
+                let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                last.anon_pages += kb / 4;
             }
         } else if let Some(e) = parse_map_header(line) {
             out.push(e);
@@ -124,7 +136,7 @@ pub fn maps_without_flags(pid: i32) -> CoreResult<Vec<MapEntry>> {
     Ok(text.lines().filter_map(parse_map_header).collect())
 }
 
-/// [`maps_without_flags`], each mapping with the `VmFlags` of the same mapping in `known`
+/// [`maps_without_flags`], each mapping with the `VmFlags` (and anonymous pages) of the same mapping in `known`
 /// (an earlier reading of smaps, sorted by address); `None` when a mapping is not in
 /// `known`.
 pub fn maps_with_known_flags(pid: i32, known: &[MapEntry]) -> CoreResult<Option<Vec<MapEntry>>> {
@@ -132,7 +144,10 @@ pub fn maps_with_known_flags(pid: i32, known: &[MapEntry]) -> CoreResult<Option<
     for e in &mut out {
         let i = known.partition_point(|k| k.start < e.start);
         match known.get(i) {
-            Some(k) if k.same_mapping(e) => e.flags.clone_from(&k.flags),
+            Some(k) if k.same_mapping(e) => {
+                e.flags.clone_from(&k.flags);
+                e.anon_pages = k.anon_pages;
+            }
             _ => return Ok(None),
         }
     }

@@ -82,6 +82,8 @@ struct CutState {
     protected: bool,
     /// See [`Tracked::carry`].
     carry: Vec<(u64, u64)>,
+    /// The ranges the cut's scan found written (not protected).
+    unprotected: Vec<(u64, u64)>,
 }
 
 /// What tracking knows of one process's pages at a cut.
@@ -119,6 +121,16 @@ impl Unchanged {
         }
     }
 
+    /// Pages tracked, written or not.
+    pub fn tracked_pages(&self) -> u64 {
+        self.tracked.iter().map(|(s, e)| e - s).sum::<u64>() / PAGE
+    }
+
+    /// Whether the page at `addr` is tracked.
+    pub fn is_tracked(&self, addr: u64) -> bool {
+        contains(&self.tracked, addr)
+    }
+
     /// Pages known unchanged: tracked and not written.
     pub fn known_pages(&self) -> u64 {
         let overlap: u64 = self
@@ -133,8 +145,7 @@ impl Unchanged {
                     .sum::<u64>()
             })
             .sum();
-        let tracked: u64 = self.tracked.iter().map(|(s, e)| e - s).sum();
-        (tracked - overlap) / PAGE
+        self.tracked_pages() - overlap / PAGE
     }
 }
 
@@ -168,6 +179,15 @@ impl Cursor<'_> {
                 .filter(|r| r.0 <= addr)
                 .map(|r| r.2 + u32::try_from((addr - r.0) / PAGE).unwrap_or(u32::MAX)),
         )
+    }
+
+    /// After [`Cursor::at`] said the page at `addr` is known unchanged: where the pages
+    /// known unchanged from `addr` on end (the end of its tracked range, or the start of
+    /// the next written range).
+    pub fn known_until(&self, addr: u64) -> u64 {
+        let tracked_end = self.u.tracked.get(self.t).map_or(addr, |t| t.1);
+        let written = self.u.written.get(self.w).map_or(u64::MAX, |w| w.0);
+        tracked_end.min(written).max(addr + PAGE)
     }
 
     /// After [`Cursor::at`] said the page at `addr` must be read: an address up to which
@@ -224,7 +244,7 @@ impl WriteTracking {
             return;
         }
         for (&pid, state) in &mut self.seen {
-            if !self.processes.contains_key(&pid) {
+            if !self.processes.contains_key(&pid) || state.protected {
                 continue;
             }
             match protect_and_carry(pid, &state.tracked) {
@@ -234,6 +254,28 @@ impl WriteTracking {
                 }
                 Err(e) => tracing::debug!(pid, error = %e, "pages not protected again"),
             }
+        }
+    }
+
+    /// Process `pid`, still frozen at the cut, had its memory read without a snapshot:
+    /// protects the pages the cut found written, so that tracking dates from this cut with
+    /// nothing carried over. Only those pages are walked: the rest stayed protected.
+    pub(crate) fn protect_frozen(&mut self, pid: i32) {
+        if !self.rearm || !self.processes.contains_key(&pid) {
+            return;
+        }
+        let Some(state) = self.seen.get_mut(&pid) else {
+            return;
+        };
+        // One scan per stretch of nearby ranges: pages between them are protected already
+        // and scanned cheaply, where a scan per range (often one page) adds up.
+        let stretches = coalesced(&state.tracked, &state.unprotected, 512 * PAGE);
+        match written_in(pid, &stretches, true) {
+            Ok(_) => {
+                state.carry.clear();
+                state.protected = true;
+            }
+            Err(e) => tracing::debug!(pid, error = %e, "pages not protected at the cut"),
         }
     }
 
@@ -291,6 +333,7 @@ impl WriteTracking {
         };
         // A tracker made anew (first checkpoint, exec) knows nothing of the past.
         let trusted = trusted_before && since_base(self);
+        let unprotected = written.clone();
         if let Some(t) = self.processes.get(&pid) {
             written.extend_from_slice(&t.carry);
         }
@@ -299,6 +342,7 @@ impl WriteTracking {
             pid,
             CutState {
                 tracked: tracked.clone(),
+                unprotected,
                 ..CutState::default()
             },
         );
@@ -471,6 +515,25 @@ pub(crate) fn written_in(
     Ok(written)
 }
 
+/// `ranges` (sorted, each inside one of `within`, sorted and disjoint) with those less than
+/// `gap` apart inside the same range of `within` merged.
+fn coalesced(within: &[(u64, u64)], ranges: &[(u64, u64)], gap: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    let mut w = 0;
+    let mut last_in = usize::MAX;
+    for &(s, e) in ranges {
+        while w < within.len() && within[w].1 <= s {
+            w += 1;
+        }
+        match out.last_mut() {
+            Some(last) if last_in == w && s < last.1 + gap => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+        last_in = w;
+    }
+    out
+}
+
 /// Sorts ranges and merges those that overlap or touch.
 fn normalized(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
@@ -534,6 +597,18 @@ fn make_tracker(pid: i32, inj: &mut Injector) -> Result<WriteTracker, SysError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coalesced_merges_nearby_ranges_only_inside_one_tracked_range() {
+        let within = [(0, 100), (100, 200)];
+        let r = [(10, 11), (15, 16), (40, 41), (95, 100), (100, 101)];
+        assert_eq!(
+            coalesced(&within, &r, 10),
+            vec![(10, 16), (40, 41), (95, 100), (100, 101)]
+        );
+        assert_eq!(coalesced(&within, &r, 1000), vec![(10, 100), (100, 101)]);
+        assert_eq!(coalesced(&within, &[], 10), vec![]);
+    }
 
     #[test]
     fn outside_leaves_the_gaps_between_ranges() {

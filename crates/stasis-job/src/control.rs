@@ -115,6 +115,10 @@ pub struct CheckpointReport {
     /// this one builds on: not read again, only referenced.
     #[serde(default)]
     pub unchanged_bytes: u64,
+    /// Bytes of private memory copied out while the job was frozen rather than read from a
+    /// copy-on-write snapshot afterwards (an incremental checkpoint with little to read).
+    #[serde(default)]
+    pub copied_bytes: u64,
     /// The job was ended after the snapshot.
     pub killed: bool,
     /// Older generations removed afterwards by the retention policy (`--keep`).

@@ -147,6 +147,7 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
         memory_bytes: manifest.chunks.raw_bytes(),
         stored_bytes: manifest.chunks.stored_bytes_in(0) + stasis_image::pack::HEADER_LEN,
         unchanged_bytes: 0,
+        copied_bytes: 0,
         killed: kill,
         removed: Vec::new(),
         callbacks_late: Vec::new(),

@@ -904,6 +904,7 @@ impl Supervisor {
             memory_bytes: manifest.chunks.raw_bytes(),
             stored_bytes,
             unchanged_bytes: captured.unchanged_bytes,
+            copied_bytes: captured.copied_bytes,
             killed: kill,
             removed: Vec::new(),
             callbacks_late: Vec::new(),

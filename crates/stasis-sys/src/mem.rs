@@ -32,6 +32,54 @@ pub fn read(pid: i32, addr: u64, buf: &mut [u8]) -> SysResult<usize> {
     Ok(done)
 }
 
+/// Reads the remote `ranges` (address, length) of process `pid`, one after another, into
+/// `buf` (as long as their lengths together), up to 1024 ranges a call; returns how many
+/// bytes were read (fewer when a range could not be read: the rest is left as it was).
+pub fn read_gather(pid: i32, ranges: &[(u64, usize)], buf: &mut [u8]) -> SysResult<usize> {
+    const IOV_MAX: usize = 1024;
+    let mut done = 0;
+    for batch in ranges.chunks(IOV_MAX) {
+        let want: usize = batch.iter().map(|r| r.1).sum();
+        let Some(dest) = buf.get_mut(done..done + want) else {
+            return Err(SysError::new("process_vm_readv", pid, crate::Errno::EINVAL));
+        };
+        let local = libc::iovec {
+            iov_base: dest.as_mut_ptr().cast(),
+            iov_len: want,
+        };
+        let remote: Vec<libc::iovec> = batch
+            .iter()
+            .map(|&(addr, len)| libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
+        // SAFETY: `local` points into `buf`, writable for `want` bytes; `remote` holds
+        // `batch.len()` (at most IOV_MAX) entries; the kernel checks the remote ranges itself.
+        let n = unsafe {
+            libc::process_vm_readv(
+                pid,
+                &raw const local,
+                1,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        };
+        if n < 0 {
+            if done > 0 {
+                return Ok(done);
+            }
+            return Err(SysError::last("process_vm_readv", pid));
+        }
+        done += n.unsigned_abs();
+        if n.unsigned_abs() < want {
+            break;
+        }
+    }
+    Ok(done)
+}
+
 /// Reads exactly `len` bytes at `addr`, failing on a short read.
 pub fn read_vec(pid: i32, addr: u64, len: usize) -> SysResult<Vec<u8>> {
     let mut buf = vec![0u8; len];

@@ -65,42 +65,129 @@ fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> CoreResult<()> {
         .map_err(io_err(format!("{path} at {addr:#x}")))
 }
 
-/// Saves the wanted pages of `[start, end)`: pages are read in runs (through `mem`, the
-/// process's `/proc/PID/mem`, when given), zero pages dropped, and each non-zero run stored
-/// as a chunk. `base` maps an address to the run's recorded address
-/// (the address itself, or an offset in a shared memory object); `skip` leaves out pages
-/// already saved (by recorded address). Pages `unchanged` knows are not read: they refer to
-/// the base generation's blobs (or, zero there, are left out).
+/// Where pages are read from.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Source<'a> {
+    /// The (frozen) process itself, through `process_vm_readv`.
+    Live,
+    /// Its copy-on-write snapshot, through this `/proc/PID/mem` (see [`super::snapshot`]).
+    Mem(&'a std::fs::File),
+    /// Pages copied out of it while it was frozen: exactly those to read.
+    Copied(&'a CopiedPages),
+}
+
+/// Private pages copied out of a frozen process, stored once it runs again: a copy takes a
+/// fraction of the time storing takes (hashing, compressing, writing).
+#[derive(Debug, Default)]
+pub struct CopiedPages {
+    /// (address, length, offset in `data`): sorted by address, disjoint.
+    runs: Vec<(u64, u64, usize)>,
+    data: Vec<u8>,
+}
+
+impl CopiedPages {
+    fn run_at(&self, addr: u64) -> Option<&(u64, u64, usize)> {
+        let i = self.runs.partition_point(|r| r.0 + r.1 <= addr);
+        self.runs.get(i).filter(|r| r.0 <= addr)
+    }
+
+    /// Whether the page at `addr` was copied.
+    fn contains(&self, addr: u64) -> bool {
+        self.run_at(addr).is_some()
+    }
+
+    /// Fills `out` with the copied bytes from `addr` on (every page of it copied).
+    fn read(&self, mut addr: u64, out: &mut [u8]) -> CoreResult<()> {
+        let mut done = 0;
+        while done < out.len() {
+            let &(start, len, off) = self.run_at(addr).ok_or_else(|| {
+                CoreError::Incompatible(format!("page {addr:#x} was not copied at the cut"))
+            })?;
+            let from = off + (addr - start) as usize;
+            let n = ((start + len - addr) as usize).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&self.data[from..from + n]);
+            done += n;
+            addr += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Copies the `runs` (address, length; sorted, disjoint) of frozen process `pid`: with
+    /// one system call per 1024 runs (an incremental checkpoint's runs are often single
+    /// pages), falling back to reading a run on its own where that fails.
+    pub(super) fn gather(pid: i32, runs: &[(u64, usize)]) -> CoreResult<CopiedPages> {
+        let total: usize = runs.iter().map(|r| r.1).sum();
+        let mut data = vec![0u8; total];
+        let got = mem::read_gather(pid, runs, &mut data).unwrap_or(0);
+        let mut copied = Vec::with_capacity(runs.len());
+        let mut off = 0;
+        for &(addr, len) in runs {
+            if off + len > got {
+                read_memory(pid, addr, &mut data[off..off + len])?;
+            }
+            copied.push((addr, len as u64, off));
+            off += len;
+        }
+        Ok(CopiedPages { runs: copied, data })
+    }
+
+    /// Bytes copied.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether nothing was copied.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+/// Walks the pages of mapping `m` of process `pid` in address order: `known`, if given, gets
+/// each page `unchanged` knows (its base blob, `None` for a zero one; without it, stretches
+/// of such pages are skipped whole), `run` each run of at most
+/// [`RUN_PAGES`] consecutive pages to read — pages not known whose pagemap entry (from
+/// `source`) is `wanted` and that `skip` does not leave out (by `base` address).
 #[allow(clippy::too_many_arguments)]
-fn save_pages(
+fn walk_pages(
     pid: i32,
     m: &MapEntry,
     wanted: impl Fn(u64) -> bool,
     base: impl Fn(u64) -> u64,
     skip: impl Fn(u64) -> bool,
-    pack: &mut PackWriter,
-    mem: Option<&std::fs::File>,
+    source: Source<'_>,
     unchanged: &Unchanged,
-) -> CoreResult<Vec<PageRun>> {
+    mut known: Option<&mut dyn FnMut(u64, Option<u32>) -> CoreResult<()>>,
+    mut run: impl FnMut(u64, usize) -> CoreResult<()>,
+) -> CoreResult<()> {
     let pages = usize::try_from((m.end - m.start) / PAGE).unwrap_or(0);
     let mut pagemap = PagemapWindow::new(pid, m.start);
     let addr_of = |i: usize| m.start + i as u64 * PAGE;
     let mut unchanged = unchanged.cursor(m.start);
-    let mut runs = Vec::new();
-    let mut reused = ReusedRun::default();
-    let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
     let mut i = 0;
     // Where the stretch of pages to read (not known unchanged) that page `i` is in ends:
     // pagemap is read no further.
     let mut stop = 0;
     let page_of =
         |addr: u64| usize::try_from((addr.max(m.start) - m.start) / PAGE).unwrap_or(pages);
+    let mut entry = |i: usize, stop: usize| -> CoreResult<u64> {
+        match source {
+            Source::Copied(c) => Ok(if c.contains(addr_of(i)) {
+                PM_PRESENT
+            } else {
+                0
+            }),
+            _ => pagemap.entry(i, stop),
+        }
+    };
     while i < pages {
-        if let Some(known) = unchanged.at(addr_of(i)) {
-            if let Some(blob) = known {
-                reused.push(addr_of(i), blob, pack, &mut runs)?;
+        if let Some(blob) = unchanged.at(addr_of(i)) {
+            match known.as_mut() {
+                Some(known) => {
+                    known(addr_of(i), blob)?;
+                    i += 1;
+                }
+                None => i = page_of(unchanged.known_until(addr_of(i))).max(i + 1),
             }
-            i += 1;
             continue;
         }
         let next_stop = |u: &Cursor<'_>, i: usize, stop: &mut usize| {
@@ -110,7 +197,7 @@ fn save_pages(
         };
         next_stop(&unchanged, i, &mut stop);
         let mut want = |i: usize, stop: usize| -> CoreResult<bool> {
-            Ok(wanted(pagemap.entry(i, stop)?) && !skip(base(addr_of(i))))
+            Ok(wanted(entry(i, stop)?) && !skip(base(addr_of(i))))
         };
         if !want(i, stop)? {
             i += 1;
@@ -125,36 +212,86 @@ fn save_pages(
             }
             i += 1;
         }
-        let addr = addr_of(start);
-        let data = &mut buf[..(i - start) * PAGE as usize];
-        match mem {
-            Some(f) => f
-                .read_exact_at(data, addr)
-                .map_err(io_err(format!("/proc/{pid}/mem at {addr:#x}")))?,
-            None => read_memory(pid, addr, data)?,
-        }
-        let zero: Vec<bool> = data
-            .chunks(PAGE as usize)
-            .map(|p| p.iter().all(|&b| b == 0))
-            .collect();
-        let mut p = 0;
-        while p < zero.len() {
-            if zero[p] {
-                p += 1;
-                continue;
-            }
-            let s = p;
-            while p < zero.len() && !zero[p] {
-                p += 1;
-            }
-            let chunk = pack.add(&data[s * PAGE as usize..p * PAGE as usize])?;
-            runs.push(PageRun {
-                addr: base(addr + s as u64 * PAGE),
-                chunk,
-            });
-        }
+        run(addr_of(start), i - start)?;
     }
-    reused.flush(pack, &mut runs)?;
+    Ok(())
+}
+
+/// Reads `data.len()` bytes at `addr` of process `pid` from `source`.
+fn read_from(source: Source<'_>, pid: i32, addr: u64, data: &mut [u8]) -> CoreResult<()> {
+    match source {
+        Source::Live => read_memory(pid, addr, data),
+        Source::Mem(f) => f
+            .read_exact_at(data, addr)
+            .map_err(io_err(format!("/proc/{pid}/mem at {addr:#x}"))),
+        Source::Copied(c) => c.read(addr, data),
+    }
+}
+
+/// Saves the wanted pages of `[start, end)` (see [`walk_pages`]): pages are read in runs
+/// from `source`, zero pages dropped, and each non-zero run stored as a chunk. `base` maps
+/// an address to the run's recorded address (the address itself, or an offset in a shared
+/// memory object); `skip` leaves out pages already saved (by recorded address). Pages
+/// `unchanged` knows are not read: they refer to the base generation's blobs (or, zero
+/// there, are left out).
+#[allow(clippy::too_many_arguments)]
+fn save_pages(
+    pid: i32,
+    m: &MapEntry,
+    wanted: impl Fn(u64) -> bool,
+    base: impl Fn(u64) -> u64,
+    skip: impl Fn(u64) -> bool,
+    pack: &mut PackWriter,
+    source: Source<'_>,
+    unchanged: &Unchanged,
+) -> CoreResult<Vec<PageRun>> {
+    let runs = std::cell::RefCell::new(Vec::new());
+    let pack = std::cell::RefCell::new(pack);
+    let mut reused = ReusedRun::default();
+    let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
+    walk_pages(
+        pid,
+        m,
+        wanted,
+        &base,
+        skip,
+        source,
+        unchanged,
+        Some(&mut |addr, blob| match blob {
+            Some(blob) => reused.push(addr, blob, &mut pack.borrow_mut(), &mut runs.borrow_mut()),
+            None => Ok(()),
+        }),
+        |addr, pages| {
+            let data = &mut buf[..pages * PAGE as usize];
+            read_from(source, pid, addr, data)?;
+            let mut pack = pack.borrow_mut();
+            let mut runs = runs.borrow_mut();
+            let mut p = 0;
+            let zero = |p: usize| {
+                data[p * PAGE as usize..(p + 1) * PAGE as usize]
+                    .iter()
+                    .all(|&b| b == 0)
+            };
+            while p < pages {
+                if zero(p) {
+                    p += 1;
+                    continue;
+                }
+                let s = p;
+                while p < pages && !zero(p) {
+                    p += 1;
+                }
+                let chunk = pack.add(&data[s * PAGE as usize..p * PAGE as usize])?;
+                runs.push(PageRun {
+                    addr: base(addr + s as u64 * PAGE),
+                    chunk,
+                });
+            }
+            Ok(())
+        },
+    )?;
+    let mut runs = runs.into_inner();
+    reused.flush(pack.into_inner(), &mut runs)?;
     runs.sort_unstable_by_key(|r| r.addr);
     Ok(runs)
 }
@@ -318,7 +455,7 @@ impl SharedObjects {
             |a| m.offset + (a - m.start),
             |off| saved.contains(&off),
             pack,
-            None,
+            Source::Live,
             &Unchanged::default(),
         )?;
         for r in &runs {
@@ -330,34 +467,72 @@ impl SharedObjects {
     }
 }
 
-/// The private pages of mapping `m` of process `pid` (of kind `kind`): for a file mapping,
-/// the pages the process wrote (no longer the file's); for anonymous memory, every page
-/// present or swapped out, except those `unchanged` knows. `mem`: read through this
-/// `/proc/PID/mem` (see [`super::snapshot`]) instead of `process_vm_readv`.
+/// Which pagemap entries of a private mapping of kind `kind` are pages to save: for a file
+/// mapping, the pages the process wrote (no longer the file's); for anonymous memory, every
+/// page present or swapped out.
+fn private_wanted(kind: VmaKind) -> fn(u64) -> bool {
+    if kind == VmaKind::File {
+        |e| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
+    } else {
+        |e| e & (PM_PRESENT | PM_SWAPPED) != 0
+    }
+}
+
+/// The private pages of mapping `m` of process `pid` (of kind `kind`, see
+/// [`private_wanted`]), read from `source`, except those `unchanged` knows (file mappings
+/// are not tracked).
 pub(super) fn private_pages(
     pid: i32,
     m: &MapEntry,
     kind: VmaKind,
     pack: &mut PackWriter,
-    mem: Option<&std::fs::File>,
+    source: Source<'_>,
     unchanged: &Unchanged,
 ) -> CoreResult<Vec<PageRun>> {
-    if kind == VmaKind::File {
-        let wanted = |e: u64| (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
-        save_pages(
-            pid,
-            m,
-            wanted,
-            |a| a,
-            |_| false,
-            pack,
-            mem,
-            &Unchanged::default(),
-        )
+    let untracked = Unchanged::default();
+    let unchanged = if kind == VmaKind::File {
+        &untracked
     } else {
-        let wanted = |e: u64| e & (PM_PRESENT | PM_SWAPPED) != 0;
-        save_pages(pid, m, wanted, |a| a, |_| false, pack, mem, unchanged)
-    }
+        unchanged
+    };
+    let wanted = private_wanted(kind);
+    save_pages(pid, m, wanted, |a| a, |_| false, pack, source, unchanged)
+}
+
+/// The runs of pages (address, length) [`private_pages`] would read of mapping `m` of
+/// frozen process `pid`, to copy them with [`CopiedPages::gather`].
+pub(super) fn pages_to_copy(
+    pid: i32,
+    m: &MapEntry,
+    kind: VmaKind,
+    unchanged: &Unchanged,
+) -> CoreResult<Vec<(u64, usize)>> {
+    let untracked = Unchanged::default();
+    let unchanged = if kind == VmaKind::File {
+        &untracked
+    } else {
+        unchanged
+    };
+    let mut wanted: Vec<(u64, usize)> = Vec::new();
+    walk_pages(
+        pid,
+        m,
+        private_wanted(kind),
+        |a| a,
+        |_| false,
+        Source::Live,
+        unchanged,
+        None,
+        |addr, pages| {
+            let len = pages * PAGE as usize;
+            match wanted.last_mut() {
+                Some(last) if last.0 + last.1 as u64 == addr => last.1 += len,
+                _ => wanted.push((addr, len)),
+            }
+            Ok(())
+        },
+    )?;
+    Ok(wanted)
 }
 
 fn private_or_deferred(
@@ -374,7 +549,7 @@ fn private_or_deferred(
             list.push((index, m.clone(), kind));
             Ok(Vec::new())
         }
-        _ => private_pages(pid, m, kind, pack, None, unchanged),
+        _ => private_pages(pid, m, kind, pack, Source::Live, unchanged),
     }
 }
 

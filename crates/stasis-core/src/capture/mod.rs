@@ -86,6 +86,9 @@ pub struct CapturedJob {
     ending: Vec<snapshot::Snapshot>,
     /// Bytes of private memory write tracking knew unchanged (not read).
     pub unchanged_bytes: u64,
+    /// Bytes of private memory copied out while the job was frozen, instead of read from a
+    /// snapshot (little was left to read once the unchanged pages were known).
+    pub copied_bytes: u64,
     /// Mappings whose flags were taken from [`EarlyMaps`], by host pid.
     pub early_flags: Vec<(i32, Vec<proc::MapEntry>)>,
     /// The bytes taken out of the job's pseudo-terminal pairs: put back when dropped (do
@@ -156,9 +159,10 @@ impl CapturedJob {
                     v.pages = pages;
                 }
             }
-            let mut snapshot = p.snapshot;
-            snapshot.kill();
-            self.ending.push(snapshot);
+            if let snapshot::PendingSource::Snapshot(mut snapshot) = p.source {
+                snapshot.kill();
+                self.ending.push(snapshot);
+            }
         }
         Ok(())
     }
@@ -367,13 +371,16 @@ pub fn capture_job(
     if result.is_err() {
         // The job stays frozen (and will be thawed by the caller): its snapshots end now.
         for p in snapshots {
-            if let Some(f) = job.processes.iter().find(|f| f.pid == p.snapshot.parent) {
-                let _ = p.snapshot.release_frozen(f);
+            if let snapshot::PendingSource::Snapshot(s) = p.source
+                && let Some(f) = job.processes.iter().find(|f| f.pid == s.parent)
+            {
+                let _ = s.release_frozen(f);
             }
         }
         return result;
     }
     result.map(|mut c| {
+        c.copied_bytes = snapshots.iter().map(|p| p.copied_bytes()).sum();
         c.pending = snapshots;
         c
     })
@@ -418,7 +425,7 @@ fn capture_all(
     let mut vdso_blake3 = None;
     for f in &job.processes {
         let ppid = job_ppid(f.pid, supervisor, init)?;
-        let (mut image, vdso) = capture_process(f, ppid, &mut tables)?;
+        let (mut image, vdso) = capture_process(f, processes.len(), ppid, &mut tables)?;
         image.shares_parent_files = sharing_children.contains(&f.pid);
         if vdso_blake3.as_ref().is_some_and(|b| *b != vdso.blake3) {
             return Err(CoreError::Unsupported {
@@ -494,6 +501,7 @@ fn capture_all(
         pending: Vec::new(),
         ending: Vec::new(),
         unchanged_bytes: tables.unchanged_pages * 4096,
+        copied_bytes: 0,
         early_flags: tables.early_flags,
         pty_bytes: put_back,
     })

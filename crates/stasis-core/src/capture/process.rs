@@ -1,6 +1,6 @@
 //! Capturing one frozen process into its saved state.
 
-use stasis_image::manifest::{MmFields, ProcessImage, Rlimit};
+use stasis_image::manifest::{MmFields, ProcessImage, Rlimit, VmaKind};
 use stasis_image::pack::PackWriter;
 use stasis_sys::inject::Injector;
 use stasis_sys::{Errno, process, ptrace};
@@ -8,8 +8,8 @@ use stasis_sys::{Errno, process, ptrace};
 use super::content::FileContents;
 use super::early::EarlyMaps;
 use super::files::FileTable;
-use super::memory::{SharedObjects, capture_vmas};
-use super::snapshot::{PendingMemory, take};
+use super::memory::{CopiedPages, SharedObjects, capture_vmas, pages_to_copy};
+use super::snapshot::{PendingMemory, PendingSource, take};
 use super::threads::{capture_sigactions, capture_thread, capture_timers};
 use crate::error::{CoreResult, SysContext};
 use crate::freeze::{Frozen, stack_scratch};
@@ -47,10 +47,51 @@ pub struct JobTables<'a> {
     pub early_flags: Vec<(i32, Vec<MapEntry>)>,
 }
 
-/// Captures one frozen process: threads, memory, descriptors and process-wide state.
-/// `ppid` is its parent's pid in the job's namespace.
+/// A process's private memory is copied out while it is frozen, instead of read from a
+/// copy-on-write snapshot, when what is left to read once write tracking's unchanged pages
+/// are known is at most this share of its anonymous memory. Measured on a 1 GiB process:
+/// copying 2600 scattered pages (10 MiB) took 9 ms where the fork took 20-30 ms; copying
+/// 80 MiB, 80 ms.
+const COPY_SHARE: u64 = 64;
+
+/// The runs of pages of process `pid` to copy at the cut, when few enough (see
+/// [`COPY_SHARE`]); `deferred` are the mappings whose pages are pending, `maps` all of them.
+fn runs_to_copy(
+    pid: i32,
+    maps: &[MapEntry],
+    deferred: &[(usize, MapEntry, VmaKind)],
+    unchanged: &Unchanged,
+) -> CoreResult<Option<Vec<(u64, usize)>>> {
+    let anon: u64 = maps
+        .iter()
+        .filter(|m| !m.shared)
+        .map(|m| m.anon_pages)
+        .sum();
+    let known = unchanged.known_pages();
+    // Written tracked pages (some perhaps not present) and untracked anonymous ones: when
+    // even a fair share of those is too much, the exact count is not worth reading.
+    let untracked: u64 = deferred
+        .iter()
+        .filter(|(_, m, _)| !unchanged.is_tracked(m.start))
+        .map(|(_, m, _)| m.anon_pages)
+        .sum();
+    let at_most = unchanged.tracked_pages() - known + untracked;
+    if known == 0 || at_most * 8 > anon {
+        return Ok(None);
+    }
+    let mut runs = Vec::new();
+    for (_, m, kind) in deferred {
+        runs.extend(pages_to_copy(pid, m, *kind, unchanged)?);
+    }
+    let pages = runs.iter().map(|r| r.1 as u64).sum::<u64>() / 4096;
+    Ok((pages * COPY_SHARE <= anon).then_some(runs))
+}
+
+/// Captures one frozen process, the `index`th of its job: threads, memory, descriptors and
+/// process-wide state. `ppid` is its parent's pid in the job's namespace.
 pub fn capture_process(
     frozen: &Frozen,
+    index: usize,
     ppid: i32,
     tables: &mut JobTables<'_>,
 ) -> CoreResult<(ProcessImage, VdsoInfo)> {
@@ -115,6 +156,7 @@ pub fn capture_process(
         None => Unchanged::default(),
     };
     let t_tracked = std::time::Instant::now();
+    let known_pages = unchanged.known_pages();
     let mut deferred = Vec::new();
     let vmas = capture_vmas(
         pid,
@@ -125,14 +167,30 @@ pub fn capture_process(
         tables.pending.is_some().then_some(&mut deferred),
         &unchanged,
     )?;
-    let known_pages = unchanged.known_pages();
     tables.unchanged_pages += known_pages;
     let t_vmas = std::time::Instant::now();
     if let Some(pending) = tables.pending.as_mut() {
-        let snapshot = take(frozen, vdso.syscall_insn)?;
+        // Little to read: copy it now rather than pay for a snapshot.
+        let source = if let Some(runs) = runs_to_copy(pid, &maps, &deferred, &unchanged)? {
+            let pages = CopiedPages::gather(pid, &runs)?;
+            let t_copied = std::time::Instant::now();
+            if let Some(t) = tables.tracking.as_deref_mut() {
+                t.protect_frozen(pid);
+            }
+            tracing::debug!(
+                pid,
+                copied = pages.len(),
+                copy_ms = (t_copied - t_vmas).as_secs_f64() * 1e3,
+                protect_ms = t_copied.elapsed().as_secs_f64() * 1e3,
+                "copied at the cut"
+            );
+            PendingSource::Copied { pid, pages }
+        } else {
+            PendingSource::Snapshot(take(frozen, vdso.syscall_insn)?)
+        };
         pending.push(PendingMemory {
-            process: pending.len(),
-            snapshot,
+            process: index,
+            source,
             vmas: deferred,
             unchanged,
         });

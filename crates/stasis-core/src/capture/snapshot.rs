@@ -8,6 +8,11 @@
 //! born traced and stopped (the ptrace options of its parent) and never runs an
 //! instruction. When its memory has been read it is killed, and its parent — briefly
 //! frozen again — reaps it with an injected `wait4`, so that no zombie is left behind.
+//!
+//! When write tracking leaves little to read (an incremental checkpoint), the pages are
+//! instead copied out of the frozen process into the supervisor's memory and stored from
+//! there once the job runs: copying a few MiB costs less than the fork, which copies every
+//! page table, and the job is not slowed afterwards by copy-on-write faults.
 
 use stasis_image::manifest::{PageRun, VmaKind};
 use stasis_image::pack::PackWriter;
@@ -15,7 +20,7 @@ use stasis_sys::inject::Injector;
 use stasis_sys::wait::{WaitStatus, wait_pid};
 use stasis_sys::{mem, process, ptrace};
 
-use super::memory::private_pages;
+use super::memory::{CopiedPages, Source, private_pages};
 use crate::error::{CoreError, CoreResult, SysContext};
 use crate::freeze::{Frozen, freeze, stack_scratch};
 use crate::proc::{self, MapEntry};
@@ -42,13 +47,29 @@ pub struct Snapshot {
 pub struct PendingMemory {
     /// Index of the process in the captured job.
     pub process: usize,
-    /// The snapshot to read from.
-    pub snapshot: Snapshot,
+    /// Where to read it from.
+    pub source: PendingSource,
     /// Mappings whose pages are to be read: (index in the process's mappings, mapping,
     /// kind).
     pub vmas: Vec<(usize, MapEntry, VmaKind)>,
     /// Pages known unchanged since the base generation: not read.
     pub unchanged: Unchanged,
+}
+
+/// Where a process's pending private memory is read from.
+#[derive(Debug)]
+pub enum PendingSource {
+    /// Its copy-on-write snapshot.
+    Snapshot(Snapshot),
+    /// The pages copied out of process `pid` while it was frozen: little was left to read
+    /// once write tracking's unchanged pages were known, and copying that costs less than
+    /// a snapshot (forking copies every page table).
+    Copied {
+        /// The process (host pid).
+        pid: i32,
+        /// The pages.
+        pages: CopiedPages,
+    },
 }
 
 /// Whether a mapping's private pages can be read from a snapshot: not those the kernel
@@ -105,28 +126,37 @@ pub(super) fn take(frozen: &Frozen, insn: u64) -> CoreResult<Snapshot> {
 }
 
 impl PendingMemory {
-    /// Reads the pending pages from the snapshot: (mapping index, pages) per mapping.
+    /// Bytes copied out of the process at the cut (0 when read from a snapshot).
+    pub fn copied_bytes(&self) -> u64 {
+        match &self.source {
+            PendingSource::Snapshot(_) => 0,
+            PendingSource::Copied { pages, .. } => pages.len() as u64,
+        }
+    }
+
+    /// Reads the pending pages from their source: (mapping index, pages) per mapping.
     ///
-    /// Through `/proc/PID/mem`, not `process_vm_readv`: the snapshot's pages are shared
-    /// copy-on-write with the running job, and `process_vm_readv` pins the pages it reads,
-    /// which makes the kernel unshare (copy) every one of them first — in a profile, reading
-    /// a 1 GiB snapshot that way took 2.5 times as long as reading the frozen job itself.
+    /// A snapshot is read through `/proc/PID/mem`, not `process_vm_readv`: its pages are
+    /// shared copy-on-write with the running job, and `process_vm_readv` pins the pages it
+    /// reads, which makes the kernel unshare (copy) every one of them first — in a profile,
+    /// reading a 1 GiB snapshot that way took 2.5 times as long as reading the frozen job
+    /// itself.
     pub fn read(&self, pack: &mut PackWriter) -> CoreResult<Vec<(usize, Vec<PageRun>)>> {
-        let path = format!("/proc/{}/mem", self.snapshot.pid);
-        let mem = std::fs::File::open(&path).map_err(crate::error::io_err(&path))?;
+        let mem;
+        let (pid, source) = match &self.source {
+            PendingSource::Snapshot(s) => {
+                let path = format!("/proc/{}/mem", s.pid);
+                mem = std::fs::File::open(&path).map_err(crate::error::io_err(&path))?;
+                (s.pid, Source::Mem(&mem))
+            }
+            PendingSource::Copied { pid, pages } => (*pid, Source::Copied(pages)),
+        };
         self.vmas
             .iter()
             .map(|(i, m, kind)| {
                 Ok((
                     *i,
-                    private_pages(
-                        self.snapshot.pid,
-                        m,
-                        *kind,
-                        pack,
-                        Some(&mem),
-                        &self.unchanged,
-                    )?,
+                    private_pages(pid, m, *kind, pack, source, &self.unchanged)?,
                 ))
             })
             .collect()
