@@ -10,7 +10,10 @@
 //! yet swept), and in the supervisor `frozen`, `captured`, `thawed`,
 //! `snapshots-read`, `finished`; `kill-job-process` at `frozen` kills a process of the job
 //! instead of the supervisor. `no-prefetch` is not a death: a lazily restarted job's memory
-//! is then loaded only where the job touches it, until a checkpoint needs it all.
+//! is then loaded only where the job touches it, until a checkpoint needs it all. Nor is
+//! `slow-reprotect`: the supervisor waits a second after thawing the job, before write
+//! tracking protects its pages again (the window a write or `MADV_DONTNEED` must not slip
+//! through unseen).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};

@@ -822,6 +822,9 @@ impl Supervisor {
             frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
             frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
             fault::point("thawed");
+            if fault::reached("slow-reprotect") {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
             // The job runs again; its memory is read from copy-on-write snapshots.
             let thawed_at = Instant::now();
             captured.read_snapshots(writer.pack(), self.tracking.as_mut())?;

@@ -178,6 +178,44 @@ fn few_changed_pages_are_copied_at_the_cut_and_later_writes_are_seen() {
     restart_and_check(&env, &job);
 }
 
+/// Pages dropped with `MADV_DONTNEED`, written, or first touched in the moment between a
+/// checkpoint's cut and the renewal of their write protection (held open a second by the
+/// `slow-reprotect` test point) are read again by the next checkpoint: restarted from it,
+/// t_zap finds every page as it left it. (Pages never touched stay out of both.)
+#[test]
+fn pages_dropped_or_written_right_after_a_cut_are_read_again() {
+    let env = Env::new();
+    let name = env.name("zap");
+    let prog = program("t_zap", false);
+    let work = env.work.to_str().unwrap();
+    let vars = [("STASIS_FAULT", "slow-reprotect")];
+    let mut job = env.start_with_env(&name, &[], &prog, &[work], &vars);
+    env.wait_output(&job, "READY\n");
+    let first = std::thread::scope(|s| {
+        let checkpoint = s.spawn(|| env.checkpoint(&name, false));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        fs::write(env.work.join("zap"), b"").expect("zap file");
+        env.wait_output(&job, "ZAPPED\n");
+        assert!(
+            !checkpoint.is_finished(),
+            "the job changed its pages only after the checkpoint ended"
+        );
+        checkpoint.join().expect("checkpoint thread")
+    });
+    // The cut saw the 768 pages written before the change, all of them.
+    assert!(
+        first["memory_bytes"].as_u64().unwrap() >= 768 * 4096,
+        "the job changed its pages before the cut: {first}"
+    );
+    let second = env.checkpoint(&name, false);
+    assert!(unchanged_pages(&second) > 0, "{second}");
+    env.ok(&["kill", &name]);
+    job.wait();
+    let out = env.restart_to_success(&job);
+    assert_all_pass(&out);
+    assert_eq!(out.matches("PASS t_zap").count(), 4, "{out}");
+}
+
 #[test]
 fn tracking_is_not_trusted_when_its_base_is_damaged_or_a_checkpoint_failed() {
     let env = Env::new();

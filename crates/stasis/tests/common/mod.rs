@@ -194,10 +194,23 @@ impl Env {
         program: &Path,
         args: &[impl AsRef<std::ffi::OsStr>],
     ) -> Job {
+        self.start_with_env(name, flags, program, args, &[])
+    }
+
+    /// Like [`Env::start_with`], with environment variables `vars` set for the supervisor.
+    pub fn start_with_env(
+        &self,
+        name: &str,
+        flags: &[&str],
+        program: &Path,
+        args: &[impl AsRef<std::ffi::OsStr>],
+        vars: &[(&str, &str)],
+    ) -> Job {
         let out = self.work.join(format!("{name}.out"));
         let err = self.work.join(format!("{name}.err"));
         let child = self
             .cmd()
+            .envs(vars.iter().copied())
             .args(["run", "--name", name])
             .args(flags)
             .arg("--")
