@@ -8,9 +8,10 @@
  * version 1 (pages.h) and prints READY. When WORKDIR/step exists it writes version 2
  * everywhere, sets MADV_WIPEONFORK on C and MADV_DOFORK on B (the flags of whole mappings
  * change, their bounds do not) and prints STEP DONE. After a restart, with WORKDIR/go, it
- * checks that every page holds version 2, that D still carries both advices
- * (/proc/self/smaps), and that a forked child sees A and C as zeros, B as version 2 and no D
- * at all (PASS/FAIL lines, DONE <failures>, exit status = failures).
+ * first forks a child, before touching any page, that must see A and C as zeros, B as
+ * version 2 and no D at all; then checks that every page holds version 2 and that D still
+ * carries both advices (/proc/self/smaps) (PASS/FAIL lines, DONE <failures>, exit status
+ * = failures).
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
@@ -82,13 +83,8 @@ int main(int argc, char **argv) {
     if (madvise(b, REGION_LEN, MADV_DOFORK) != 0) _exit(95);
     say("STEP DONE");
     while (!exists("go")) sleep_ms(5);
-    long bad_a = wrong_pages(a, 2), bad_b = wrong_pages(b, 2), bad_c = wrong_pages(c, 2);
-    long bad_d = wrong_pages(d, 2);
-    report(bad_a == 0, "wipe-on-fork region restored (%ld of %d pages wrong)", bad_a, REGION_PAGES);
-    report(bad_b == 0, "region no longer don't-fork restored (%ld of %d pages wrong)", bad_b, REGION_PAGES);
-    report(bad_c == 0, "region made wipe-on-fork restored (%ld of %d pages wrong)", bad_c, REGION_PAGES);
-    report(bad_d == 0, "don't-fork, don't-dump region restored (%ld of %d pages wrong)", bad_d, REGION_PAGES);
-    report(has_vmflag(d, "dc") && has_vmflag(d, "dd"), "don't-fork and don't-dump advice kept");
+    /* The child is forked before the parent reads its pages: restarted lazily, they may
+     * not be loaded yet, and the child must still see the advice's effect. */
     pid_t child = fork();
     if (child == 0) {
         /* exit status: one bit per wrong finding */
@@ -102,6 +98,13 @@ int main(int argc, char **argv) {
     int status = -1;
     if (child < 0 || waitpid(child, &status, 0) != child) status = -1;
     int st = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    long bad_a = wrong_pages(a, 2), bad_b = wrong_pages(b, 2), bad_c = wrong_pages(c, 2);
+    long bad_d = wrong_pages(d, 2);
+    report(bad_a == 0, "wipe-on-fork region restored (%ld of %d pages wrong)", bad_a, REGION_PAGES);
+    report(bad_b == 0, "region no longer don't-fork restored (%ld of %d pages wrong)", bad_b, REGION_PAGES);
+    report(bad_c == 0, "region made wipe-on-fork restored (%ld of %d pages wrong)", bad_c, REGION_PAGES);
+    report(bad_d == 0, "don't-fork, don't-dump region restored (%ld of %d pages wrong)", bad_d, REGION_PAGES);
+    report(has_vmflag(d, "dc") && has_vmflag(d, "dd"), "don't-fork and don't-dump advice kept");
     report(st == 0, "a forked child sees the advice (wiped A %s, wiped C %s, B %s, D %s)",
            st < 0 ? "?" : st & 1 ? "no" : "yes", st < 0 ? "?" : st & 2 ? "no" : "yes",
            st < 0 ? "?" : st & 4 ? "wrong" : "copied", st < 0 ? "?" : st & 8 ? "present" : "absent");

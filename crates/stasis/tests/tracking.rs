@@ -211,7 +211,7 @@ fn pages_dropped_or_written_right_after_a_cut_are_read_again() {
     assert!(unchanged_pages(&second) > 0, "{second}");
     env.ok(&["kill", &name]);
     job.wait();
-    let out = env.restart_to_success(&job);
+    let out = env.restart_to_success(&job, &[]);
     assert_all_pass(&out);
     assert_eq!(out.matches("PASS t_zap").count(), 4, "{out}");
 }

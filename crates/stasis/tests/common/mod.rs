@@ -255,11 +255,12 @@ impl Env {
         }
     }
 
-    /// Tells the job's program to go on, restarts the job and asserts that the restarted
-    /// program exits 0; returns its whole output.
-    pub fn restart_to_success(&self, job: &Job) -> String {
+    /// Tells the job's program to go on, restarts the job (environment variables `vars`
+    /// set for the supervisor) and asserts that the restarted program exits 0; returns its
+    /// whole output.
+    pub fn restart_to_success(&self, job: &Job, vars: &[(&str, &str)]) -> String {
         self.go();
-        let mut restarted = self.restart(job, &[]);
+        let mut restarted = self.restart_with_env(job, &[], vars);
         assert_eq!(
             restarted.wait(),
             0,
