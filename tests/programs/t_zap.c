@@ -2,7 +2,10 @@
  * before write tracking protects the pages again. The next checkpoint must hold the pages
  * as they are then, not as the first one saved them.
  *
- * Usage: t_zap WORKDIR. Maps a region of 1024 pages, fills every page with version 1
+ * Usage: t_zap WORKDIR [FILLER_MIB]. With FILLER_MIB, first maps that many MiB more and
+ * fills every page of it (version 1), so that the process is large enough for a
+ * checkpoint's pre-copy; those pages are checked too (one more PASS/FAIL line). Maps a
+ * region of 1024 pages, fills every page with version 1
  * (pages.h), leaves the region's last 256 pages untouched (never present), prints READY.
  * When WORKDIR/zap exists: MADV_DONTNEED on pages 0-99 (zero from then on), version 2
  * into pages 100-199, version 3 into pages 800-809 (never present before), prints ZAPPED.
@@ -22,6 +25,14 @@ static const char *me = "t_zap";
 
 int main(int argc, char **argv) {
     snprintf(work, sizeof work, "%s", argc > 1 ? argv[1] : ".");
+    long filler = argc > 2 ? atol(argv[2]) * 256 : 0;
+    unsigned char *f = NULL;
+    if (filler > 0) {
+        f = mmap(NULL, (size_t)filler * PAGE, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (f == MAP_FAILED) return 96;
+        for (long i = 0; i < filler; i++) fill(f + (size_t)i * PAGE, 100000 + i, 1);
+    }
     unsigned char *r = mmap(NULL, (size_t)PAGES * PAGE, PROT_READ | PROT_WRITE,
                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (r == MAP_FAILED) return 98;
@@ -54,6 +65,11 @@ int main(int argc, char **argv) {
     report(bad[1] == 0, "pages written after the cut hold it (%d of 100 wrong)", bad[1]);
     report(bad[2] == 0, "pages first touched after the cut hold it (%d of 10 wrong)", bad[2]);
     report(bad[3] == 0, "the other pages are unchanged (%d of %d wrong)", bad[3], PAGES - 210);
+    if (filler > 0) {
+        long wrong = 0;
+        for (long i = 0; i < filler; i++) wrong += !check(f + (size_t)i * PAGE, 100000 + i, 1);
+        report(wrong == 0, "the filler pages are unchanged (%ld of %ld wrong)", wrong, filler);
+    }
     say("DONE %d", failures);
     return failures;
 }

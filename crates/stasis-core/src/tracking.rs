@@ -46,6 +46,9 @@ const MIN_PROCESS_PAGES: u64 = 256;
 /// supervisor's descriptors (its descriptor limit is the job's, left as it is).
 const MAX_TRACKED_PROCESSES: usize = 256;
 const PAGE: u64 = 4096;
+/// Bytes protected by one `PAGEMAP_SCAN` pass while the job runs (see
+/// [`WriteTracking::precopy_protect_running`]).
+const PROTECT_PIECE: u64 = 16 << 20;
 
 /// Write tracking of one job's processes, kept by its supervisor from one checkpoint to the
 /// next.
@@ -60,6 +63,9 @@ pub struct WriteTracking {
     rearm: bool,
     /// Set once the kernel refused tracking: nothing more is tried.
     unsupported: bool,
+    /// Pre-copies of the cut in progress, by process: where the memory read while the job
+    /// ran lies among the writer's staged blobs ([`WriteTracking::precopied`]).
+    precopies: HashMap<i32, BaseMemory>,
 }
 
 #[derive(Debug)]
@@ -98,6 +104,8 @@ pub struct Unchanged {
     written: Vec<(u64, u64)>,
     /// Where the base keeps the process's pages.
     base: BaseMemory,
+    /// The base is a pre-copy of this very cut: its blobs are the writer's staged ones.
+    staged: bool,
 }
 
 fn contains(ranges: &[(u64, u64)], addr: u64) -> bool {
@@ -122,6 +130,12 @@ impl Unchanged {
             w: self.written.partition_point(|r| r.1 <= addr),
             b: self.base.runs.partition_point(|r| r.1 <= addr),
         }
+    }
+
+    /// Whether the blobs [`Unchanged::lookup`] names are the writer's staged blobs (a
+    /// pre-copy of this cut) rather than the base generation's.
+    pub fn staged(&self) -> bool {
+        self.staged
     }
 
     /// Pages tracked, written or not.
@@ -212,6 +226,12 @@ impl Cursor<'_> {
     }
 }
 
+/// How tracking dates from the pre-copy of the generation whose pack is `generation`: a
+/// name no pack has.
+fn precopy_name(generation: &str) -> String {
+    format!("{generation} (pre-copy)")
+}
+
 /// Whether mapping `m` is tracked: private anonymous memory, large enough to pay.
 fn trackable(m: &MapEntry) -> bool {
     !m.shared
@@ -232,6 +252,7 @@ impl WriteTracking {
     /// the job is killed after this one).
     pub fn start_cut(&mut self, rearm: bool) {
         self.seen.clear();
+        self.precopies.clear();
         self.rearm = rearm;
     }
 
@@ -307,6 +328,7 @@ impl WriteTracking {
     /// unknown from now on.
     pub fn abandoned(&mut self) {
         self.seen.clear();
+        self.precopies.clear();
         for t in self.processes.values_mut() {
             t.since = None;
             t.carry.clear();
@@ -329,12 +351,9 @@ impl WriteTracking {
         if self.unsupported {
             return Unchanged::default();
         }
-        let since_base = |t: &Self| {
-            t.processes
-                .get(&pid)
-                .is_some_and(|t| t.since.is_some() && t.since.as_deref() == base.name())
-        };
-        let trusted_before = since_base(self);
+        let since = |t: &Self| t.processes.get(&pid).and_then(|t| t.since.clone());
+        let before = since(self);
+        let precopy = self.precopies.remove(&pid);
         let (tracked, mut written) = match self.track(pid, maps, inj, false) {
             Ok(x) => x,
             Err(e) => {
@@ -343,7 +362,7 @@ impl WriteTracking {
             }
         };
         // A tracker made anew (first checkpoint, exec) knows nothing of the past.
-        let trusted = trusted_before && since_base(self);
+        let after = since(self).filter(|_| before == since(self));
         let unprotected = written.clone();
         if let Some(t) = self.processes.get(&pid) {
             written.extend_from_slice(&t.carry);
@@ -362,13 +381,104 @@ impl WriteTracking {
                 ..CutState::default()
             },
         );
-        match (trusted, base.memory.get(&ns_pid)) {
-            (true, Some(b)) => Unchanged {
-                tracked,
-                written: normalized(written),
-                base: b.clone(),
+        let (base, staged) = match (after, precopy) {
+            (Some(s), Some(p)) if s == precopy_name(generation) => (p, true),
+            (Some(s), _) if Some(s.as_str()) == base.name() => match base.memory.get(&ns_pid) {
+                Some(b) => (b.clone(), false),
+                None => return Unchanged::default(),
             },
-            _ => Unchanged::default(),
+            _ => return Unchanged::default(),
+        };
+        Unchanged {
+            tracked,
+            written: normalized(written),
+            base,
+            staged,
+        }
+    }
+
+    /// Whether process `pid`'s next cut, for a generation built on `base`, would read all
+    /// its tracked memory: it is not tracked since that base. A pre-copy then pays.
+    pub fn reads_everything(&self, pid: i32, base: &Base) -> bool {
+        !self.unsupported
+            && self
+                .processes
+                .get(&pid)
+                .is_none_or(|t| t.since.is_none() || t.since.as_deref() != base.name())
+    }
+
+    /// Pre-copy, with process `pid` frozen before the cut of generation `generation`:
+    /// registers its trackable mappings. Returns the ranges tracked (empty when none are):
+    /// once the job runs again, the caller protects them
+    /// ([`WriteTracking::precopy_protect_running`]), reads them, then hands where it stored
+    /// them to [`WriteTracking::precopied`]. The tracker then dates from the pre-copy,
+    /// which only this cut trusts.
+    pub(crate) fn precopy_protect(
+        &mut self,
+        pid: i32,
+        maps: &[MapEntry],
+        inj: &mut Injector,
+        generation: &str,
+    ) -> Vec<(u64, u64)> {
+        if self.unsupported {
+            return Vec::new();
+        }
+        match self.track(pid, maps, inj, false) {
+            Ok((tracked, _)) => match self.processes.get_mut(&pid) {
+                Some(t) if !tracked.is_empty() => {
+                    t.since = Some(precopy_name(generation));
+                    t.carry.clear();
+                    tracked
+                }
+                _ => Vec::new(),
+            },
+            Err(e) => {
+                self.give_up(pid, &e);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Pre-copy: protects every page of `tracked` (as registered by
+    /// [`WriteTracking::precopy_protect`]) in process `pid`, which runs: a page the job
+    /// writes from now on shows as written at the cut. Writes before do not matter, the
+    /// pre-copy reading every page afterwards. Protecting while the job runs keeps it from
+    /// standing still for it (6-10 ms for 1 GiB). Each pass covers at most
+    /// [`PROTECT_PIECE`] bytes: a pass holds the address space's lock, which a thread of
+    /// the job may wait for. On failure nothing is trusted.
+    pub fn precopy_protect_running(&mut self, pid: i32, tracked: &[(u64, u64)]) -> bool {
+        let pieces: Vec<(u64, u64)> = tracked
+            .iter()
+            .flat_map(|&(s, e)| {
+                (s..e)
+                    .step_by(PROTECT_PIECE as usize)
+                    .map(move |p| (p, (p + PROTECT_PIECE).min(e)))
+            })
+            .collect();
+        match written_in(pid, &pieces, true) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(pid, error = %e, "pre-copy not protected");
+                self.precopied(pid, None);
+                false
+            }
+        }
+    }
+
+    /// The pre-copy of process `pid` is stored: `memory` says where (runs of staged blobs,
+    /// see [`crate::capture`]'s pre-copy). `None`: it failed, and nothing it read may be
+    /// trusted.
+    pub fn precopied(&mut self, pid: i32, memory: Option<BaseMemory>) {
+        match memory {
+            Some(m) => {
+                self.precopies.insert(pid, m);
+            }
+            None => {
+                self.precopies.remove(&pid);
+                if let Some(t) = self.processes.get_mut(&pid) {
+                    t.since = None;
+                }
+            }
         }
     }
 
@@ -713,6 +823,7 @@ mod tests {
             tracked,
             written,
             base: BaseMemory { runs },
+            staged: false,
         }
     }
 
@@ -745,6 +856,7 @@ mod tests {
             base: BaseMemory {
                 runs: vec![(0x10000, 0x14000, 7)],
             },
+            staged: false,
         };
         assert_eq!(u.lookup(0x10000), Some(Some(7)));
         assert_eq!(u.lookup(0x11000), Some(Some(8)));

@@ -13,7 +13,8 @@
 //! is then loaded only where the job touches it, until a checkpoint needs it all. Nor is
 //! `slow-reprotect`: the supervisor waits a second after thawing the job, before write
 //! tracking protects its pages again (the window a write or `MADV_DONTNEED` must not slip
-//! through unseen).
+//! through unseen); nor `slow-precopy`: it waits a second after a pre-copy, before the
+//! cut (the job's writes in between must be read at the cut).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};

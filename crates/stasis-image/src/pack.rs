@@ -151,6 +151,8 @@ pub struct PackWriter {
     /// The compression context, made at the first frame tried and reused (making one
     /// allocates its tables afresh every time).
     compressor: Option<Context<zstd::bulk::Compressor<'static>>>,
+    /// Blobs stored ahead of the chunks that will use them ([`PackWriter::stage`]).
+    staged: Vec<Blob>,
 }
 
 /// A zstd context kept for reuse (the crate's types do not implement `Debug`).
@@ -256,6 +258,7 @@ impl PackWriter {
             new_bytes: 0,
             behind: WriteBehind::default(),
             compressor: None,
+            staged: Vec::new(),
         })
     }
 
@@ -357,21 +360,62 @@ impl PackWriter {
                 ..blob
             });
         }
+        Ok(self.push_chunk(found))
+    }
+
+    /// Appends a chunk of `blobs` (their frames in our index) to the index; returns its
+    /// index.
+    fn push_chunk(&mut self, blobs: Vec<Blob>) -> u32 {
         let chunk = u32::try_from(self.index.starts.len()).unwrap_or(u32::MAX);
         self.index
             .starts
             .push(u32::try_from(self.index.blobs.len()).unwrap_or(u32::MAX));
-        self.index.blobs.extend(found);
-        Ok(chunk)
+        self.index.blobs.extend(blobs);
+        chunk
     }
 
     /// Whether base blob `next` lies right after base blob `last`, in the same frame.
     pub fn base_blob_follows(&self, last: u32, next: u32) -> bool {
-        let blobs = &self.base.index.blobs;
-        match (blobs.get(last as usize), blobs.get(next as usize)) {
-            (Some(a), Some(b)) => a.frame == b.frame && a.start.checked_add(a.len) == Some(b.start),
-            _ => false,
-        }
+        blob_follows(&self.base.index.blobs, last, next)
+    }
+
+    /// Stores `raw` (at most [`MAX_CHUNK`] bytes) as blobs that no chunk uses yet, as
+    /// [`PackWriter::add`] would (blobs known already are referenced, not written again);
+    /// returns the index of the first of its blobs among those staged, the others following
+    /// in order. A pre-copy stores memory this way while the job still runs; the chunks
+    /// of the pages found unchanged at the cut are then made of the staged blobs
+    /// ([`PackWriter::add_staged_blobs`]). Staged blobs no chunk uses cost their bytes in
+    /// the pack, nothing else.
+    pub fn stage(&mut self, raw: &[u8]) -> ImageResult<u32> {
+        let first = u32::try_from(self.staged.len()).unwrap_or(u32::MAX);
+        self.add(raw)?;
+        let start = self.index.starts.pop().unwrap_or(0) as usize;
+        self.staged.extend(self.index.blobs.drain(start..));
+        Ok(first)
+    }
+
+    /// Stores one chunk made of staged blobs (indices among those [`PackWriter::stage`]
+    /// returned, checked); returns its index.
+    pub fn add_staged_blobs(&mut self, blobs: &[u32]) -> ImageResult<u32> {
+        let found = blobs
+            .iter()
+            .map(|&b| {
+                self.staged
+                    .get(b as usize)
+                    .copied()
+                    .ok_or_else(|| ImageError::Corrupt {
+                        path: self.path.clone(),
+                        offset: 0,
+                        what: format!("staged blob {b}"),
+                    })
+            })
+            .collect::<ImageResult<Vec<_>>>()?;
+        Ok(self.push_chunk(found))
+    }
+
+    /// Whether staged blob `next` lies right after staged blob `last`, in the same frame.
+    pub fn staged_blob_follows(&self, last: u32, next: u32) -> bool {
+        blob_follows(&self.staged, last, next)
     }
 
     /// The generation this writer shares unchanged data with.
@@ -519,6 +563,14 @@ impl PackWriter {
             packs: self.packs,
             known,
         })
+    }
+}
+
+/// Whether blob `next` of `blobs` lies right after blob `last`, in the same frame.
+fn blob_follows(blobs: &[Blob], last: u32, next: u32) -> bool {
+    match (blobs.get(last as usize), blobs.get(next as usize)) {
+        (Some(a), Some(b)) => a.frame == b.frame && a.start.checked_add(a.len) == Some(b.start),
+        _ => false,
     }
 }
 

@@ -578,6 +578,60 @@ fn chunks_made_of_base_blobs_read_back_as_the_base_pages() {
     );
 }
 
+/// A pre-copy stages pages before the cut; chunks made of staged blobs read back as those
+/// pages, staged blobs no chunk uses only take room in the pack, new data equal to a
+/// staged page is not stored again, and a staged blob that does not exist is refused.
+#[test]
+fn chunks_made_of_staged_blobs_read_back_as_the_staged_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let data = noise(8 * 4096, 21);
+    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let first = w.pack().stage(&data[..4 * 4096]).unwrap();
+    let second = w.pack().stage(&data[4 * 4096..]).unwrap();
+    assert_eq!((first, second), (0, 4));
+    assert!(w.pack().staged_blob_follows(1, 2));
+    assert!(!w.pack().staged_blob_follows(3, 4), "another frame");
+    // Pages 4-7 whole, then pages 1-2 (page 0 and 3 rewritten since, say).
+    let whole = w.pack().add_staged_blobs(&[4, 5, 6, 7]).unwrap();
+    let part = w.pack().add_staged_blobs(&[1, 2]).unwrap();
+    assert!(w.pack().add_staged_blobs(&[8]).is_err(), "no staged blob 8");
+    // New data equal to a staged page is not stored again.
+    let before = w.pack().bytes_written();
+    let again = w.pack().add(&data[..4096]).unwrap();
+    assert_eq!(w.pack().bytes_written(), before, "page 0 was known");
+    let mut m = manifest(whole);
+    m.processes[0].vmas[0]
+        .pages
+        .push(stasis_image::manifest::PageRun {
+            addr: 0x10000 + 16 * 4096,
+            chunk: part,
+        });
+    m.processes[0].vmas[0]
+        .pages
+        .push(stasis_image::manifest::PageRun {
+            addr: 0x10000 + 20 * 4096,
+            chunk: again,
+        });
+    let (_, dir) = w.finish(&mut m).unwrap();
+    let mut open = OpenGeneration::open(&dir).unwrap();
+    assert_eq!(open.chunk(whole).unwrap(), data[4 * 4096..]);
+    assert_eq!(open.chunk(part).unwrap(), data[4096..3 * 4096]);
+    assert_eq!(open.chunk(again).unwrap(), data[..4096]);
+    // A chunk that is a whole staged frame is read straight into the buffer, as a full
+    // checkpoint's chunks are; part of one is lent from the frame cache.
+    let mut buf = Vec::new();
+    let read = open.with_chunk(whole, &mut buf, <[u8]>::to_vec).unwrap();
+    assert_eq!(read, data[4 * 4096..]);
+    assert_eq!(buf, data[4 * 4096..]);
+    let mut buf = Vec::new();
+    let lent = open.with_chunk(part, &mut buf, <[u8]>::to_vec).unwrap();
+    assert_eq!(lent, data[4096..3 * 4096]);
+    assert!(buf.is_empty(), "part of a staged frame is lent");
+    let v = verify(&dir).unwrap();
+    assert_eq!(v.raw_bytes, 7 * 4096, "{v:?}");
+}
+
 #[test]
 fn a_writer_starts_from_what_the_last_one_carried_only_while_its_generation_is_newest() {
     let tmp = tempfile::tempdir().unwrap();

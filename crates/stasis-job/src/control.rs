@@ -119,6 +119,15 @@ pub struct CheckpointReport {
     /// copy-on-write snapshot afterwards (an incremental checkpoint with little to read).
     #[serde(default)]
     pub copied_bytes: u64,
+    /// Bytes of private memory read while the job ran, before the cut (a pre-copy: the
+    /// checkpoint would otherwise have read it all from a snapshot), and found unchanged at
+    /// the cut: not read again.
+    #[serde(default)]
+    pub precopied_bytes: u64,
+    /// How long the job was frozen for the pre-copy (its pages protected), milliseconds;
+    /// 0 without one.
+    #[serde(default)]
+    pub precopy_frozen_ms: f64,
     /// The job was ended after the snapshot.
     pub killed: bool,
     /// Older generations removed afterwards by the retention policy (`--keep`).

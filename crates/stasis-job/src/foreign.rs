@@ -148,6 +148,8 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
         stored_bytes: manifest.chunks.stored_bytes_in(0) + stasis_image::pack::HEADER_LEN,
         unchanged_bytes: 0,
         copied_bytes: 0,
+        precopied_bytes: 0,
+        precopy_frozen_ms: 0.0,
         killed: kill,
         removed: Vec::new(),
         callbacks_late: Vec::new(),

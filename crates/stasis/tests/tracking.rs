@@ -128,6 +128,10 @@ fn copied_bytes(report: &Value) -> u64 {
     report["copied_bytes"].as_u64().expect("copied_bytes")
 }
 
+fn precopied_pages(report: &Value) -> u64 {
+    report["precopied_bytes"].as_u64().expect("precopied_bytes") / 4096
+}
+
 /// A checkpoint that lets the job run on, with few pages written since the one it builds
 /// on, copies them while the job is frozen instead of forking a copy-on-write snapshot.
 /// The next checkpoint still sees every page written after the copy, and the program
@@ -143,12 +147,11 @@ fn few_changed_pages_are_copied_at_the_cut_and_later_writes_are_seen() {
         &[env.work.to_str().unwrap(), "16384"],
     );
     env.wait_output(&job, "READY\n");
+    // The first checkpoint of a process this large reads its memory before the cut (a
+    // pre-copy): nothing is known unchanged since an earlier generation.
     let first = env.checkpoint(&name, false);
-    assert_eq!(
-        copied_bytes(&first),
-        0,
-        "nothing known unchanged yet: {first}"
-    );
+    assert_eq!(unchanged_pages(&first), 0, "{first}");
+    assert!(precopied_pages(&first) >= 16384 * 9 / 10, "{first}");
     for k in 1..=4 {
         step(&env, &job, k);
         let report = env.checkpoint(&name, false);
@@ -178,6 +181,24 @@ fn few_changed_pages_are_copied_at_the_cut_and_later_writes_are_seen() {
     restart_and_check(&env, &job);
 }
 
+/// Takes a checkpoint of t_zap (`name`, started in `env` with a slowing test point) that
+/// lets it run on, and has it change its pages 300 ms after the checkpoint began, while
+/// the checkpoint still runs; returns the report.
+fn checkpoint_while_zapping(env: &Env, name: &str, job: &Job) -> Value {
+    env.wait_output(job, "READY\n");
+    std::thread::scope(|s| {
+        let checkpoint = s.spawn(|| env.checkpoint(name, false));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        fs::write(env.work.join("zap"), b"").expect("zap file");
+        env.wait_output(job, "ZAPPED\n");
+        assert!(
+            !checkpoint.is_finished(),
+            "the job changed its pages only after the checkpoint ended"
+        );
+        checkpoint.join().expect("checkpoint thread")
+    })
+}
+
 /// Pages dropped with `MADV_DONTNEED`, written, or first touched in the moment between a
 /// checkpoint's cut and the renewal of their write protection (held open a second by the
 /// `slow-reprotect` test point) are read again by the next checkpoint: restarted from it,
@@ -190,18 +211,7 @@ fn pages_dropped_or_written_right_after_a_cut_are_read_again() {
     let work = env.work.to_str().unwrap();
     let vars = [("STASIS_FAULT", "slow-reprotect")];
     let mut job = env.start_with_env(&name, &[], &prog, &[work], &vars);
-    env.wait_output(&job, "READY\n");
-    let first = std::thread::scope(|s| {
-        let checkpoint = s.spawn(|| env.checkpoint(&name, false));
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        fs::write(env.work.join("zap"), b"").expect("zap file");
-        env.wait_output(&job, "ZAPPED\n");
-        assert!(
-            !checkpoint.is_finished(),
-            "the job changed its pages only after the checkpoint ended"
-        );
-        checkpoint.join().expect("checkpoint thread")
-    });
+    let first = checkpoint_while_zapping(&env, &name, &job);
     // The cut saw the 768 pages written before the change, all of them.
     assert!(
         first["memory_bytes"].as_u64().unwrap() >= 768 * 4096,
@@ -214,6 +224,31 @@ fn pages_dropped_or_written_right_after_a_cut_are_read_again() {
     let out = env.restart_to_success(&job, &[]);
     assert_all_pass(&out);
     assert_eq!(out.matches("PASS t_zap").count(), 4, "{out}");
+}
+
+/// The first checkpoint of a large process reads its memory before the cut, while the job
+/// runs (a pre-copy). Pages the job drops with `MADV_DONTNEED`, writes or first touches
+/// after the pre-copy read them (the `slow-precopy` test point holds that moment open a
+/// second) are read at the cut: restarted, t_zap (with 40 MiB of filler, to be large
+/// enough) finds every page as it left it, not as the pre-copy read it.
+#[test]
+fn pages_changed_after_a_precopy_are_read_at_the_cut() {
+    let env = Env::new();
+    let name = env.name("zap-precopy");
+    let prog = program("t_zap", false);
+    let work = env.work.to_str().unwrap();
+    let vars = [("STASIS_FAULT", "slow-precopy")];
+    let mut job = env.start_with_env(&name, &[], &prog, &[work, "40"], &vars);
+    let first = checkpoint_while_zapping(&env, &name, &job);
+    // The 40 MiB of filler and the region's pages were read before the cut; the 210
+    // pages changed after it were not taken from it.
+    assert!(precopied_pages(&first) >= 40 * 256, "{first}");
+    assert_eq!(unchanged_pages(&first), 0, "{first}");
+    env.ok(&["kill", &name]);
+    job.wait();
+    let out = env.restart_to_success(&job, &[]);
+    assert_all_pass(&out);
+    assert_eq!(out.matches("PASS t_zap").count(), 5, "{out}");
 }
 
 #[test]

@@ -247,7 +247,7 @@ fn save_pages(
 ) -> CoreResult<Vec<PageRun>> {
     let runs = std::cell::RefCell::new(Vec::new());
     let pack = std::cell::RefCell::new(pack);
-    let mut reused = ReusedRun::default();
+    let mut reused = ReusedRun::new(unchanged.staged());
     let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
     walk_pages(
         pid,
@@ -264,36 +264,79 @@ fn save_pages(
         |addr, pages| {
             let data = &mut buf[..pages * PAGE as usize];
             read_from(source, pid, addr, data)?;
-            let mut pack = pack.borrow_mut();
-            let mut runs = runs.borrow_mut();
-            let mut p = 0;
-            let zero = |p: usize| {
-                data[p * PAGE as usize..(p + 1) * PAGE as usize]
-                    .iter()
-                    .all(|&b| b == 0)
-            };
-            while p < pages {
-                if zero(p) {
-                    p += 1;
-                    continue;
-                }
-                let s = p;
-                while p < pages && !zero(p) {
-                    p += 1;
-                }
-                let chunk = pack.add(&data[s * PAGE as usize..p * PAGE as usize])?;
-                runs.push(PageRun {
-                    addr: base(addr + s as u64 * PAGE),
+            for_each_nonzero(data, |offset, bytes| {
+                let chunk = pack.borrow_mut().add(bytes)?;
+                runs.borrow_mut().push(PageRun {
+                    addr: base(addr + offset as u64),
                     chunk,
                 });
-            }
-            Ok(())
+                Ok(())
+            })
         },
     )?;
     let mut runs = runs.into_inner();
     reused.flush(pack.into_inner(), &mut runs)?;
     runs.sort_unstable_by_key(|r| r.addr);
     Ok(runs)
+}
+
+/// Calls `f` with (offset, bytes) for each stretch of whole pages of `data` that are not
+/// all zero: zero pages are never stored.
+fn for_each_nonzero(
+    data: &[u8],
+    mut f: impl FnMut(usize, &[u8]) -> CoreResult<()>,
+) -> CoreResult<()> {
+    let page = PAGE as usize;
+    let zero = |p: usize| data[p * page..(p + 1) * page].iter().all(|&b| b == 0);
+    let pages = data.len() / page;
+    let mut p = 0;
+    while p < pages {
+        if zero(p) {
+            p += 1;
+            continue;
+        }
+        let s = p;
+        while p < pages && !zero(p) {
+            p += 1;
+        }
+        f(s * page, &data[s * page..p * page])?;
+    }
+    Ok(())
+}
+
+/// Pre-copy: stores the private pages present (or swapped out) in mapping `m` of process
+/// `pid`, which runs, as staged blobs of `pack` ([`PackWriter::stage`]); returns where
+/// they lie, as runs (first address, end address, first staged blob). Zero pages are left
+/// out: a run's pages are its blobs, one each, in order. The caller protected the pages
+/// against writes first, so that a page written while (or after) being read here shows as
+/// written at the cut.
+pub(super) fn stage_pages(
+    pid: i32,
+    m: &MapEntry,
+    pack: &mut PackWriter,
+) -> CoreResult<Vec<(u64, u64, u32)>> {
+    let mut staged = Vec::new();
+    let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
+    walk_pages(
+        pid,
+        m,
+        private_wanted(VmaKind::Anon),
+        |a| a,
+        |_| false,
+        Source::Live,
+        &Unchanged::default(),
+        None,
+        |addr, pages| {
+            let data = &mut buf[..pages * PAGE as usize];
+            read_memory(pid, addr, data)?;
+            for_each_nonzero(data, |offset, bytes| {
+                let start = addr + offset as u64;
+                staged.push((start, start + bytes.len() as u64, pack.stage(bytes)?));
+                Ok(())
+            })
+        },
+    )?;
+    Ok(staged)
 }
 
 /// `/proc/PID/pagemap` of one mapping, read a window at a time as the pages are visited:
@@ -337,18 +380,27 @@ impl PagemapWindow {
     }
 }
 
-/// Consecutive unchanged pages gathered into one chunk of the base's blobs.
+/// Consecutive unchanged pages gathered into one chunk of the base's blobs (or of the
+/// pre-copy's staged blobs).
 #[derive(Debug, Default)]
 struct ReusedRun {
     addr: u64,
     blobs: Vec<u32>,
+    /// The blobs are staged ones ([`PackWriter::stage`]), not the base's.
+    staged: bool,
 }
 
 impl ReusedRun {
-    /// Adds the page at `addr`, kept in base blob `blob`; stores the run so far first when
-    /// the page does not continue it, or its blob does not follow the run's last in the
-    /// same frame (a chunk inside one frame is read without being put together), or it is
-    /// full.
+    fn new(staged: bool) -> Self {
+        ReusedRun {
+            staged,
+            ..ReusedRun::default()
+        }
+    }
+
+    /// Adds the page at `addr`, kept in blob `blob`; stores the run so far first when the
+    /// page does not continue it, or its blob does not follow the run's last in the same
+    /// frame (a chunk inside one frame is read without being put together), or it is full.
     fn push(
         &mut self,
         addr: u64,
@@ -357,7 +409,13 @@ impl ReusedRun {
         runs: &mut Vec<PageRun>,
     ) -> CoreResult<()> {
         let next = self.addr + self.blobs.len() as u64 * PAGE;
-        let follows = |&last: &u32| pack.base_blob_follows(last, blob);
+        let follows = |&last: &u32| {
+            if self.staged {
+                pack.staged_blob_follows(last, blob)
+            } else {
+                pack.base_blob_follows(last, blob)
+            }
+        };
         if !self.blobs.is_empty()
             && (next != addr
                 || self.blobs.len() == RUN_PAGES
@@ -374,9 +432,14 @@ impl ReusedRun {
 
     fn flush(&mut self, pack: &mut PackWriter, runs: &mut Vec<PageRun>) -> CoreResult<()> {
         if !self.blobs.is_empty() {
+            let chunk = if self.staged {
+                pack.add_staged_blobs(&self.blobs)?
+            } else {
+                pack.add_base_blobs(&self.blobs)?
+            };
             runs.push(PageRun {
                 addr: self.addr,
-                chunk: pack.add_base_blobs(&self.blobs)?,
+                chunk,
             });
             self.blobs.clear();
         }

@@ -6,6 +6,7 @@ mod early;
 mod files;
 mod inotify;
 mod memory;
+mod precopy;
 mod process;
 mod snapshot;
 pub(crate) mod sockets;
@@ -25,6 +26,7 @@ pub use crate::vdso::{VdsoInfo, vdso_info};
 pub use content::FileContents;
 pub use early::EarlyMaps;
 pub use memory::vma_kind;
+pub use precopy::{Precopy, precopy_job};
 pub use process::{JobTables, capture_process, capture_zombie};
 
 use std::os::fd::{AsFd, BorrowedFd};
@@ -86,6 +88,9 @@ pub struct CapturedJob {
     ending: Vec<snapshot::Snapshot>,
     /// Bytes of private memory write tracking knew unchanged (not read).
     pub unchanged_bytes: u64,
+    /// Bytes of private memory stored by the pre-copy and found unchanged at the cut (not
+    /// read again).
+    pub precopied_bytes: u64,
     /// Bytes of private memory copied out while the job was frozen, instead of read from a
     /// snapshot (little was left to read once the unchanged pages were known).
     pub copied_bytes: u64,
@@ -425,6 +430,7 @@ fn capture_all(
         pending: snapshots,
         tracking: speedups.tracking,
         unchanged_pages: 0,
+        precopied_pages: 0,
         early_maps: &speedups.early_maps,
         early_flags: Vec::new(),
     };
@@ -509,6 +515,7 @@ fn capture_all(
         pending: Vec::new(),
         ending: Vec::new(),
         unchanged_bytes: tables.unchanged_pages * 4096,
+        precopied_bytes: tables.precopied_pages * 4096,
         copied_bytes: 0,
         early_flags: tables.early_flags,
         pty_bytes: put_back,

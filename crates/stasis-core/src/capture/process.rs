@@ -39,8 +39,11 @@ pub struct JobTables<'a> {
     pub pending: Option<&'a mut Vec<PendingMemory>>,
     /// Write tracking kept between checkpoints, if any.
     pub tracking: Option<&'a mut WriteTracking>,
-    /// Pages write tracking knew unchanged, over all processes so far.
+    /// Pages write tracking knew unchanged since the base generation, over all processes
+    /// so far.
     pub unchanged_pages: u64,
+    /// Pages write tracking knew unchanged since this checkpoint's pre-copy (stored then).
+    pub precopied_pages: u64,
     /// Mappings with flags read before the freeze.
     pub early_maps: &'a EarlyMaps,
     /// Mappings whose flags came from `early_maps`, by process, to check afterwards.
@@ -167,7 +170,11 @@ pub fn capture_process(
         tables.pending.is_some().then_some(&mut deferred),
         &unchanged,
     )?;
-    tables.unchanged_pages += known_pages;
+    if unchanged.staged() {
+        tables.precopied_pages += known_pages;
+    } else {
+        tables.unchanged_pages += known_pages;
+    }
     let t_vmas = std::time::Instant::now();
     if let Some(pending) = tables.pending.as_mut() {
         // Little to read: copy it now rather than pay for a snapshot.
