@@ -148,6 +148,19 @@ impl Unchanged {
         contains(&self.tracked, addr)
     }
 
+    /// Pages known unchanged whose content the base holds (not zero there): those taken
+    /// from it rather than read.
+    pub fn saved_pages(&self) -> u64 {
+        let runs: Vec<(u64, u64)> = self.base.runs.iter().map(|r| (r.0, r.1)).collect();
+        let kept = intersection(&runs, &self.tracked);
+        let bytes = kept.iter().map(|(s, e)| e - s).sum::<u64>()
+            - intersection(&kept, &self.written)
+                .iter()
+                .map(|(s, e)| e - s)
+                .sum::<u64>();
+        bytes / PAGE
+    }
+
     /// Pages known unchanged: tracked and not written.
     pub fn known_pages(&self) -> u64 {
         let overlap: u64 = self
@@ -660,6 +673,24 @@ fn coalesced(within: &[(u64, u64)], ranges: &[(u64, u64)], gap: u64) -> Vec<(u64
     out
 }
 
+/// The parts common to `a` and `b` (each sorted and disjoint), sorted.
+fn intersection(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if s < e {
+            out.push((s, e));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
 /// Sorts ranges and merges those that overlap or touch.
 fn normalized(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
@@ -834,6 +865,7 @@ mod tests {
             let from = (seed % 7) * PAGE;
             let mut c = u.cursor(from);
             let mut known = 0;
+            let mut saved = 0;
             for page in from / PAGE..260 {
                 let addr = page * PAGE;
                 let want = u.lookup(addr);
@@ -841,9 +873,11 @@ mod tests {
                 // The same address twice in a row (save_pages asks so) answers the same.
                 assert_eq!(c.at(addr), want, "seed {seed}, page {page} again");
                 known += u64::from(want.is_some());
+                saved += u64::from(matches!(want, Some(Some(_))));
             }
             if from == 0 {
                 assert_eq!(u.known_pages(), known, "seed {seed}");
+                assert_eq!(u.saved_pages(), saved, "seed {seed}");
             }
         }
     }

@@ -112,7 +112,8 @@ pub struct CheckpointReport {
     /// Bytes written to the pack.
     pub stored_bytes: u64,
     /// Bytes of private memory that write tracking knew unchanged since the generation
-    /// this one builds on: not read again, only referenced.
+    /// this one builds on: not read again, only referenced (pages zero there and still
+    /// untouched are not counted).
     #[serde(default)]
     pub unchanged_bytes: u64,
     /// Bytes of private memory copied out while the job was frozen rather than read from a
@@ -121,7 +122,7 @@ pub struct CheckpointReport {
     pub copied_bytes: u64,
     /// Bytes of private memory read while the job ran, before the cut (a pre-copy: the
     /// checkpoint would otherwise have read it all from a snapshot), and found unchanged at
-    /// the cut: not read again.
+    /// the cut: not read again (zero pages are not counted).
     #[serde(default)]
     pub precopied_bytes: u64,
     /// How long the job was frozen for the pre-copy (its pages protected), milliseconds;

@@ -171,9 +171,9 @@ pub fn capture_process(
         &unchanged,
     )?;
     if unchanged.staged() {
-        tables.precopied_pages += known_pages;
+        tables.precopied_pages += unchanged.saved_pages();
     } else {
-        tables.unchanged_pages += known_pages;
+        tables.unchanged_pages += unchanged.saved_pages();
     }
     let t_vmas = std::time::Instant::now();
     if let Some(pending) = tables.pending.as_mut() {

@@ -70,15 +70,36 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
     }
 }
 
+/// How much memory was not read at the cut: known unchanged since the last generation, or
+/// read before the cut by a pre-copy (and the moment the job was frozen for that).
+fn reads(r: &CheckpointReport) -> String {
+    let mut out = String::new();
+    if r.unchanged_bytes > 0 {
+        out += &format!(
+            "\n  {} unchanged since the generation before (referenced, not read)",
+            bytes(r.unchanged_bytes)
+        );
+    }
+    if r.precopied_bytes > 0 {
+        out += &format!(
+            "\n  {} read before the cut while the job ran (pre-copy; frozen {:.1} ms for it)",
+            bytes(r.precopied_bytes),
+            r.precopy_frozen_ms
+        );
+    }
+    out
+}
+
 fn describe(r: &CheckpointReport) -> String {
     format!(
-        "generation {} written to {}\n  frozen {:.1} ms, total {:.1} ms, memory {} stored as {}{}{}{}",
+        "generation {} written to {}\n  frozen {:.1} ms, total {:.1} ms, memory {} stored as {}{}{}{}{}",
         r.generation,
         r.path,
         r.frozen_ms,
         r.total_ms,
         bytes(r.memory_bytes),
         bytes(r.stored_bytes),
+        reads(r),
         if r.killed {
             "\n  the job was stopped"
         } else {
