@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fs::File;
 
-use stasis_image::pack::{Base, BaseMemory};
+use stasis_image::pack::{Base, BaseMemory, Reused};
 use stasis_sys::inject::Injector;
 use stasis_sys::process::{pidfd_getfd, pidfd_open};
 use stasis_sys::uffd::{USERFAULTFD_FLAGS, WriteTracker, written_ranges};
@@ -104,8 +104,9 @@ pub struct Unchanged {
     written: Vec<(u64, u64)>,
     /// Where the base keeps the process's pages.
     base: BaseMemory,
-    /// The base is a pre-copy of this very cut: its blobs are the writer's staged ones.
-    staged: bool,
+    /// Where the blobs `base` names lie: the base generation's, or the writer's staged
+    /// ones (a pre-copy of this very cut).
+    reused: Reused,
 }
 
 fn contains(ranges: &[(u64, u64)], addr: u64) -> bool {
@@ -132,10 +133,10 @@ impl Unchanged {
         }
     }
 
-    /// Whether the blobs [`Unchanged::lookup`] names are the writer's staged blobs (a
-    /// pre-copy of this cut) rather than the base generation's.
-    pub fn staged(&self) -> bool {
-        self.staged
+    /// Where the blobs [`Unchanged::lookup`] names lie: the base generation's, or the
+    /// writer's staged blobs (a pre-copy of this cut).
+    pub fn reused(&self) -> Reused {
+        self.reused
     }
 
     /// Pages tracked, written or not.
@@ -394,10 +395,10 @@ impl WriteTracking {
                 ..CutState::default()
             },
         );
-        let (base, staged) = match (after, precopy) {
-            (Some(s), Some(p)) if s == precopy_name(generation) => (p, true),
+        let (base, reused) = match (after, precopy) {
+            (Some(s), Some(p)) if s == precopy_name(generation) => (p, Reused::Staged),
             (Some(s), _) if Some(s.as_str()) == base.name() => match base.memory.get(&ns_pid) {
-                Some(b) => (b.clone(), false),
+                Some(b) => (b.clone(), Reused::Base),
                 None => return Unchanged::default(),
             },
             _ => return Unchanged::default(),
@@ -406,7 +407,7 @@ impl WriteTracking {
             tracked,
             written: normalized(written),
             base,
-            staged,
+            reused,
         }
     }
 
@@ -436,8 +437,9 @@ impl WriteTracking {
         if self.unsupported {
             return Vec::new();
         }
-        match self.track(pid, maps, inj, false) {
-            Ok((tracked, _)) => match self.processes.get_mut(&pid) {
+        // No scan while frozen: the protection pass that follows, the job running, is one.
+        match self.register(pid, maps, inj) {
+            Ok(tracked) => match self.processes.get_mut(&pid) {
                 Some(t) if !tracked.is_empty() => {
                     t.since = Some(precopy_name(generation));
                     t.carry.clear();
@@ -554,10 +556,9 @@ impl WriteTracking {
         self.processes.remove(&pid);
     }
 
-    /// Registers the trackable mappings of `pid` (making it a tracker first if it has none,
-    /// or its tracker is bound to an address space the process left) and lists the pages of
-    /// the registered ones written since they were last protected; with `protect`, protects
-    /// them again. Returns (registered ranges, written ranges).
+    /// [`WriteTracking::register`], then lists the pages of the registered ranges written
+    /// since they were last protected; with `protect`, protects them again. Returns
+    /// (registered ranges, written ranges).
     #[allow(clippy::type_complexity)]
     fn track(
         &mut self,
@@ -566,13 +567,27 @@ impl WriteTracking {
         inj: &mut Injector,
         protect: bool,
     ) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>), SysError> {
+        let tracked = self.register(pid, maps, inj)?;
+        let written = written_in(pid, &tracked, protect)?;
+        Ok((tracked, written))
+    }
+
+    /// Registers the trackable mappings of `pid` (making it a tracker first if it has none,
+    /// or its tracker is bound to an address space the process left); returns the ranges
+    /// registered.
+    fn register(
+        &mut self,
+        pid: i32,
+        maps: &[MapEntry],
+        inj: &mut Injector,
+    ) -> Result<Vec<(u64, u64)>, SysError> {
         let trackable: Vec<&MapEntry> = maps.iter().filter(|m| trackable(m)).collect();
         let pages: u64 = trackable.iter().map(|m| (m.end - m.start) / PAGE).sum();
         let room =
             self.processes.contains_key(&pid) || self.processes.len() < MAX_TRACKED_PROCESSES;
         if pages < MIN_PROCESS_PAGES || !room {
             self.processes.remove(&pid);
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(Vec::new());
         }
         let mut tracked = Vec::new();
         let mut remade = false;
@@ -610,8 +625,7 @@ impl WriteTracking {
                 }
             }
         }
-        let written = written_in(pid, &tracked, protect)?;
-        Ok((tracked, written))
+        Ok(tracked)
     }
 }
 
@@ -854,7 +868,7 @@ mod tests {
             tracked,
             written,
             base: BaseMemory { runs },
-            staged: false,
+            reused: Reused::Base,
         }
     }
 
@@ -890,7 +904,7 @@ mod tests {
             base: BaseMemory {
                 runs: vec![(0x10000, 0x14000, 7)],
             },
-            staged: false,
+            reused: Reused::Base,
         };
         assert_eq!(u.lookup(0x10000), Some(Some(7)));
         assert_eq!(u.lookup(0x11000), Some(Some(8)));

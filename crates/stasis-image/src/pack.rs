@@ -33,6 +33,17 @@ pub enum Compression {
     Zstd(i32),
 }
 
+/// Where the blobs of a chunk made of blobs already stored lie
+/// ([`PackWriter::add_reused`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Reused {
+    /// The base generation's (indices into its index's blobs).
+    #[default]
+    Base,
+    /// This writer's staged blobs ([`PackWriter::stage`]).
+    Staged,
+}
+
 /// The chunks of an earlier generation that a new one may reference instead of writing
 /// them again.
 #[derive(Debug, Clone, Default)]
@@ -339,26 +350,29 @@ impl PackWriter {
         Ok(chunk)
     }
 
-    /// Stores one chunk made of blobs of the base (indices into its index's blobs, checked),
-    /// without reading or hashing their bytes; returns its index.
-    pub fn add_base_blobs(&mut self, blobs: &[u32]) -> ImageResult<u32> {
+    /// Stores one chunk made of blobs already stored — of the base, or staged — (indices
+    /// into that table, checked), without reading or hashing their bytes; returns its
+    /// index.
+    pub fn add_reused(&mut self, from: Reused, blobs: &[u32]) -> ImageResult<u32> {
         let mut found = Vec::with_capacity(blobs.len());
         for &b in blobs {
-            let blob =
-                *self
-                    .base
-                    .index
-                    .blobs
-                    .get(b as usize)
-                    .ok_or_else(|| ImageError::Corrupt {
-                        path: self.path.clone(),
-                        offset: 0,
-                        what: format!("base generation's blob {b}"),
-                    })?;
-            found.push(Blob {
-                frame: self.import(blob.frame)?,
-                ..blob
-            });
+            let table = match from {
+                Reused::Base => &self.base.index.blobs,
+                Reused::Staged => &self.staged,
+            };
+            let blob = *table.get(b as usize).ok_or_else(|| ImageError::Corrupt {
+                path: self.path.clone(),
+                offset: 0,
+                what: match from {
+                    Reused::Base => format!("base generation's blob {b}"),
+                    Reused::Staged => format!("staged blob {b}"),
+                },
+            })?;
+            let frame = match from {
+                Reused::Base => self.import(blob.frame)?,
+                Reused::Staged => blob.frame,
+            };
+            found.push(Blob { frame, ..blob });
         }
         Ok(self.push_chunk(found))
     }
@@ -374,9 +388,16 @@ impl PackWriter {
         chunk
     }
 
-    /// Whether base blob `next` lies right after base blob `last`, in the same frame.
-    pub fn base_blob_follows(&self, last: u32, next: u32) -> bool {
-        blob_follows(&self.base.index.blobs, last, next)
+    /// Whether blob `next` lies right after blob `last` (both of `from`), in the same frame.
+    pub fn reused_blob_follows(&self, from: Reused, last: u32, next: u32) -> bool {
+        let blobs = match from {
+            Reused::Base => &self.base.index.blobs,
+            Reused::Staged => &self.staged,
+        };
+        match (blobs.get(last as usize), blobs.get(next as usize)) {
+            (Some(a), Some(b)) => a.frame == b.frame && a.start.checked_add(a.len) == Some(b.start),
+            _ => false,
+        }
     }
 
     /// Stores `raw` (at most [`MAX_CHUNK`] bytes) as blobs that no chunk uses yet, as
@@ -384,7 +405,7 @@ impl PackWriter {
     /// returns the index of the first of its blobs among those staged, the others following
     /// in order. A pre-copy stores memory this way while the job still runs; the chunks
     /// of the pages found unchanged at the cut are then made of the staged blobs
-    /// ([`PackWriter::add_staged_blobs`]). Staged blobs no chunk uses cost their bytes in
+    /// ([`PackWriter::add_reused`]). Staged blobs no chunk uses cost their bytes in
     /// the pack, nothing else.
     pub fn stage(&mut self, raw: &[u8]) -> ImageResult<u32> {
         let first = u32::try_from(self.staged.len()).unwrap_or(u32::MAX);
@@ -392,30 +413,6 @@ impl PackWriter {
         let start = self.index.starts.pop().unwrap_or(0) as usize;
         self.staged.extend(self.index.blobs.drain(start..));
         Ok(first)
-    }
-
-    /// Stores one chunk made of staged blobs (indices among those [`PackWriter::stage`]
-    /// returned, checked); returns its index.
-    pub fn add_staged_blobs(&mut self, blobs: &[u32]) -> ImageResult<u32> {
-        let found = blobs
-            .iter()
-            .map(|&b| {
-                self.staged
-                    .get(b as usize)
-                    .copied()
-                    .ok_or_else(|| ImageError::Corrupt {
-                        path: self.path.clone(),
-                        offset: 0,
-                        what: format!("staged blob {b}"),
-                    })
-            })
-            .collect::<ImageResult<Vec<_>>>()?;
-        Ok(self.push_chunk(found))
-    }
-
-    /// Whether staged blob `next` lies right after staged blob `last`, in the same frame.
-    pub fn staged_blob_follows(&self, last: u32, next: u32) -> bool {
-        blob_follows(&self.staged, last, next)
     }
 
     /// The generation this writer shares unchanged data with.
@@ -563,14 +560,6 @@ impl PackWriter {
             packs: self.packs,
             known,
         })
-    }
-}
-
-/// Whether blob `next` of `blobs` lies right after blob `last`, in the same frame.
-fn blob_follows(blobs: &[Blob], last: u32, next: u32) -> bool {
-    match (blobs.get(last as usize), blobs.get(next as usize)) {
-        (Some(a), Some(b)) => a.frame == b.frame && a.start.checked_add(a.len) == Some(b.start),
-        _ => false,
     }
 }
 

@@ -12,7 +12,7 @@ use stasis_image::manifest::{
     Advice, FileRun, JobInfo, Manifest, MmFields, Namespaces, PageRun, ProcessImage, Rseq,
     SavedFile, ThreadImage, Vma, VmaKind,
 };
-use stasis_image::pack::Compression;
+use stasis_image::pack::{Compression, Reused};
 use stasis_image::verify::verify;
 use stasis_image::{GenerationWriter, ImageError, OpenGeneration};
 
@@ -547,9 +547,9 @@ fn chunks_made_of_base_blobs_read_back_as_the_base_pages() {
     assert_eq!(base.blob_at(0x10000 + 5 * 4096), Some(5));
     assert_eq!(base.blob_at(0x10000 + 16 * 4096), None, "past the run");
     assert_eq!(base.blob_at(0xf000), None, "before the run");
-    let c = w.pack().add_base_blobs(&[3, 4, 5]).unwrap();
+    let c = w.pack().add_reused(Reused::Base, &[3, 4, 5]).unwrap();
     assert!(
-        w.pack().add_base_blobs(&[16]).is_err(),
+        w.pack().add_reused(Reused::Base, &[16]).is_err(),
         "no blob 16 in the base"
     );
     let (_, gen2) = w.finish(&mut manifest(c)).unwrap();
@@ -590,12 +590,18 @@ fn chunks_made_of_staged_blobs_read_back_as_the_staged_pages() {
     let first = w.pack().stage(&data[..4 * 4096]).unwrap();
     let second = w.pack().stage(&data[4 * 4096..]).unwrap();
     assert_eq!((first, second), (0, 4));
-    assert!(w.pack().staged_blob_follows(1, 2));
-    assert!(!w.pack().staged_blob_follows(3, 4), "another frame");
+    assert!(w.pack().reused_blob_follows(Reused::Staged, 1, 2));
+    assert!(
+        !w.pack().reused_blob_follows(Reused::Staged, 3, 4),
+        "another frame"
+    );
     // Pages 4-7 whole, then pages 1-2 (page 0 and 3 rewritten since, say).
-    let whole = w.pack().add_staged_blobs(&[4, 5, 6, 7]).unwrap();
-    let part = w.pack().add_staged_blobs(&[1, 2]).unwrap();
-    assert!(w.pack().add_staged_blobs(&[8]).is_err(), "no staged blob 8");
+    let whole = w.pack().add_reused(Reused::Staged, &[4, 5, 6, 7]).unwrap();
+    let part = w.pack().add_reused(Reused::Staged, &[1, 2]).unwrap();
+    assert!(
+        w.pack().add_reused(Reused::Staged, &[8]).is_err(),
+        "no staged blob 8"
+    );
     // New data equal to a staged page is not stored again.
     let before = w.pack().bytes_written();
     let again = w.pack().add(&data[..4096]).unwrap();

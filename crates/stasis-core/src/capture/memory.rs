@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use stasis_image::manifest::{Advice, PageRun, SharedMemory, Vma, VmaKind};
-use stasis_image::pack::PackWriter;
+use stasis_image::pack::{PackWriter, Reused};
 use stasis_sys::mem;
 
 use super::content::{FileContents, Found};
@@ -247,7 +247,7 @@ fn save_pages(
 ) -> CoreResult<Vec<PageRun>> {
     let runs = std::cell::RefCell::new(Vec::new());
     let pack = std::cell::RefCell::new(pack);
-    let mut reused = ReusedRun::new(unchanged.staged());
+    let mut reused = ReusedRun::new(unchanged.reused());
     let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
     walk_pages(
         pid,
@@ -386,14 +386,14 @@ impl PagemapWindow {
 struct ReusedRun {
     addr: u64,
     blobs: Vec<u32>,
-    /// The blobs are staged ones ([`PackWriter::stage`]), not the base's.
-    staged: bool,
+    /// Where its blobs lie.
+    from: Reused,
 }
 
 impl ReusedRun {
-    fn new(staged: bool) -> Self {
+    fn new(from: Reused) -> Self {
         ReusedRun {
-            staged,
+            from,
             ..ReusedRun::default()
         }
     }
@@ -409,13 +409,7 @@ impl ReusedRun {
         runs: &mut Vec<PageRun>,
     ) -> CoreResult<()> {
         let next = self.addr + self.blobs.len() as u64 * PAGE;
-        let follows = |&last: &u32| {
-            if self.staged {
-                pack.staged_blob_follows(last, blob)
-            } else {
-                pack.base_blob_follows(last, blob)
-            }
-        };
+        let follows = |&last: &u32| pack.reused_blob_follows(self.from, last, blob);
         if !self.blobs.is_empty()
             && (next != addr
                 || self.blobs.len() == RUN_PAGES
@@ -432,14 +426,9 @@ impl ReusedRun {
 
     fn flush(&mut self, pack: &mut PackWriter, runs: &mut Vec<PageRun>) -> CoreResult<()> {
         if !self.blobs.is_empty() {
-            let chunk = if self.staged {
-                pack.add_staged_blobs(&self.blobs)?
-            } else {
-                pack.add_base_blobs(&self.blobs)?
-            };
             runs.push(PageRun {
                 addr: self.addr,
-                chunk,
+                chunk: pack.add_reused(self.from, &self.blobs)?,
             });
             self.blobs.clear();
         }

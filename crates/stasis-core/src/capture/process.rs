@@ -1,7 +1,7 @@
 //! Capturing one frozen process into its saved state.
 
 use stasis_image::manifest::{MmFields, ProcessImage, Rlimit, VmaKind};
-use stasis_image::pack::PackWriter;
+use stasis_image::pack::{PackWriter, Reused};
 use stasis_sys::inject::Injector;
 use stasis_sys::{Errno, process, ptrace};
 
@@ -170,10 +170,9 @@ pub fn capture_process(
         tables.pending.is_some().then_some(&mut deferred),
         &unchanged,
     )?;
-    if unchanged.staged() {
-        tables.precopied_pages += unchanged.saved_pages();
-    } else {
-        tables.unchanged_pages += unchanged.saved_pages();
+    match unchanged.reused() {
+        Reused::Staged => tables.precopied_pages += unchanged.saved_pages(),
+        Reused::Base => tables.unchanged_pages += unchanged.saved_pages(),
     }
     let t_vmas = std::time::Instant::now();
     if let Some(pending) = tables.pending.as_mut() {
