@@ -14,7 +14,8 @@
 //! `slow-reprotect`: the supervisor waits a second after thawing the job, before write
 //! tracking protects its pages again (the window a write or `MADV_DONTNEED` must not slip
 //! through unseen); nor `slow-precopy`: it waits a second after a pre-copy, before the
-//! cut (the job's writes in between must be read at the cut).
+//! cut (the job's writes in between must be read at the cut); nor `no-direct-io`: every
+//! pack is written as on a filesystem that refuses direct I/O.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -49,6 +50,12 @@ pub fn reached(name: &str) -> bool {
         .or_insert(0);
     *count += 1;
     *count == *nth
+}
+
+/// Whether the armed fault is `name`, at every arrival (for conditions that last, not
+/// deaths).
+pub fn armed_as(name: &str) -> bool {
+    armed().is_some_and(|(armed, _)| armed == name)
 }
 
 /// Dies here if the armed fault is `name` (see the module documentation).

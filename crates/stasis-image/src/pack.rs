@@ -8,13 +8,14 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, Write};
+use std::io::{Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{ImageError, ImageResult, io};
 use crate::index::{BLOB_LEN, Blob, BlobHash, BuildBlobHasher, ChunkIndex, Frame, blob_hash};
 use crate::manifest::FORMAT_VERSION;
+use crate::sink::Sink;
 
 /// Magic bytes at the start of a pack file.
 pub const PACK_MAGIC: &[u8; 8] = b"STASISPK";
@@ -139,7 +140,7 @@ pub struct Written {
 /// that incompressible data costs little more than storing it raw.
 #[derive(Debug)]
 pub struct PackWriter {
-    file: BufWriter<File>,
+    file: Sink,
     path: PathBuf,
     offset: u64,
     compression: Compression,
@@ -157,8 +158,6 @@ pub struct PackWriter {
     backoff: u32,
     /// Raw bytes of blobs written (not deduplicated).
     new_bytes: u64,
-    /// The file's writeback, started behind the writer.
-    behind: WriteBehind,
     /// The compression context, made at the first frame tried and reused (making one
     /// allocates its tables afresh every time).
     compressor: Option<Context<zstd::bulk::Compressor<'static>>>,
@@ -178,44 +177,6 @@ impl<T> std::fmt::Debug for Context<T> {
 /// In [`PackWriter`]'s table of base frames imported: not (yet).
 const NOT_IMPORTED: u32 = u32::MAX;
 
-/// Bytes handed to the kernel between two starts of writeback.
-const WRITEBACK_WINDOW: u64 = 8 << 20;
-/// How far behind the writer writeback is awaited: bounds the dirty pages a checkpoint
-/// leaves in the page cache while keeping the disk's queue fed.
-const WRITEBACK_LAG: u64 = 64 << 20;
-
-/// Writeback started as the file grows, so that the disk writes while the rest is still
-/// being read, hashed and compressed, and the final `fsync` finds little left: a
-/// checkpoint then takes about the longer of the two, not their sum.
-#[derive(Debug, Default)]
-struct WriteBehind {
-    /// Offset up to which writeback was started.
-    started: u64,
-    /// Offset up to which writeback was awaited.
-    awaited: u64,
-}
-
-impl WriteBehind {
-    /// Called with the offset up to which bytes are in the kernel's hands.
-    fn advance(&mut self, file: &File, path: &Path, written: u64) -> ImageResult<()> {
-        if written < self.started + WRITEBACK_WINDOW {
-            return Ok(());
-        }
-        // A failed start is only a lost hint: the final fsync writes and reports.
-        let _ = stasis_sys::cache::start_writeback(file, self.started, written - self.started);
-        self.started = written;
-        if self.started > self.awaited + WRITEBACK_LAG + WRITEBACK_WINDOW {
-            let to = self.started - WRITEBACK_LAG;
-            // Waiting consumes a write error fsync would otherwise report: it is ours to
-            // report.
-            stasis_sys::cache::await_writeback(file, self.awaited, to - self.awaited)
-                .map_err(io(path))?;
-            self.awaited = to;
-        }
-        Ok(())
-    }
-}
-
 impl PackWriter {
     /// Creates a new pack file at `path` (mode 0600), deduplicating against `base`. The
     /// file's name (without directory) is how indexes refer to it.
@@ -232,19 +193,12 @@ impl PackWriter {
         base: Base,
         known: Option<KnownBlobs>,
     ) -> ImageResult<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io(path))?;
-        let mut file = BufWriter::with_capacity(1 << 20, file);
+        let mut file = Sink::create(path)?;
         let mut header = Vec::with_capacity(16);
         header.extend_from_slice(PACK_MAGIC);
         header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
-        file.write_all(&header).map_err(io(path))?;
+        file.write(&header)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -267,7 +221,6 @@ impl PackWriter {
             skip: 0,
             backoff: 0,
             new_bytes: 0,
-            behind: WriteBehind::default(),
             compressor: None,
             staged: Vec::new(),
         })
@@ -500,8 +453,8 @@ impl PackWriter {
         header[4..8].copy_from_slice(&stored_len.to_le_bytes());
         header[8..12].copy_from_slice(&raw_len.to_le_bytes());
         header[12..16].copy_from_slice(&u32::from(compressed.is_some()).to_le_bytes());
-        self.file.write_all(&header).map_err(io(&self.path))?;
-        self.file.write_all(stored).map_err(io(&self.path))?;
+        self.file.write(&header)?;
+        self.file.write(stored)?;
         self.index.frames.push(Frame {
             pack: 0,
             offset: self.offset,
@@ -511,9 +464,6 @@ impl PackWriter {
         });
         self.offset += HEADER_LEN + u64::from(stored_len);
         self.new_bytes += u64::from(raw_len);
-        let in_kernel = self.offset - self.file.buffer().len() as u64;
-        self.behind
-            .advance(self.file.get_ref(), &self.path, in_kernel)?;
         crate::fault::point("pack-chunk");
         Ok(())
     }
@@ -535,11 +485,7 @@ impl PackWriter {
 
     /// Flushes and syncs the file; returns the index and the packs it names.
     pub fn finish(self) -> ImageResult<Written> {
-        let file = self.file.into_inner().map_err(|e| ImageError::Io {
-            path: self.path.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(io(&self.path))?;
+        self.file.finish()?;
         crate::fault::point("pack-finished");
         // As a base, the blobs written here lie in our frames, the base's in the frames
         // imported from it (the others are out of reach).

@@ -1,5 +1,6 @@
 //! Page-cache control for image files: starting and awaiting the writeback of a range while
-//! more is written (so that the final `fsync` finds little left to do), and reading ahead.
+//! more is written (so that the final `fsync` finds little left to do), reading ahead, and
+//! the flag that bypasses the cache.
 //!
 //! Filesystems without writeback (tmpfs) accept these calls and do nothing.
 
@@ -7,6 +8,11 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 
 use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+
+/// The open flag for direct I/O (bypassing the page cache).
+pub const O_DIRECT: i32 = libc::O_DIRECT;
+/// The error a filesystem without direct I/O gives for it (at open or at the first write).
+pub const EINVAL: i32 = libc::EINVAL;
 
 fn sync_range(file: &impl AsFd, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {

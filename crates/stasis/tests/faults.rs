@@ -306,3 +306,44 @@ fn a_job_process_killed_during_the_checkpoint() {
     job.wait();
     assert!(generations(&env, &name).is_empty());
 }
+
+/// On a filesystem that refuses direct I/O (`STASIS_FAULT=no-direct-io` pretends so) packs
+/// go through the page cache: a full and an incremental generation verify, and the
+/// restarted program's memory checks out.
+#[test]
+fn packs_go_through_the_page_cache_where_direct_io_is_refused() {
+    let env = Env::new();
+    let name = env.name("cached");
+    let out = env.work.join("cached.out");
+    let child = env
+        .cmd()
+        .env("STASIS_FAULT", "no-direct-io")
+        .args(["run", "--name", &name, "--"])
+        .arg(program("memhog", false))
+        .args([env.work.to_str().unwrap(), "32"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(env.work.join("cached.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut job = Job {
+        name: name.clone(),
+        child,
+        out,
+    };
+    env.wait_output(&job, "READY\n");
+    env.checkpoint(&name, false);
+    fs::write(env.work.join("touch"), b"").unwrap();
+    env.wait_output(&job, "TOUCHED 1\n");
+    env.checkpoint(&name, true);
+    job.wait();
+    assert_eq!(generations(&env, &name), vec![1, 2]);
+    for g in [1, 2] {
+        let dir = env.job_dir(&name).join(format!("gen-{g:04}"));
+        env.ok(&["verify", dir.to_str().unwrap()]);
+    }
+    let mut restarted = env.restart(&job, &[]);
+    env.go();
+    assert_eq!(restarted.wait(), 0, "{}", env.stderr(&restarted));
+    assert_all_pass(&env.output(&restarted));
+}
