@@ -655,6 +655,9 @@ impl PackReader {
         if raw.len() != frame.raw_len as usize {
             return Err(corrupt("frame length"));
         }
+        // Read once: its cached pages go back to the kernel, which gives them to the
+        // reading ahead of the frames that follow.
+        let _ = stasis_sys::cache::drop_cached(&self.file, frame.offset, end - frame.offset);
         Ok(())
     }
 }
