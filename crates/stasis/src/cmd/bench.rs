@@ -77,6 +77,17 @@ fn wait_for(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The largest stall in microseconds the workload in `work` saw since its last reset.
+fn reported_stall(work: &Path) -> Result<f64> {
+    let _ = std::fs::remove_file(work.join("stall"));
+    std::fs::write(work.join("report"), "")?;
+    wait_for(&work.join("stall"), "the workload to report its stall")?;
+    Ok(std::fs::read_to_string(work.join("stall"))?
+        .trim()
+        .parse()
+        .unwrap_or(f64::NAN))
+}
+
 /// Waits until restarted job `name` has all its memory; returns the status's account of it.
 /// Polled slowly: each `status` is a process on the cores loading shares; the supervisor
 /// itself times loading (`loaded_after_ms`, from the moment the job runs).
@@ -194,10 +205,7 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(50));
         let full = stasis_json(&images, &["checkpoint", &name])?;
         std::thread::sleep(Duration::from_millis(100));
-        let stall_us: f64 = std::fs::read_to_string(work.join("stall"))?
-            .trim()
-            .parse()
-            .unwrap_or(f64::NAN);
+        let stall_us = reported_stall(&work)?;
         // After 1% of the pages changed.
         std::fs::write(work.join("touch"), "")?;
         wait_for(
@@ -208,10 +216,7 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(50));
         let incr = stasis_json(&images, &["checkpoint", &name])?;
         std::thread::sleep(Duration::from_millis(100));
-        let incr_stall_us: f64 = std::fs::read_to_string(work.join("stall"))?
-            .trim()
-            .parse()
-            .unwrap_or(f64::NAN);
+        let incr_stall_us = reported_stall(&work)?;
         let kill = stasis_json(&images, &["checkpoint", &name, "--kill"])?;
         // The baselines copy and read the bytes of the first, full checkpoint.
         let generation = full["path"].as_str().unwrap_or_default().to_owned();

@@ -3,8 +3,10 @@
 //! It fills MIB of memory (random, compressible or sparse), then a thread timestamps a
 //! tight loop with `CLOCK_MONOTONIC` and keeps the largest gap it sees: the stall the
 //! program itself observes. Control files in `--dir`: `reset` (start a new measurement),
-//! `touch` (change 1% of the pages, then `touched` appears); the workload writes `ready`
-//! once filled and keeps the largest gap in microseconds in `stall`.
+//! `touch` (change 1% of the pages, then `touched` appears), `report` (the largest gap in
+//! microseconds is written to `stall`); the workload writes `ready` once filled. Files are
+//! written only when asked: a checkpoint taken while one is open would have the restart
+//! look for it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -137,11 +139,13 @@ pub fn run(a: Args, _json: bool) -> Result<i32> {
             }
             write_atomic(&a.dir, "touched", &round.to_string());
         }
-        write_atomic(
-            &a.dir,
-            "stall",
-            &max_gap.load(Ordering::Relaxed).to_string(),
-        );
+        if std::fs::remove_file(a.dir.join("report")).is_ok() {
+            write_atomic(
+                &a.dir,
+                "stall",
+                &max_gap.load(Ordering::Relaxed).to_string(),
+            );
+        }
         std::hint::black_box(&mem);
     }
 }
