@@ -226,6 +226,14 @@ impl PackWriter {
         })
     }
 
+    /// Makes room for about `blobs` more new blobs (the pages a pre-copy is about to
+    /// stage), so that the tables do not grow step by step.
+    pub fn reserve_blobs(&mut self, blobs: usize) {
+        self.known.0.reserve(blobs);
+        self.staged.reserve(blobs);
+        self.index.blobs.reserve(blobs);
+    }
+
     /// Stores one chunk and returns its index.
     pub fn add(&mut self, raw: &[u8]) -> ImageResult<u32> {
         if raw.len() > MAX_CHUNK as usize {

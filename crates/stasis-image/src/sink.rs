@@ -6,21 +6,25 @@
 //! first is wasted work: on our machines that copy (into freshly allocated cache pages) took
 //! more than half of a full checkpoint's CPU time, and made `dd conv=fsync` of the same bytes
 //! 1.1–2.4 s where `oflag=direct` took 0.5–0.7 s. So a pack is written with `O_DIRECT` in
-//! large aligned blocks; the last, partial block is padded and the file cut back to its
-//! length. Where the filesystem refuses `O_DIRECT` (at open or at the first write) the pack
-//! goes through the page cache instead, with writeback started as the file grows.
+//! large aligned blocks, which the disk writes while the next ones fill
+//! ([`stasis_sys::aio::BlockWriter`]); the last, partial block is padded and the file cut
+//! back to its length. Whether the filesystem takes `O_DIRECT` is tried at creation (a
+//! block written and cut off again); where it does not, the pack goes through the page
+//! cache, with writeback started as the file grows.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use stasis_sys::aio::{ALIGN, BlockWriter};
+
 use crate::error::{ImageResult, io};
 
-/// Alignment of direct writes: buffer address, file offset and length.
-const ALIGN: usize = 4096;
 /// Bytes gathered before one direct write.
 const BLOCK: usize = 4 << 20;
+/// Direct writes under way at once.
+const DEPTH: usize = 4;
 /// Bytes handed to the kernel between two starts of writeback (cached mode).
 const WRITEBACK_WINDOW: u64 = 8 << 20;
 /// How far behind the writer writeback is awaited (cached mode): bounds the dirty pages a
@@ -46,13 +50,10 @@ enum Mode {
 
 #[derive(Debug)]
 struct Direct {
-    file: File,
-    /// Holds an aligned block of [`BLOCK`] bytes at `at`.
-    buf: Vec<u8>,
-    at: usize,
-    /// Bytes of the block filled.
+    blocks: BlockWriter,
+    /// Bytes of the block being filled.
     filled: usize,
-    /// File offset of the block (a multiple of [`ALIGN`]).
+    /// File offset of that block (a multiple of [`ALIGN`]).
     block_offset: u64,
 }
 
@@ -63,18 +64,6 @@ struct Cached {
     started: u64,
     /// Offset up to which writeback was awaited.
     awaited: u64,
-}
-
-impl Direct {
-    fn block(&mut self) -> &mut [u8] {
-        &mut self.buf[self.at..self.at + BLOCK]
-    }
-
-    /// Writes the first `len` bytes of the block (a multiple of [`ALIGN`]) at its offset.
-    fn write_block(&mut self, len: usize) -> std::io::Result<()> {
-        let (at, offset) = (self.at, self.block_offset);
-        self.file.write_all_at(&self.buf[at..at + len], offset)
-    }
 }
 
 impl Cached {
@@ -123,17 +112,19 @@ impl Sink {
         };
         let direct = !crate::fault::armed_as("no-direct-io");
         let mode = match direct.then(|| open(stasis_sys::cache::O_DIRECT)) {
-            Some(Ok(file)) => {
-                let buf = vec![0u8; BLOCK + ALIGN];
-                let at = buf.as_ptr().align_offset(ALIGN);
-                Mode::Direct(Direct {
-                    file,
-                    buf,
-                    at,
+            Some(Ok(file)) => match takes_direct_writes(&file) {
+                Ok(true) => Mode::Direct(Direct {
+                    blocks: BlockWriter::new(file, BLOCK, DEPTH),
                     filled: 0,
                     block_offset: 0,
-                })
-            }
+                }),
+                Ok(false) => {
+                    drop(file);
+                    let file = OpenOptions::new().write(true).open(path);
+                    Mode::Cached(Cached::new(file.map_err(io(path))?))
+                }
+                Err(e) => return Err(io(path)(e)),
+            },
             // Refused (EINVAL): the filesystem has no direct I/O.
             Some(Err(e)) if e.raw_os_error() == Some(stasis_sys::cache::EINVAL) => {
                 Mode::Cached(Cached::new(open(0).map_err(io(path))?))
@@ -168,81 +159,53 @@ impl Sink {
             };
             let n = bytes.len().min(BLOCK - d.filled);
             let filled = d.filled;
-            d.block()[filled..filled + n].copy_from_slice(&bytes[..n]);
+            let block = d.blocks.block().map_err(io(&self.path))?;
+            block[filled..filled + n].copy_from_slice(&bytes[..n]);
             d.filled += n;
             bytes = &bytes[n..];
             if d.filled == BLOCK {
-                self.flush_block()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the full direct block out; falls back to the page cache when the filesystem
-    /// turns direct writes down after all.
-    fn flush_block(&mut self) -> ImageResult<()> {
-        let Mode::Direct(d) = &mut self.mode else {
-            return Ok(());
-        };
-        match d.write_block(BLOCK) {
-            Ok(()) => {
+                d.blocks
+                    .write(BLOCK, d.block_offset)
+                    .map_err(io(&self.path))?;
                 d.block_offset += BLOCK as u64;
                 d.filled = 0;
-                Ok(())
             }
-            Err(e) if e.raw_os_error() == Some(stasis_sys::cache::EINVAL) => {
-                self.fall_back_to_cache()
-            }
-            Err(e) => Err(io(&self.path)(e)),
         }
-    }
-
-    /// Goes on through the page cache: what the direct block holds is written there.
-    fn fall_back_to_cache(&mut self) -> ImageResult<()> {
-        let Mode::Direct(d) = &mut self.mode else {
-            return Ok(());
-        };
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&self.path)
-            .map_err(io(&self.path))?;
-        let (at, filled, offset) = (d.at, d.filled, d.block_offset);
-        file.write_all_at(&d.buf[at..at + filled], offset)
-            .map_err(io(&self.path))?;
-        let mut cached = Cached::new(file);
-        let end = offset + filled as u64;
-        std::io::Seek::seek(&mut cached.file, std::io::SeekFrom::Start(end))
-            .map_err(io(&self.path))?;
-        self.mode = Mode::Cached(cached);
         Ok(())
     }
 
     /// Writes what is left and makes the file durable (`fsync`).
-    pub(crate) fn finish(mut self) -> ImageResult<()> {
-        if let Mode::Direct(d) = &mut self.mode {
-            // The last block, padded to the alignment; the file is cut back to its length
-            // below.
-            let (filled, padded) = (d.filled, d.filled.next_multiple_of(ALIGN));
-            d.block()[filled..padded].fill(0);
-            match d.write_block(padded) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(stasis_sys::cache::EINVAL) => {
-                    self.fall_back_to_cache()?;
-                }
-                Err(e) => return Err(io(&self.path)(e)),
-            }
-        }
+    pub(crate) fn finish(self) -> ImageResult<()> {
+        let path = self.path;
         let file = match self.mode {
-            Mode::Direct(d) => {
-                d.file.set_len(self.len).map_err(io(&self.path))?;
-                d.file
+            Mode::Direct(mut d) => {
+                // The last block, padded to the alignment, then the file cut back to its
+                // length.
+                let (filled, padded) = (d.filled, d.filled.next_multiple_of(ALIGN));
+                let block = d.blocks.block().map_err(io(&path))?;
+                block[filled..padded].fill(0);
+                d.blocks.write(padded, d.block_offset).map_err(io(&path))?;
+                let file = d.blocks.into_file().map_err(io(&path))?;
+                file.set_len(self.len).map_err(io(&path))?;
+                file
             }
-            Mode::Cached(c) => c
-                .file
-                .into_inner()
-                .map_err(|e| io(&self.path)(e.into_error()))?,
+            Mode::Cached(c) => c.file.into_inner().map_err(|e| io(&path)(e.into_error()))?,
         };
-        file.sync_all().map_err(io(&self.path))
+        file.sync_all().map_err(io(&path))
+    }
+}
+
+/// Whether `file` (new, empty, opened with `O_DIRECT`) takes direct writes: an aligned
+/// block is written at its start and cut off again.
+fn takes_direct_writes(file: &File) -> std::io::Result<bool> {
+    let buf = vec![0u8; 2 * ALIGN];
+    let at = buf.as_ptr().align_offset(ALIGN);
+    let written = file.write_all_at(&buf[at..at + ALIGN], 0);
+    file.set_len(0)?;
+    match written {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(stasis_sys::cache::EINVAL) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -299,20 +262,5 @@ mod tests {
         std::fs::write(&path, b"keep").unwrap();
         assert!(Sink::create(&path).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"keep");
-    }
-
-    #[test]
-    fn falling_back_to_the_page_cache_mid_block_keeps_every_byte() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let data = pattern(BLOCK + 5000);
-        let mut sink = Sink::create(&path).unwrap();
-        sink.write(&data[..BLOCK + 100]).unwrap();
-        // As when the filesystem refuses a direct write after the open.
-        sink.fall_back_to_cache().unwrap();
-        assert!(!sink.is_direct());
-        sink.write(&data[BLOCK + 100..]).unwrap();
-        sink.finish().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), data);
     }
 }

@@ -42,20 +42,20 @@ pub struct Precopy {
     pub read_ms: f64,
 }
 
-/// Whether process `pid` has enough anonymous memory resident to pre-copy: resident pages
-/// less those backed by files or shared memory, from `/proc/PID/statm` (kept counts; no
-/// page table is walked).
-fn large(pid: i32) -> bool {
+/// How many anonymous pages process `pid` has resident: resident pages less those backed
+/// by files or shared memory, from `/proc/PID/statm` (kept counts; no page table is
+/// walked). It is pre-copied from [`PRECOPY_MIN_PAGES`] on.
+fn anon_resident(pid: i32) -> u64 {
     let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
-        return false;
+        return 0;
     };
     let fields: Vec<u64> = statm
         .split_whitespace()
         .filter_map(|f| f.parse().ok())
         .collect();
     match fields.as_slice() {
-        [_, resident, shared, ..] => resident.saturating_sub(*shared) >= PRECOPY_MIN_PAGES,
-        _ => false,
+        [_, resident, shared, ..] => resident.saturating_sub(*shared),
+        _ => 0,
     }
 }
 
@@ -72,14 +72,19 @@ pub fn precopy_job(
     pack: &mut PackWriter,
 ) -> CoreResult<Precopy> {
     let mut done = Precopy::default();
-    let wanted: Vec<i32> = proc::descendants(supervisor)
+    let wanted: Vec<(i32, u64)> = proc::descendants(supervisor)
         .into_iter()
         .filter(|&p| Some(p) != init && tracking.reads_everything(p, pack.base()))
-        .filter(|&p| large(p))
+        .map(|p| (p, anon_resident(p)))
+        .filter(|&(_, pages)| pages >= PRECOPY_MIN_PAGES)
         .collect();
     if wanted.is_empty() {
         return Ok(done);
     }
+    // Room for their blobs at once, rather than growing (a table rehashed into freshly
+    // faulted memory at every doubling).
+    pack.reserve_blobs(wanted.iter().map(|&(_, pages)| pages as usize).sum());
+    let wanted: Vec<i32> = wanted.into_iter().map(|(p, _)| p).collect();
     let t0 = Instant::now();
     let frozen = freeze_job(supervisor, init, root)?;
     let mut insns = HashMap::new();
