@@ -18,7 +18,8 @@ use std::sync::Mutex;
 pub const ALIGN: usize = 4096;
 
 const IOCB_CMD_PWRITE: u16 = 1;
-/// How far ahead of the writes the file is allocated.
+/// How far ahead of the writes the file is allocated at most (the step doubles from one
+/// block up to this).
 const PREALLOCATE: u64 = 64 << 20;
 /// Buffers kept for the next writer at most.
 const MAX_SPARE: usize = 8;
@@ -26,6 +27,9 @@ const MAX_SPARE: usize = 8;
 /// Buffers of writers that ended, for the next ones: filling fresh memory costs a page
 /// fault per page (on our virtual machines as much as the write itself), every checkpoint.
 static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// An AIO context whose writes have all ended, for the next writer: destroying one waits
+/// for the kernel (`io_destroy` measured 30 ms and more here), making one costs too.
+static SPARE_CONTEXT: Mutex<Option<(Context, usize)>> = Mutex::new(None);
 
 /// `struct iocb` (linux/aio_abi.h), little-endian layout.
 #[repr(C)]
@@ -116,7 +120,13 @@ impl BlockWriter {
     /// `depth` of them under way at once.
     pub fn new(file: File, block: usize, depth: usize) -> BlockWriter {
         let depth = depth.max(1);
-        let ctx = Context::new(depth).ok();
+        let reused = SPARE_CONTEXT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|&(_, d)| d >= depth)
+            .map(|(c, _)| c);
+        let ctx = reused.or_else(|| Context::new(depth).ok());
         let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
         let slots = (0..if ctx.is_some() { depth } else { 1 })
             .map(|_| {
@@ -169,12 +179,13 @@ impl BlockWriter {
     /// [`BlockWriter::block`] is another buffer.
     pub fn write(&mut self, len: usize, offset: u64) -> io::Result<()> {
         // A write that extends the file waits in io_submit for the filesystem to allocate
-        // its blocks: the file is allocated ahead, in steps of [`PREALLOCATE`], and cut back
-        // by [`BlockWriter::into_file`]. Where that is refused, writes just wait.
+        // its blocks: the file is allocated ahead, in steps that double up to
+        // [`PREALLOCATE`], and cut back by [`BlockWriter::into_file`]. Where that is refused, writes just wait.
         let end = offset + len as u64;
         self.end = self.end.max(end);
         if self.ctx.is_some() && end > self.allocated {
-            let to = end.max(self.allocated + PREALLOCATE);
+            let step = self.allocated.clamp(self.block as u64, PREALLOCATE);
+            let to = end.max(self.allocated + step);
             let grown = nix::fcntl::fallocate(
                 &self.file,
                 nix::fcntl::FallocateFlags::empty(),
@@ -307,9 +318,17 @@ impl Drop for BlockWriter {
                 break;
             }
         }
-        // Destroying the context waits for whatever is still under way; only then do the
-        // buffers go to the next writer.
-        self.ctx = None;
+        // With nothing under way the context goes to the next writer; otherwise destroying
+        // it waits for what is still under way. Only then do the buffers go.
+        let idle = self.slots.iter().all(|s| s.in_flight == 0);
+        if let Some(ctx) = self.ctx.take() {
+            if idle {
+                *SPARE_CONTEXT.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((ctx, self.slots.len()));
+            } else {
+                drop(ctx);
+            }
+        }
         let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
         for slot in self.slots.drain(..) {
             if spare.len() < MAX_SPARE {
