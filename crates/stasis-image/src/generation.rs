@@ -578,7 +578,7 @@ pub fn write_manifest(path: &Path, manifest: &Manifest) -> ImageResult<()> {
     out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&body);
-    out.extend_from_slice(&manifest.chunks.encode());
+    manifest.chunks.encode_into(&mut out);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)

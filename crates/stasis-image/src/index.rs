@@ -160,36 +160,46 @@ impl ChunkIndex {
 
     /// Encodes the index section.
     pub fn encode(&self) -> Vec<u8> {
-        let mut records = Vec::with_capacity(
-            self.frames.len() * FRAME_RECORD
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Like [`ChunkIndex::encode`], appended to `out` (one buffer, no copy of the records:
+    /// the index has one record per page of saved memory).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+        out.reserve(
+            INDEX_HEADER
+                + self.frames.len() * FRAME_RECORD
                 + self.blobs.len() * BLOB_RECORD
                 + self.starts.len() * CHUNK_RECORD,
         );
-        for f in &self.frames {
-            records.extend_from_slice(&f.pack.to_le_bytes());
-            records.extend_from_slice(&u32::from(f.zstd).to_le_bytes());
-            records.extend_from_slice(&f.offset.to_le_bytes());
-            records.extend_from_slice(&f.stored_len.to_le_bytes());
-            records.extend_from_slice(&f.raw_len.to_le_bytes());
-        }
-        for b in &self.blobs {
-            records.extend_from_slice(&b.frame.to_le_bytes());
-            records.extend_from_slice(&b.start.to_le_bytes());
-            records.extend_from_slice(&b.len.to_le_bytes());
-            records.extend_from_slice(&b.hash);
-        }
-        for s in &self.starts {
-            records.extend_from_slice(&s.to_le_bytes());
-        }
-        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-        let mut out = Vec::with_capacity(INDEX_HEADER + records.len());
         out.extend_from_slice(INDEX_MAGIC);
         out.extend_from_slice(&count(self.frames.len()));
         out.extend_from_slice(&count(self.blobs.len()));
         out.extend_from_slice(&count(self.starts.len()));
-        out.extend_from_slice(&crc32c::crc32c(&records).to_le_bytes());
-        out.extend_from_slice(&records);
-        out
+        let crc_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let records = out.len();
+        for f in &self.frames {
+            out.extend_from_slice(&f.pack.to_le_bytes());
+            out.extend_from_slice(&u32::from(f.zstd).to_le_bytes());
+            out.extend_from_slice(&f.offset.to_le_bytes());
+            out.extend_from_slice(&f.stored_len.to_le_bytes());
+            out.extend_from_slice(&f.raw_len.to_le_bytes());
+        }
+        for b in &self.blobs {
+            out.extend_from_slice(&b.frame.to_le_bytes());
+            out.extend_from_slice(&b.start.to_le_bytes());
+            out.extend_from_slice(&b.len.to_le_bytes());
+            out.extend_from_slice(&b.hash);
+        }
+        for s in &self.starts {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&out[records..]);
+        out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Decodes an index section, checking its size against `bytes` before allocating, its
