@@ -44,6 +44,7 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
             "eager_restart_ms",
             "dd_fsync_ms",
             "cat_ms",
+            "fill_ms",
         ] {
             let v = r[key].as_f64().unwrap_or(f64::NAN);
             assert!(v.is_finite() && v > 0.0, "{key} measured: {r}");

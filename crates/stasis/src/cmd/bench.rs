@@ -6,8 +6,9 @@
 //! checkpoint after 1% of the pages changed, `checkpoint --kill`, `restart --detach` until
 //! the job runs again and until all its memory is loaded (lazy restart, where allowed),
 //! and `restart --detach --eager`. Baselines on the same bytes in the same directory: `dd
-//! conv=fsync` (writing) and `cat` to `/dev/null` (reading). Restarts and `cat` read the
-//! image from the disk: its files are dropped from the page cache first. Prints a table,
+//! conv=fsync` (writing) and `cat` to `/dev/null` (reading); and the time to fill as much
+//! fresh memory in a plain process (the least a restore's loading can cost). Restarts and
+//! `cat` read the image from the disk: its files are dropped from the page cache first. Prints a table,
 //! writes JSON and an SVG chart.
 
 use std::path::{Path, PathBuf};
@@ -249,6 +250,7 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
         let _ = std::fs::remove_file(base.join("dd.out"));
         cold &= drop_cached(&job_images);
         let cat = timed_shell(&format!("cat '{}' > /dev/null", pack.display()))?;
+        let fill = fill_fresh_memory(full["memory_bytes"].as_u64().unwrap_or(0));
         Ok(json!({
             "mib": c.mib,
             "pattern": c.pattern,
@@ -272,6 +274,7 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
             "image_bytes": stored,
             "dd_fsync_ms": dd,
             "cat_ms": cat,
+            "fill_ms": fill,
             "restarts_read_disk": cold,
         }))
     })();
@@ -279,6 +282,22 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
     let _ = stasis(&images, &["rm", &name]);
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// Milliseconds to copy `bytes` into memory this process never had, each page faulted in
+/// fresh: what filling a restored job's memory costs at the least, whatever the disk.
+fn fill_fresh_memory(bytes: u64) -> f64 {
+    let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+    let source = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut memory: Vec<u8> = Vec::with_capacity(bytes);
+    while memory.len() < bytes {
+        let n = source.len().min(bytes - memory.len());
+        memory.extend_from_slice(&source[..n]);
+    }
+    let took = ms(t.elapsed());
+    std::hint::black_box(&memory);
+    took
 }
 
 /// The pack file that generation `dir` wrote.
@@ -295,12 +314,12 @@ fn num(v: &Value, k: &str) -> f64 {
 
 fn table(rows: &[Value]) -> String {
     let mut t = String::from(
-        "workload                  stall  frozen  ckpt    dd-fsync ratio  bytes      1%-stall 1%-ckpt  1%/full 1%-bytes   kill    restart resident eager   cat(disk)\n",
+        "workload                  stall  frozen  ckpt    dd-fsync ratio  bytes      1%-stall 1%-ckpt  1%/full 1%-bytes   kill    restart resident eager   cat(disk) fill(mem)\n",
     );
     for r in rows {
         let mb = |k: &str| num(r, k) / 1048576.0;
         t.push_str(&format!(
-            "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>8.1} {:>6.1}% {:>7.1}M {:>7.1} {:>7.1} {:>8.1} {:>7.1} {:>6.1}\n",
+            "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>8.1} {:>6.1}% {:>7.1}M {:>7.1} {:>7.1} {:>8.1} {:>7.1} {:>6.1} {:>9.1}\n",
             r["mib"],
             r["pattern"].as_str().unwrap_or(""),
             r["procs"],
@@ -319,6 +338,7 @@ fn table(rows: &[Value]) -> String {
             num(r, "residency_ms"),
             num(r, "eager_restart_ms"),
             num(r, "cat_ms"),
+            num(r, "fill_ms"),
         ));
     }
     t
