@@ -18,7 +18,7 @@
 //! written, is never swept.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -26,6 +26,7 @@ use crate::error::{ImageError, ImageResult, io};
 use crate::index::{Blob, ChunkIndex, Frame, INDEX_HEADER, MAX_INDEX, blob_hash};
 use crate::manifest::{FORMAT_VERSION, Manifest, ProcessImage, VmaKind, is_pack_name};
 use crate::pack::{Base, BaseMemory, Compression, KnownBlobs, PackReader, PackWriter};
+use crate::sink::Sink;
 
 /// Magic bytes at the start of a manifest file.
 pub const MANIFEST_MAGIC: &[u8; 8] = b"STASISMF";
@@ -565,8 +566,8 @@ fn sync_dir(dir: &Path) -> ImageResult<()> {
         .map_err(io(dir))
 }
 
-/// Writes a manifest file: header (magic, version, crc32c of the body, body length), JSON
-/// body, then the binary chunk index.
+/// Writes a manifest file (replacing one at `path`): header (magic, version, crc32c of the
+/// body, body length), JSON body, then the binary chunk index.
 pub fn write_manifest(path: &Path, manifest: &Manifest) -> ImageResult<()> {
     let body = serde_json::to_vec(manifest).map_err(|e| ImageError::InvalidManifest {
         path: path.to_owned(),
@@ -579,15 +580,15 @@ pub fn write_manifest(path: &Path, manifest: &Manifest) -> ImageResult<()> {
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&body);
     manifest.chunks.encode_into(&mut out);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(&out).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+    // Written like a pack, around the page cache: the index has a record per page, and
+    // through the cache its 7 MB at 1 GiB took 19 ms to hand over.
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(path)(e)),
+        _ => {}
+    }
+    let mut f = Sink::create(path)?;
+    f.write(&out)?;
+    f.finish()
 }
 
 /// Reads and checks a manifest file.
