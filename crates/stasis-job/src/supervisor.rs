@@ -207,6 +207,7 @@ impl Supervisor {
         // Should the launch fail from here on, nobody will serve the socket: remove it.
         let mut unbind = Unbind(Some(socket.clone()));
         process::ignore_signal(libc::SIGXFSZ);
+        process::keep_freed_memory();
         let mut blocked = vec![
             libc::SIGCHLD,
             libc::SIGTERM,
