@@ -14,7 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use stasis_sys::aio::{ALIGN, BlockWriter};
@@ -112,7 +112,7 @@ impl Sink {
         };
         let direct = !crate::fault::armed_as("no-direct-io");
         let mode = match direct.then(|| open(stasis_sys::cache::O_DIRECT)) {
-            Some(Ok(file)) => match takes_direct_writes(&file) {
+            Some(Ok(file)) => match stasis_sys::aio::takes_direct_writes(&file) {
                 Ok(true) => Mode::Direct(Direct {
                     blocks: BlockWriter::new(file, BLOCK, DEPTH),
                     filled: 0,
@@ -126,7 +126,7 @@ impl Sink {
                 Err(e) => return Err(io(path)(e)),
             },
             // Refused (EINVAL): the filesystem has no direct I/O.
-            Some(Err(e)) if e.raw_os_error() == Some(stasis_sys::cache::EINVAL) => {
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => {
                 Mode::Cached(Cached::new(open(0).map_err(io(path))?))
             }
             Some(Err(e)) => return Err(io(path)(e)),
@@ -192,20 +192,6 @@ impl Sink {
             Mode::Cached(c) => c.file.into_inner().map_err(|e| io(&path)(e.into_error()))?,
         };
         file.sync_all().map_err(io(&path))
-    }
-}
-
-/// Whether `file` (new, empty, opened with `O_DIRECT`) takes direct writes: an aligned
-/// block is written at its start and cut off again.
-fn takes_direct_writes(file: &File) -> std::io::Result<bool> {
-    let buf = vec![0u8; 2 * ALIGN];
-    let at = buf.as_ptr().align_offset(ALIGN);
-    let written = file.write_all_at(&buf[at..at + ALIGN], 0);
-    file.set_len(0)?;
-    match written {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(stasis_sys::cache::EINVAL) => Ok(false),
-        Err(e) => Err(e),
     }
 }
 

@@ -31,6 +31,27 @@ static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 /// for the kernel (`io_destroy` measured 30 ms and more here), making one costs too.
 static SPARE_CONTEXT: Mutex<Option<(Context, usize)>> = Mutex::new(None);
 
+/// A zeroed buffer holding `len` bytes at an [`ALIGN`]ed offset (returned with it).
+fn aligned(len: usize) -> (Vec<u8>, usize) {
+    let buf = vec![0u8; len + ALIGN];
+    let at = buf.as_ptr().align_offset(ALIGN);
+    (buf, at)
+}
+
+/// Whether `file` (new, empty, opened with `O_DIRECT`) takes direct writes: an aligned
+/// block is written at its start and cut off again. `false` where the filesystem refuses
+/// them (`EINVAL`).
+pub fn takes_direct_writes(file: &File) -> io::Result<bool> {
+    let (buf, at) = aligned(ALIGN);
+    let written = file.write_all_at(&buf[at..at + ALIGN], 0);
+    file.set_len(0)?;
+    match written {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// `struct iocb` (linux/aio_abi.h), little-endian layout.
 #[repr(C)]
 #[derive(Default)]
@@ -130,11 +151,14 @@ impl BlockWriter {
         let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
         let slots = (0..if ctx.is_some() { depth } else { 1 })
             .map(|_| {
-                let buf = match spare.iter().position(|b| b.len() == block + ALIGN) {
-                    Some(i) => spare.swap_remove(i),
-                    None => vec![0u8; block + ALIGN],
+                let (buf, at) = match spare.iter().position(|b| b.len() == block + ALIGN) {
+                    Some(i) => {
+                        let buf = spare.swap_remove(i);
+                        let at = buf.as_ptr().align_offset(ALIGN);
+                        (buf, at)
+                    }
+                    None => aligned(block),
                 };
-                let at = buf.as_ptr().align_offset(ALIGN);
                 Slot {
                     buf,
                     at,
@@ -156,11 +180,6 @@ impl BlockWriter {
         }
     }
 
-    /// Whether writes go on in the background.
-    pub fn is_async(&self) -> bool {
-        self.ctx.is_some()
-    }
-
     /// The aligned buffer of the block being filled (once the disk is done with what it
     /// held before).
     pub fn block(&mut self) -> io::Result<&mut [u8]> {
@@ -180,7 +199,8 @@ impl BlockWriter {
     pub fn write(&mut self, len: usize, offset: u64) -> io::Result<()> {
         // A write that extends the file waits in io_submit for the filesystem to allocate
         // its blocks: the file is allocated ahead, in steps that double up to
-        // [`PREALLOCATE`], and cut back by [`BlockWriter::into_file`]. Where that is refused, writes just wait.
+        // [`PREALLOCATE`], and cut back by [`BlockWriter::into_file`]. Where that is
+        // refused, writes just wait.
         let end = offset + len as u64;
         self.end = self.end.max(end);
         if self.ctx.is_some() && end > self.allocated {

@@ -9,10 +9,9 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 
-/// The open flag for direct I/O (bypassing the page cache).
+/// The open flag for direct I/O (bypassing the page cache). A filesystem without it
+/// refuses it with `EINVAL` (at open or at the first write).
 pub const O_DIRECT: i32 = libc::O_DIRECT;
-/// The error a filesystem without direct I/O gives for it (at open or at the first write).
-pub const EINVAL: i32 = libc::EINVAL;
 
 fn sync_range(file: &impl AsFd, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {

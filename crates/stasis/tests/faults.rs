@@ -314,23 +314,9 @@ fn a_job_process_killed_during_the_checkpoint() {
 fn packs_go_through_the_page_cache_where_direct_io_is_refused() {
     let env = Env::new();
     let name = env.name("cached");
-    let out = env.work.join("cached.out");
-    let child = env
-        .cmd()
-        .env("STASIS_FAULT", "no-direct-io")
-        .args(["run", "--name", &name, "--"])
-        .arg(program("memhog", false))
-        .args([env.work.to_str().unwrap(), "32"])
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out).unwrap())
-        .stderr(fs::File::create(env.work.join("cached.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut job = Job {
-        name: name.clone(),
-        child,
-        out,
-    };
+    let work = env.work.to_str().unwrap();
+    let vars = [("STASIS_FAULT", "no-direct-io")];
+    let mut job = env.start_with_env(&name, &[], &program("memhog", false), &[work, "32"], &vars);
     env.wait_output(&job, "READY\n");
     env.checkpoint(&name, false);
     fs::write(env.work.join("touch"), b"").unwrap();
