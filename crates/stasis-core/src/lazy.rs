@@ -287,7 +287,7 @@ impl PendingMemory {
 
     /// Asks the disk for the chunks of process `i`'s pieces up to [`READ_AHEAD`] bytes
     /// beyond `start` (where loading is), so that it reads while we copy.
-    fn read_ahead(&mut self, i: usize, start: u64, image: &OpenGeneration) {
+    fn read_ahead(&mut self, i: usize, start: u64, image: &mut OpenGeneration) {
         let p = &mut self.processes[i];
         let limit = start.saturating_add(READ_AHEAD);
         let mut to = p.read_ahead_to.max(start);

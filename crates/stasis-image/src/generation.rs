@@ -26,6 +26,7 @@ use crate::error::{ImageError, ImageResult, io};
 use crate::index::{Blob, ChunkIndex, Frame, INDEX_HEADER, MAX_INDEX, blob_hash};
 use crate::manifest::{FORMAT_VERSION, Manifest, ProcessImage, VmaKind, is_pack_name};
 use crate::pack::{Base, BaseMemory, Compression, KnownBlobs, PackReader, PackWriter};
+use crate::readahead::{FrameBytes, FrameReads};
 use crate::sink::Sink;
 
 /// Magic bytes at the start of a manifest file.
@@ -711,7 +712,9 @@ pub struct OpenGeneration {
     /// The packs it references, in the order of `manifest.packs`.
     pub packs: Vec<PackReader>,
     /// Frames read last, most recent first: a chunk's blobs mostly lie in one frame.
-    cache: Vec<(u32, Vec<u8>)>,
+    cache: Vec<(u32, FrameBytes)>,
+    /// Frames asked for by [`OpenGeneration::read_ahead`].
+    reads: FrameReads,
 }
 
 /// Frames kept decompressed while reading chunks.
@@ -741,26 +744,48 @@ impl OpenGeneration {
             manifest,
             packs,
             cache: Vec::new(),
+            reads: FrameReads::default(),
         })
     }
 
-    /// The raw bytes of frame `f`, from the cache or its pack (into the memory of the
-    /// frame it evicts).
+    /// The raw bytes of frame `f`: from the cache, as read ahead, or from its pack (into
+    /// the memory of the frame it evicts).
     fn frame(&mut self, f: u32) -> ImageResult<&[u8]> {
         if let Some(at) = self.cache.iter().position(|(i, _)| *i == f) {
             let hit = self.cache.remove(at);
             self.cache.insert(0, hit);
         } else {
             let frame: Frame = self.manifest.chunks.frames[f as usize];
-            let mut raw = if self.cache.len() >= FRAME_CACHE {
-                self.cache.pop().map(|(_, v)| v).unwrap_or_default()
-            } else {
-                Vec::new()
+            let mut spare = Vec::new();
+            if self.cache.len() >= FRAME_CACHE {
+                match self.cache.pop() {
+                    Some((_, FrameBytes::Owned(v))) => spare = v,
+                    Some((_, FrameBytes::Read { buf, .. })) => self.reads.recycle(buf),
+                    None => {}
+                }
+            }
+            let frames = &self.manifest.chunks.frames;
+            let bytes = match self.reads.take(f, frames, &mut self.packs, &mut spare)? {
+                Some(bytes) => bytes,
+                None => {
+                    self.packs[frame.pack as usize].read_frame_into(&frame, &mut spare)?;
+                    FrameBytes::Owned(spare)
+                }
             };
-            self.packs[frame.pack as usize].read_frame_into(&frame, &mut raw)?;
-            self.cache.insert(0, (f, raw));
+            self.cache.insert(0, (f, bytes));
         }
-        Ok(&self.cache[0].1)
+        Ok(self.cache[0].1.bytes())
+    }
+
+    /// How many frames were read directly, ahead of their use ([`OpenGeneration::read_ahead`]
+    /// where the filesystem takes direct reads).
+    pub fn frames_read_ahead(&self) -> u64 {
+        self.reads.taken()
+    }
+
+    /// Whether frame `f` is at hand: cached, or being read ahead.
+    fn holds(&self, f: u32) -> bool {
+        self.cache.iter().any(|(i, _)| *i == f) || self.reads.reading(f)
     }
 
     /// Reads chunk `index`, every blob checked against its content address.
@@ -785,9 +810,9 @@ impl OpenGeneration {
             true => self.manifest.chunks.blobs_of(index),
             false => &[],
         };
-        let Some((f, from, len)) = within_frame(blobs)
-            .filter(|_| whole_frame(blobs, &self.manifest.chunks.frames).is_none())
-        else {
+        let Some((f, from, len)) = within_frame(blobs).filter(|&(f, _, _)| {
+            whole_frame(blobs, &self.manifest.chunks.frames).is_none() || self.holds(f)
+        }) else {
             self.chunk_into(index, buf)?;
             return Ok(use_bytes(buf));
         };
@@ -821,9 +846,12 @@ impl OpenGeneration {
             });
         }
         let blobs = self.manifest.chunks.blobs_of(index).to_vec();
-        if let Some(f) = whole_frame(&blobs, &self.manifest.chunks.frames) {
+        if let Some(f) = whole_frame(&blobs, &self.manifest.chunks.frames)
+            && !self.holds(f)
+        {
             // The chunk is exactly one frame (as a full checkpoint writes them): read into
             // `out` directly, with no copy through the frame cache.
+            self.reads.forget(f);
             let frame = self.manifest.chunks.frames[f as usize];
             self.packs[frame.pack as usize].read_frame_into(&frame, out)?;
             let mut at = 0;
@@ -860,10 +888,11 @@ impl OpenGeneration {
         }
     }
 
-    /// Asks the kernel to start reading chunk `index`'s frames from disk now (a hint: a
-    /// chunk out of range or a refused hint is ignored), so that reading them later does
-    /// not wait for the disk.
-    pub fn read_ahead(&self, index: u32) {
+    /// Starts reading chunk `index`'s frames from disk now, after those asked for before,
+    /// so that reading them later does not wait for the disk (a hint: a chunk out of range
+    /// is ignored). They are read directly into memory of the reader's where the
+    /// filesystem allows it ([`crate::readahead`]), else into the page cache.
+    pub fn read_ahead(&mut self, index: u32) {
         if index as usize >= self.manifest.chunks.len() {
             return;
         }
@@ -871,9 +900,9 @@ impl OpenGeneration {
         for b in self.manifest.chunks.blobs_of(index) {
             if last != Some(b.frame) {
                 last = Some(b.frame);
-                let frame = self.manifest.chunks.frames[b.frame as usize];
-                if let Some(pack) = self.packs.get(frame.pack as usize) {
-                    pack.read_ahead(&frame);
+                if !self.cache.iter().any(|(i, _)| *i == b.frame) {
+                    let frames = &self.manifest.chunks.frames;
+                    self.reads.ask(b.frame, frames, &mut self.packs);
                 }
             }
         }

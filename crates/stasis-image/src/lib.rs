@@ -15,6 +15,7 @@ pub mod hex;
 pub mod index;
 pub mod manifest;
 pub mod pack;
+mod readahead;
 mod sink;
 pub mod verify;
 

@@ -9,10 +9,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{ImageError, ImageResult, io};
+use crate::fault;
 use crate::index::{BLOB_LEN, Blob, BlobHash, BuildBlobHasher, ChunkIndex, Frame, blob_hash};
 use crate::manifest::FORMAT_VERSION;
 use crate::sink::Sink;
@@ -525,6 +526,10 @@ pub struct PackReader {
     len: u64,
     /// The decompression context, made at the first compressed frame and reused.
     decompressor: Option<Context<zstd::bulk::Decompressor<'static>>>,
+    /// The pack opened again with `O_DIRECT`, for reading ahead ([`PackReader::direct`]).
+    direct: Option<File>,
+    /// The filesystem refused direct reads of it.
+    direct_refused: bool,
 }
 
 impl PackReader {
@@ -560,7 +565,108 @@ impl PackReader {
             path: path.to_owned(),
             len,
             decompressor: None,
+            direct: None,
+            direct_refused: fault::armed_as("no-direct-io"),
         })
+    }
+
+    /// The pack opened with `O_DIRECT` (opened at the first call); `None` where the
+    /// filesystem refuses direct reads.
+    pub(crate) fn direct(&mut self) -> Option<&File> {
+        if self.direct.is_none() && !self.direct_refused {
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(stasis_sys::cache::O_DIRECT)
+                .open(&self.path);
+            match opened {
+                Ok(f) => self.direct = Some(f),
+                Err(_) => self.direct_refused = true,
+            }
+        }
+        self.direct.as_ref()
+    }
+
+    /// Stops direct reads of the pack: the filesystem refused one.
+    pub(crate) fn refuse_direct(&mut self) {
+        self.direct = None;
+        self.direct_refused = true;
+    }
+
+    /// Where `frame` lies in the pack, header included, checked against the size cap and
+    /// the pack's length: (offset, length).
+    pub(crate) fn span(&self, frame: &Frame) -> ImageResult<(u64, u64)> {
+        if frame.raw_len > MAX_CHUNK || frame.stored_len > MAX_CHUNK {
+            return Err(ImageError::TooLarge {
+                path: self.path.clone(),
+                what: "frame",
+                offset: frame.offset,
+                size: u64::from(frame.raw_len.max(frame.stored_len)),
+                limit: u64::from(MAX_CHUNK),
+            });
+        }
+        let len = HEADER_LEN + u64::from(frame.stored_len);
+        let end = frame.offset.saturating_add(len);
+        if end > self.len {
+            return Err(ImageError::Truncated {
+                path: self.path.clone(),
+                offset: self.len,
+                expected: end - self.len,
+            });
+        }
+        Ok((frame.offset, len))
+    }
+
+    /// The error for a damaged part of `frame`.
+    fn corrupt(&self, frame: &Frame, what: &str) -> ImageError {
+        ImageError::Corrupt {
+            path: self.path.clone(),
+            offset: frame.offset,
+            what: what.to_owned(),
+        }
+    }
+
+    /// Checks the header read for `frame` against it.
+    pub(crate) fn check_header(&self, frame: &Frame, header: &[u8]) -> ImageResult<()> {
+        let word = |i: usize| {
+            header
+                .get(i..i + 4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        };
+        if header.get(..4) != Some(&FRAME_MAGIC[..])
+            || word(4) != Some(frame.stored_len)
+            || word(8) != Some(frame.raw_len)
+            || word(12).map(|w| w & 1 == 1) != Some(frame.zstd)
+        {
+            return Err(self.corrupt(frame, "frame header"));
+        }
+        Ok(())
+    }
+
+    /// Decompresses the stored bytes of zstd `frame` into `raw` (its old contents
+    /// replaced), checking their length.
+    pub(crate) fn decompress(
+        &mut self,
+        frame: &Frame,
+        stored: &[u8],
+        raw: &mut Vec<u8>,
+    ) -> ImageResult<()> {
+        raw.clear();
+        raw.reserve(frame.raw_len as usize);
+        let decompressor = match &mut self.decompressor {
+            Some(d) => d,
+            None => self.decompressor.insert(Context(
+                zstd::bulk::Decompressor::new().map_err(io(&self.path))?,
+            )),
+        };
+        let n = decompressor.0.decompress_to_buffer(stored, raw);
+        match n {
+            Ok(n) if n == frame.raw_len as usize => {
+                raw.truncate(n);
+                Ok(())
+            }
+            Ok(_) => Err(self.corrupt(frame, "frame length")),
+            Err(_) => Err(self.corrupt(frame, "zstd data")),
+        }
     }
 
     /// The pack's path.
@@ -590,60 +696,20 @@ impl PackReader {
     /// Like [`PackReader::read_frame`], into `raw` (its old contents replaced; its memory
     /// reused, which spares allocating and faulting in fresh memory for every frame).
     pub fn read_frame_into(&mut self, frame: &Frame, raw: &mut Vec<u8>) -> ImageResult<()> {
-        let corrupt = |what: &str| ImageError::Corrupt {
-            path: self.path.clone(),
-            offset: frame.offset,
-            what: what.to_owned(),
-        };
-        if frame.raw_len > MAX_CHUNK || frame.stored_len > MAX_CHUNK {
-            return Err(ImageError::TooLarge {
-                path: self.path.clone(),
-                what: "frame",
-                offset: frame.offset,
-                size: u64::from(frame.raw_len.max(frame.stored_len)),
-                limit: u64::from(MAX_CHUNK),
-            });
-        }
-        let end = frame.offset + HEADER_LEN + u64::from(frame.stored_len);
-        if end > self.len {
-            return Err(ImageError::Truncated {
-                path: self.path.clone(),
-                offset: self.len,
-                expected: end - self.len,
-            });
-        }
+        let (offset, len) = self.span(frame)?;
+        let end = offset + len;
         let mut header = [0u8; 16];
         self.file
             .read_exact_at(&mut header, frame.offset)
             .map_err(io(&self.path))?;
-        let word =
-            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
-        if &header[..4] != FRAME_MAGIC
-            || word(4) != frame.stored_len
-            || word(8) != frame.raw_len
-            || (word(12) & 1 == 1) != frame.zstd
-        {
-            return Err(corrupt("frame header"));
-        }
+        self.check_header(frame, &header)?;
         let at = frame.offset + HEADER_LEN;
         if frame.zstd {
             let mut stored = vec![0u8; frame.stored_len as usize];
             self.file
                 .read_exact_at(&mut stored, at)
                 .map_err(io(&self.path))?;
-            raw.clear();
-            raw.reserve(frame.raw_len as usize);
-            let decompressor = match &mut self.decompressor {
-                Some(d) => d,
-                None => self.decompressor.insert(Context(
-                    zstd::bulk::Decompressor::new().map_err(io(&self.path))?,
-                )),
-            };
-            let n = decompressor
-                .0
-                .decompress_to_buffer(&stored, raw)
-                .map_err(|_| corrupt("zstd data"))?;
-            raw.truncate(n);
+            self.decompress(frame, &stored, raw)?;
         } else {
             // Read into the buffer's spare capacity: nothing is zeroed first.
             raw.clear();
@@ -661,7 +727,7 @@ impl PackReader {
             }
         }
         if raw.len() != frame.raw_len as usize {
-            return Err(corrupt("frame length"));
+            return Err(self.corrupt(frame, "frame length"));
         }
         // Read once: its cached pages go back to the kernel, which gives them to the
         // reading ahead of the frames that follow.

@@ -688,3 +688,109 @@ fn a_writer_starts_from_what_the_last_one_carried_only_while_its_generation_is_n
     assert_eq!(verify(&gen6).unwrap().shared_bytes, 0);
     assert_eq!(OpenGeneration::open(&gen6).unwrap().chunk(5).unwrap(), data);
 }
+
+/// Whether the filesystem of `dir` takes direct reads.
+fn takes_direct_io(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("direct-probe");
+    std::fs::write(&probe, [0u8; 4096]).unwrap();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    std::fs::remove_file(&probe).unwrap();
+    ok
+}
+
+/// A generation of large raw and compressed chunks and small ones, with what each holds.
+fn write_mixed(job: &Path) -> (std::path::PathBuf, Vec<Vec<u8>>) {
+    let mut w = GenerationWriter::begin(job, Compression::Zstd(1)).unwrap();
+    let mut contents = Vec::new();
+    for k in 0..12u64 {
+        let data = match k % 3 {
+            0 => noise(256 << 10, k + 1),
+            // Compressible, but not below the size read directly.
+            1 => noise(256 << 10, k + 1).iter().map(|b| b & 0x0f).collect(),
+            _ => noise(4096, k + 1),
+        };
+        let c = w.pack().add(&data).unwrap();
+        assert_eq!(c as usize, contents.len());
+        contents.push(data);
+    }
+    let (_, dir) = w.finish(&mut manifest(0)).unwrap();
+    (dir, contents)
+}
+
+/// Chunks asked for ahead read back as written, in order or not, the large raw ones
+/// through direct reads where the filesystem takes them.
+#[test]
+fn chunks_read_ahead_read_back_in_any_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let (dir, contents) = write_mixed(&job);
+    let direct = takes_direct_io(tmp.path());
+    let m = read_manifest(&dir.join(MANIFEST_FILE)).unwrap();
+    let compressed = frame_of(&m, 1);
+    assert!(
+        compressed.zstd && compressed.stored_len >= 64 << 10,
+        "{compressed:?}"
+    );
+    for order in [
+        (0..12).collect::<Vec<u32>>(),
+        vec![5, 0, 1, 11, 2, 3, 4, 6, 10, 7, 8, 9],
+    ] {
+        let mut g = OpenGeneration::open(&dir).unwrap();
+        for c in 0..12 {
+            g.read_ahead(c);
+        }
+        let mut buf = Vec::new();
+        for &c in &order {
+            let got = g.with_chunk(c, &mut buf, <[u8]>::to_vec).unwrap();
+            assert_eq!(got, contents[c as usize], "chunk {c}");
+            // Asked for again after it was read: read again.
+            g.read_ahead(c);
+            assert_eq!(g.chunk(c).unwrap(), contents[c as usize], "chunk {c} again");
+        }
+        assert_eq!(
+            g.frames_read_ahead() > 0,
+            direct,
+            "frames read directly: {}",
+            g.frames_read_ahead()
+        );
+    }
+}
+
+/// A frame read ahead is checked like any other: damage names the pack and the frame.
+#[test]
+fn damage_in_a_frame_read_ahead_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let (dir, _) = write_mixed(&job);
+    let m = read_manifest(&dir.join(MANIFEST_FILE)).unwrap();
+    let pack = own_pack(&dir);
+    for (c, at) in [(3u32, 16 + 5000), (4, 16 + 7), (0, 2)] {
+        let frame = frame_of(&m, c);
+        flip(&pack, frame.offset as usize + at);
+        let mut g = OpenGeneration::open(&dir).unwrap();
+        g.read_ahead(c);
+        let err = g.chunk(c).unwrap_err();
+        assert!(
+            matches!(&err, ImageError::Corrupt { path, offset, .. }
+                if *path == pack && *offset == frame.offset),
+            "chunk {c}: {err}"
+        );
+        flip(&pack, frame.offset as usize + at);
+    }
+    // A pack cut short: the read ahead comes back short, and the reading reports it.
+    let frame = frame_of(&m, 9);
+    let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+    f.set_len(frame.offset + 16 + 1000).unwrap();
+    let mut g = OpenGeneration::open(&dir).unwrap();
+    g.read_ahead(9);
+    let err = g.chunk(9).unwrap_err();
+    assert!(
+        matches!(&err, ImageError::Truncated { path, .. } if *path == pack),
+        "{err}"
+    );
+}

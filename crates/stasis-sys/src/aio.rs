@@ -1,13 +1,16 @@
-//! Writing a file opened with `O_DIRECT` in aligned blocks that the disk writes while the
-//! caller fills the next ones (Linux AIO: `io_submit`, `io_getevents`).
+//! Direct I/O of image files in aligned blocks that the disk reads or writes while the
+//! caller goes on (Linux AIO: `io_submit`, `io_getevents`): [`BlockWriter`] writes a file
+//! opened with `O_DIRECT` while the caller fills the next blocks, [`BlockReader`] reads
+//! ahead of the caller.
 //!
 //! The supervisor cannot start threads once its children go to other pid and time
-//! namespaces, so a write that waits for the disk would stop everything else; with AIO the
-//! kernel writes a block from our buffer while we go on. Each buffer of the ring is handed
-//! out again only once the disk is done with it, and dropping the writer waits for every
-//! write still under way before the buffers are freed. Where AIO is not available the
-//! blocks are written synchronously, one after the other.
+//! namespaces, so I/O that waits for the disk would stop everything else; with AIO the
+//! kernel moves a block to or from our buffer while we go on. A buffer is handed out again
+//! only once the disk is done with it, and dropping a writer or reader waits for every
+//! transfer still under way before its buffers are freed. Where AIO is not available the
+//! blocks are written synchronously, one after the other (and nothing is read ahead).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -17,6 +20,7 @@ use std::sync::Mutex;
 /// Alignment of direct I/O: buffer address, file offset and length.
 pub const ALIGN: usize = 4096;
 
+const IOCB_CMD_PREAD: u16 = 0;
 const IOCB_CMD_PWRITE: u16 = 1;
 /// How far ahead of the writes the file is allocated at most (the step doubles from one
 /// block up to this).
@@ -27,9 +31,32 @@ const MAX_SPARE: usize = 8;
 /// Buffers of writers that ended, for the next ones: filling fresh memory costs a page
 /// fault per page (on our virtual machines as much as the write itself), every checkpoint.
 static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-/// An AIO context whose writes have all ended, for the next writer: destroying one waits
-/// for the kernel (`io_destroy` measured 30 ms and more here), making one costs too.
-static SPARE_CONTEXT: Mutex<Option<(Context, usize)>> = Mutex::new(None);
+/// AIO contexts with nothing under way (and their depth), for the next writer or reader:
+/// destroying one waits for the kernel (`io_destroy` measured 30 ms and more here), making
+/// one costs too.
+static SPARE_CONTEXTS: Mutex<Vec<(Context, usize)>> = Mutex::new(Vec::new());
+/// Contexts kept for reuse at most.
+const MAX_SPARE_CONTEXTS: usize = 2;
+
+/// A context for `depth` transfers at once: a spare one, else a new one (`None` without AIO).
+fn take_context(depth: usize) -> Option<Context> {
+    let mut spare = SPARE_CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
+    match spare.iter().position(|&(_, d)| d >= depth) {
+        Some(i) => Some(spare.swap_remove(i).0),
+        None => {
+            drop(spare);
+            Context::new(depth).ok()
+        }
+    }
+}
+
+/// Keeps `ctx` (nothing under way in it) for the next [`take_context`].
+fn give_back_context(ctx: Context, depth: usize) {
+    let mut spare = SPARE_CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
+    if spare.len() < MAX_SPARE_CONTEXTS {
+        spare.push((ctx, depth));
+    }
+}
 
 /// A zeroed buffer holding `len` bytes at an [`ALIGN`]ed offset (returned with it).
 fn aligned(len: usize) -> (Vec<u8>, usize) {
@@ -108,6 +135,55 @@ impl Context {
     }
 }
 
+impl Context {
+    /// Submits one transfer. The caller keeps the buffer `cb` names alive and untouched
+    /// until its completion is reaped ([`Context::reap`]).
+    fn submit(&self, cb: &mut Iocb) -> io::Result<()> {
+        let mut list = [std::ptr::from_mut(cb)];
+        // SAFETY: io_submit reads one iocb through the pointer array (both alive for the
+        // call); the memory the iocb names is the caller's to keep valid until completion.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_io_submit,
+                self.0,
+                1 as libc::c_long,
+                list.as_mut_ptr(),
+            )
+        };
+        match ret {
+            1 => Ok(()),
+            r if r < 0 => Err(io::Error::last_os_error()),
+            _ => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+        }
+    }
+
+    /// Waits for at least `min` transfers to end and returns up to 8 of their events
+    /// (none when interrupted by a signal).
+    fn reap(&self, min: usize) -> io::Result<Vec<IoEvent>> {
+        let mut events = [IoEvent::default(); 8];
+        // SAFETY: io_getevents writes up to `events.len()` events into the local array and
+        // waits without a timeout (null).
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_io_getevents,
+                self.0,
+                min as libc::c_long,
+                events.len() as libc::c_long,
+                events.as_mut_ptr(),
+                std::ptr::null_mut::<libc::timespec>(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::Interrupted => Ok(Vec::new()),
+                _ => Err(e),
+            };
+        }
+        Ok(events[..n as usize].to_vec())
+    }
+}
+
 impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: io_destroy takes the context id; it waits for (or cancels) what is under
@@ -141,13 +217,7 @@ impl BlockWriter {
     /// `depth` of them under way at once.
     pub fn new(file: File, block: usize, depth: usize) -> BlockWriter {
         let depth = depth.max(1);
-        let reused = SPARE_CONTEXT
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .filter(|&(_, d)| d >= depth)
-            .map(|(c, _)| c);
-        let ctx = reused.or_else(|| Context::new(depth).ok());
+        let ctx = take_context(depth);
         let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
         let slots = (0..if ctx.is_some() { depth } else { 1 })
             .map(|_| {
@@ -230,26 +300,10 @@ impl BlockWriter {
                     offset: offset as i64,
                     ..Iocb::default()
                 };
-                let mut list = [&raw mut cb];
-                // SAFETY: io_submit reads one iocb through the pointer array (both locals
-                // alive for the call); the kernel then reads `len` bytes of the slot's buffer
-                // until the write completes. The buffer is neither handed out
-                // (`block` waits), moved nor freed (`Drop` waits) before that.
-                let ret = unsafe {
-                    libc::syscall(
-                        libc::SYS_io_submit,
-                        ctx.0,
-                        1 as libc::c_long,
-                        list.as_mut_ptr(),
-                    )
-                };
-                if ret != 1 {
-                    return Err(if ret < 0 {
-                        io::Error::last_os_error()
-                    } else {
-                        io::Error::from(io::ErrorKind::WouldBlock)
-                    });
-                }
+                // The kernel reads `len` bytes of the slot's buffer until the write
+                // completes. The buffer is neither handed out (`block` waits), moved nor
+                // freed (`Drop` waits) before that.
+                ctx.submit(&mut cb)?;
                 slot.in_flight = len;
                 slot.offset = offset;
             }
@@ -263,27 +317,7 @@ impl BlockWriter {
         let Some(ctx) = &self.ctx else {
             return Ok(());
         };
-        let mut events = [IoEvent::default(); 8];
-        // SAFETY: io_getevents writes up to `events.len()` events into the local array and
-        // waits without a timeout (null).
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_io_getevents,
-                ctx.0,
-                min as libc::c_long,
-                events.len() as libc::c_long,
-                events.as_mut_ptr(),
-                std::ptr::null_mut::<libc::timespec>(),
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
-                io::ErrorKind::Interrupted => Ok(()),
-                _ => Err(e),
-            };
-        }
-        for ev in &events[..n as usize] {
+        for ev in &ctx.reap(min)? {
             let Some(slot) = self.slots.get_mut(ev.data as usize) else {
                 continue;
             };
@@ -343,8 +377,7 @@ impl Drop for BlockWriter {
         let idle = self.slots.iter().all(|s| s.in_flight == 0);
         if let Some(ctx) = self.ctx.take() {
             if idle {
-                *SPARE_CONTEXT.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((ctx, self.slots.len()));
+                give_back_context(ctx, self.slots.len());
             } else {
                 drop(ctx);
             }
@@ -353,6 +386,177 @@ impl Drop for BlockWriter {
         for slot in self.slots.drain(..) {
             if spare.len() < MAX_SPARE {
                 spare.push(slot.buf);
+            }
+        }
+    }
+}
+
+/// A buffer for direct I/O: `len` bytes at an [`ALIGN`]ed address.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    buf: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes.
+    pub fn new(len: usize) -> AlignedBuf {
+        let (buf, at) = aligned(len);
+        AlignedBuf { buf, at, len }
+    }
+
+    /// Its length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.at..self.at + self.len]
+    }
+}
+
+/// A read under way or done, not yet taken.
+#[derive(Debug)]
+struct PendingRead {
+    buf: AlignedBuf,
+    /// Bytes read, or the error, once done.
+    outcome: Option<io::Result<usize>>,
+}
+
+/// Reads aligned blocks of files opened with `O_DIRECT` in the background, each waited for
+/// by the token [`BlockReader::submit`] returned.
+#[derive(Debug)]
+pub struct BlockReader {
+    /// Destroyed (which waits for its reads) before the buffers are let go.
+    ctx: Option<Context>,
+    depth: usize,
+    reads: HashMap<u64, PendingRead>,
+    /// Reads not yet done.
+    under_way: usize,
+    next: u64,
+}
+
+impl BlockReader {
+    /// A reader with up to `depth` reads under way at once; `None` without AIO.
+    pub fn new(depth: usize) -> Option<BlockReader> {
+        let depth = depth.max(1);
+        Some(BlockReader {
+            ctx: Some(take_context(depth)?),
+            depth,
+            reads: HashMap::new(),
+            under_way: 0,
+            next: 0,
+        })
+    }
+
+    /// Whether another read can be submitted now.
+    pub fn has_room(&self) -> bool {
+        self.under_way < self.depth
+    }
+
+    /// Starts reading `len` bytes (a multiple of [`ALIGN`], at most `buf.len()`) of `file`
+    /// (opened with `O_DIRECT`) at `offset` (aligned) into the start of `buf`; returns the
+    /// read's token, or the error with the buffer.
+    pub fn submit(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: usize,
+        mut buf: AlignedBuf,
+    ) -> Result<u64, (io::Error, AlignedBuf)> {
+        let Some(ctx) = &self.ctx else {
+            return Err((io::Error::from(io::ErrorKind::Unsupported), buf));
+        };
+        if len > buf.len {
+            return Err((io::Error::from(io::ErrorKind::InvalidInput), buf));
+        }
+        let token = self.next;
+        let at = buf.at;
+        let data = &mut buf.buf[at..at + len];
+        let mut cb = Iocb {
+            data: token,
+            opcode: IOCB_CMD_PREAD,
+            fildes: file.as_raw_fd() as u32,
+            buf: data.as_mut_ptr() as u64,
+            nbytes: data.len() as u64,
+            offset: offset as i64,
+            ..Iocb::default()
+        };
+        // The kernel writes into the buffer until the read completes; the buffer's heap
+        // memory stays where it is while the `Vec` is kept in `reads` (moving a `Vec` does
+        // not move its memory), and it is handed back only once the read is reaped (`wait`,
+        // `Drop`).
+        if let Err(e) = ctx.submit(&mut cb) {
+            return Err((e, buf));
+        }
+        self.next += 1;
+        self.under_way += 1;
+        self.reads.insert(token, PendingRead { buf, outcome: None });
+        Ok(token)
+    }
+
+    /// Waits for the read `token` names and returns its buffer with the number of bytes
+    /// read (fewer than asked at the end of the file) or the error; `None` for an unknown
+    /// token.
+    pub fn wait(&mut self, token: u64) -> Option<(AlignedBuf, io::Result<usize>)> {
+        loop {
+            let read = self.reads.get(&token)?;
+            if read.outcome.is_some() {
+                let read = self.reads.remove(&token)?;
+                return read.outcome.map(|o| (read.buf, o));
+            }
+            if let Err(e) = self.reap() {
+                // Without events the read cannot be waited for: it is kept (its buffer
+                // must outlive it) and reported failed.
+                return Some((AlignedBuf::new(0), Err(e)));
+            }
+        }
+    }
+
+    /// Waits for at least one read to end, noting the outcome of each that did.
+    fn reap(&mut self) -> io::Result<()> {
+        let Some(ctx) = &self.ctx else {
+            return Ok(());
+        };
+        for ev in ctx.reap(1)? {
+            if let Some(read) = self.reads.get_mut(&ev.data)
+                && read.outcome.is_none()
+            {
+                self.under_way -= 1;
+                read.outcome = Some(match usize::try_from(ev.res) {
+                    Ok(n) => Ok(n),
+                    Err(_) => Err(io::Error::from_raw_os_error(
+                        i32::try_from(-ev.res).unwrap_or(libc::EIO),
+                    )),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BlockReader {
+    fn drop(&mut self) {
+        // The buffers must outlive the reads into them.
+        while self.under_way > 0 {
+            if self.reap().is_err() {
+                break;
+            }
+        }
+        if let Some(ctx) = self.ctx.take() {
+            if self.under_way == 0 {
+                give_back_context(ctx, self.depth);
+            } else {
+                // Destroying it waits for what is still under way; only then do the
+                // buffers go (fields drop after this body).
+                drop(ctx);
             }
         }
     }
@@ -390,5 +594,50 @@ mod tests {
         for (k, b) in data.chunks(block).enumerate() {
             assert!(b.iter().all(|&x| x == k as u8 + 1), "block {k}");
         }
+    }
+    #[test]
+    fn reads_are_waited_for_in_any_order_and_come_short_at_the_end() {
+        let path = std::env::temp_dir().join(format!("stasis-aio-read-{}", std::process::id()));
+        let block = 64 * 1024;
+        let data: Vec<u8> = (0..5 * block + 1000)
+            .map(|i| (i / block) as u8 + 1)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path);
+        let (Ok(file), Some(mut r)) = (opened, BlockReader::new(4)) else {
+            // No direct I/O or no AIO here: nothing to check.
+            let _ = std::fs::remove_file(&path);
+            return;
+        };
+        let tokens: Vec<u64> = (0..4)
+            .map(|k| {
+                assert!(r.has_room());
+                r.submit(&file, (k * block) as u64, block, AlignedBuf::new(block))
+                    .unwrap()
+            })
+            .collect();
+        assert!(!r.has_room(), "four reads under way fill a depth of four");
+        for k in [2usize, 0, 3, 1] {
+            let (buf, n) = r.wait(tokens[k]).unwrap();
+            assert_eq!(n.unwrap(), block);
+            assert!(buf.bytes().iter().all(|&b| b == k as u8 + 1), "block {k}");
+        }
+        assert!(r.wait(tokens[0]).is_none(), "taken already");
+        // The last block: the file ends 1000 bytes into it.
+        let t = r
+            .submit(&file, (5 * block) as u64, block, AlignedBuf::new(block))
+            .unwrap();
+        let (buf, n) = r.wait(t).unwrap();
+        assert_eq!(n.unwrap(), 1000);
+        assert!(buf.bytes()[..1000].iter().all(|&b| b == 6));
+        // A length beyond the buffer is refused, the buffer handed back.
+        let (e, buf) = r
+            .submit(&file, 0, 2 * block, AlignedBuf::new(block))
+            .unwrap_err();
+        assert_eq!((e.kind(), buf.len()), (io::ErrorKind::InvalidInput, block));
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -136,6 +136,9 @@ pub(super) fn map_memory(
             Some(plan) if plan.takes(v) => plan.add(v, |i| image.manifest.chunks.chunk_len(i)),
             _ => v.pages.iter().collect(),
         };
+        for run in &now {
+            image.read_ahead(run.chunk);
+        }
         let fill = !now.is_empty();
         let prot = if fill {
             v.prot | libc::PROT_READ | libc::PROT_WRITE
