@@ -30,7 +30,7 @@ const MAX_SPARE: usize = 8;
 
 /// Buffers of writers that ended, for the next ones: filling fresh memory costs a page
 /// fault per page (on our virtual machines as much as the write itself), every checkpoint.
-static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+static SPARE: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
 /// AIO contexts with nothing under way (and their depth), for the next writer or reader:
 /// destroying one waits for the kernel (`io_destroy` measured 30 ms and more here), making
 /// one costs too.
@@ -58,19 +58,117 @@ fn give_back_context(ctx: Context, depth: usize) {
     }
 }
 
-/// A zeroed buffer holding `len` bytes at an [`ALIGN`]ed offset (returned with it).
-fn aligned(len: usize) -> (Vec<u8>, usize) {
-    let buf = vec![0u8; len + ALIGN];
-    let at = buf.as_ptr().align_offset(ALIGN);
-    (buf, at)
+/// Size of a transparent huge page (x86_64).
+const HUGE_PAGE: usize = 2 << 20;
+/// Buffers at least this long are laid on huge pages.
+const HUGE_FROM: usize = 64 << 10;
+
+/// A buffer for direct I/O: `len` zeroed bytes at an [`ALIGN`]ed address, on transparent
+/// huge pages where it is long enough and the kernel has them.
+///
+/// The disk gets a direct transfer as the list of physically contiguous pieces of the
+/// buffer, and a request holds at most so many of them (254 on our virtual disks): from
+/// ordinary 4 KiB pages that cuts a 4 MiB transfer into five requests, and the disk served
+/// 1 GiB of 1 MiB reads in 430–830 ms; from huge pages, in 315–360 ms, like the page cache
+/// (whose large folios are contiguous too).
+#[derive(Debug)]
+pub struct AlignedBuf {
+    /// The mapping (start, length), unmapped on drop.
+    map: (std::ptr::NonNull<u8>, usize),
+    /// Offset of the buffer in the mapping.
+    at: usize,
+    len: usize,
+}
+
+// SAFETY: an AlignedBuf owns its mapping alone (nothing else points into it), like a Vec.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (memory is only taken as it is touched).
+    pub fn new(len: usize) -> AlignedBuf {
+        let huge = len >= HUGE_FROM;
+        // Room to align the start to a huge page.
+        let map_len = match huge {
+            true => len.next_multiple_of(HUGE_PAGE) + HUGE_PAGE,
+            false => len.max(1).next_multiple_of(ALIGN),
+        };
+        let size = std::num::NonZeroUsize::new(map_len).unwrap_or(std::num::NonZeroUsize::MIN);
+        // SAFETY: a new private anonymous mapping, placed by the kernel: it overlaps
+        // nothing of ours.
+        let mapped = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                size,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_PRIVATE,
+            )
+        };
+        let ptr = match mapped {
+            Ok(p) => p.cast::<u8>(),
+            Err(_) => std::alloc::handle_alloc_error(
+                std::alloc::Layout::from_size_align(map_len, ALIGN)
+                    .unwrap_or(std::alloc::Layout::new::<u8>()),
+            ),
+        };
+        let at = match huge {
+            true => ptr.as_ptr().align_offset(HUGE_PAGE),
+            false => 0,
+        };
+        if huge {
+            // SAFETY: the range lies within the mapping just made; the advice changes how
+            // it is backed, not its contents.
+            let _ = unsafe {
+                nix::sys::mman::madvise(
+                    ptr.add(at).cast(),
+                    len.next_multiple_of(HUGE_PAGE),
+                    nix::sys::mman::MmapAdvise::MADV_HUGEPAGE,
+                )
+            };
+        }
+        AlignedBuf {
+            map: (ptr, map_len),
+            at,
+            len,
+        }
+    }
+
+    /// Its length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes from `at` lie within the mapping, which lives as long as
+        // `self` and is only reached through it.
+        unsafe { std::slice::from_raw_parts(self.map.0.as_ptr().add(self.at), self.len) }
+    }
+
+    /// Its bytes, to fill.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.map.0.as_ptr().add(self.at), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours alone and nothing borrows it any more.
+        let _ = unsafe { nix::sys::mman::munmap(self.map.0.cast(), self.map.1) };
+    }
 }
 
 /// Whether `file` (new, empty, opened with `O_DIRECT`) takes direct writes: an aligned
 /// block is written at its start and cut off again. `false` where the filesystem refuses
 /// them (`EINVAL`).
 pub fn takes_direct_writes(file: &File) -> io::Result<bool> {
-    let (buf, at) = aligned(ALIGN);
-    let written = file.write_all_at(&buf[at..at + ALIGN], 0);
+    let buf = AlignedBuf::new(ALIGN);
+    let written = file.write_all_at(buf.bytes(), 0);
     file.set_len(0)?;
     match written {
         Ok(()) => Ok(true),
@@ -110,9 +208,8 @@ struct IoEvent {
 /// One buffer of the ring.
 #[derive(Debug)]
 struct Slot {
-    /// Holds an aligned block at `at`.
-    buf: Vec<u8>,
-    at: usize,
+    /// Holds a block.
+    buf: AlignedBuf,
     /// Bytes of the write under way from it (0: none).
     in_flight: usize,
     /// Where that write goes in the file.
@@ -221,17 +318,12 @@ impl BlockWriter {
         let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
         let slots = (0..if ctx.is_some() { depth } else { 1 })
             .map(|_| {
-                let (buf, at) = match spare.iter().position(|b| b.len() == block + ALIGN) {
-                    Some(i) => {
-                        let buf = spare.swap_remove(i);
-                        let at = buf.as_ptr().align_offset(ALIGN);
-                        (buf, at)
-                    }
-                    None => aligned(block),
+                let buf = match spare.iter().position(|b| b.len() == block) {
+                    Some(i) => spare.swap_remove(i),
+                    None => AlignedBuf::new(block),
                 };
                 Slot {
                     buf,
-                    at,
                     in_flight: 0,
                     offset: 0,
                 }
@@ -259,8 +351,7 @@ impl BlockWriter {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        let (at, block) = (self.slots[self.current].at, self.block);
-        Ok(&mut self.slots[self.current].buf[at..at + block])
+        Ok(self.slots[self.current].buf.bytes_mut())
     }
 
     /// Writes the first `len` bytes (a multiple of [`ALIGN`]) of the block being filled at
@@ -287,7 +378,7 @@ impl BlockWriter {
             }
         }
         let slot = &mut self.slots[self.current];
-        let data = &slot.buf[slot.at..slot.at + len];
+        let data = &slot.buf.bytes()[..len];
         match &self.ctx {
             None => self.file.write_all_at(data, offset)?,
             Some(ctx) => {
@@ -328,7 +419,7 @@ impl BlockWriter {
                 // Cut short (a file size limit, a full disk): the rest is written now,
                 // which says why it cannot be.
                 Ok(done) => {
-                    let rest = &slot.buf[slot.at + done..slot.at + wanted];
+                    let rest = &slot.buf.bytes()[done..wanted];
                     self.file.write_all_at(rest, slot.offset + done as u64)
                 }
                 Err(_) => Err(io::Error::from_raw_os_error(
@@ -391,37 +482,6 @@ impl Drop for BlockWriter {
     }
 }
 
-/// A buffer for direct I/O: `len` bytes at an [`ALIGN`]ed address.
-#[derive(Debug)]
-pub struct AlignedBuf {
-    buf: Vec<u8>,
-    at: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes.
-    pub fn new(len: usize) -> AlignedBuf {
-        let (buf, at) = aligned(len);
-        AlignedBuf { buf, at, len }
-    }
-
-    /// Its length.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether it holds no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Its bytes.
-    pub fn bytes(&self) -> &[u8] {
-        &self.buf[self.at..self.at + self.len]
-    }
-}
-
 /// A read under way or done, not yet taken.
 #[derive(Debug)]
 struct PendingRead {
@@ -478,8 +538,7 @@ impl BlockReader {
             return Err((io::Error::from(io::ErrorKind::InvalidInput), buf));
         }
         let token = self.next;
-        let at = buf.at;
-        let data = &mut buf.buf[at..at + len];
+        let data = &mut buf.bytes_mut()[..len];
         let mut cb = Iocb {
             data: token,
             opcode: IOCB_CMD_PREAD,
@@ -489,10 +548,9 @@ impl BlockReader {
             offset: offset as i64,
             ..Iocb::default()
         };
-        // The kernel writes into the buffer until the read completes; the buffer's heap
-        // memory stays where it is while the `Vec` is kept in `reads` (moving a `Vec` does
-        // not move its memory), and it is handed back only once the read is reaped (`wait`,
-        // `Drop`).
+        // The kernel writes into the buffer until the read completes; its memory (a
+        // mapping) stays where it is while the buffer is kept in `reads`, and it is handed
+        // back only once the read is reaped (`wait`, `Drop`).
         if let Err(e) = ctx.submit(&mut cb) {
             return Err((e, buf));
         }
