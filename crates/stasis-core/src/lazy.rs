@@ -16,6 +16,7 @@ use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use stasis_image::OpenGeneration;
+use stasis_image::READ_AHEAD;
 use stasis_sys::inject::Injector;
 use stasis_sys::uffd::{LazyEvent, LazyMemoryFd};
 use stasis_sys::{Errno, SysError};
@@ -28,8 +29,9 @@ use crate::{proc, vdso};
 const PAGE: u64 = 4096;
 /// A fault on a never-saved page maps zeros over this much around it (within its gap).
 const ZERO_WINDOW: u64 = 1 << 20;
-/// How far ahead of background loading the disk is asked to read.
-const READ_AHEAD: u64 = 128 << 20;
+/// How far ahead of background loading the page cache is asked to read the frames that
+/// are not read directly (shared among the processes still loading, like [`READ_AHEAD`]).
+const HINT_AHEAD: u64 = 128 << 20;
 /// How long an address space may stay changing (its event not queued) before we give up.
 const CHANGING_LIMIT: Duration = Duration::from_secs(10);
 
@@ -59,8 +61,17 @@ pub(crate) struct LazyProcess {
     /// Made by a fork while loading (its pid unknown: it is not handed over to write
     /// tracking, see [`PendingMemory::hand_over`]).
     pub forked: bool,
-    /// Address up to which the disk was asked to read the pieces ahead of loading.
-    pub read_ahead_to: u64,
+    /// How far the pieces were asked for ahead of loading.
+    pub asked: AskedTo,
+}
+
+/// Addresses up to which a process's pieces were asked for ahead of loading.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AskedTo {
+    /// To be read ([`OpenGeneration::read_ahead`]).
+    pub read: u64,
+    /// To be read by the page cache ([`OpenGeneration::hint_ahead`]).
+    pub hinted: u64,
 }
 
 /// Memory of restored processes still being loaded, kept by the supervisor until every page
@@ -183,7 +194,7 @@ impl LazyProcess {
                 ranges: self.ranges.clone(),
                 moved: self.moved.clone(),
                 forked: true,
-                read_ahead_to: self.read_ahead_to,
+                asked: self.asked,
             }),
             LazyEvent::Remap { from, to, len } => {
                 self.ranges = moved(&self.ranges, from, to, len);
@@ -285,20 +296,27 @@ impl PendingMemory {
         Ok(self.is_loaded())
     }
 
-    /// Asks the disk for the chunks of process `i`'s pieces up to [`READ_AHEAD`] bytes
-    /// beyond `start` (where loading is), so that it reads while we copy.
+    /// Asks the disk for the chunks of process `i`'s pieces beyond `start` (where loading
+    /// is), so that it reads while we copy: its share of [`READ_AHEAD`] among the
+    /// processes still loading (loading takes their pieces in turn, so the chunks are asked
+    /// for in about the order they are taken), and for the page cache's reading its share
+    /// of [`HINT_AHEAD`].
     fn read_ahead(&mut self, i: usize, start: u64, image: &mut OpenGeneration) {
+        let loading = self.processes.iter().filter(|p| !p.pending.is_empty());
+        let loading = loading.count().max(1) as u64;
         let p = &mut self.processes[i];
-        let limit = start.saturating_add(READ_AHEAD);
-        let mut to = p.read_ahead_to.max(start);
-        for (&s, piece) in p.pending.range(to..) {
-            if s >= limit {
-                break;
-            }
-            image.read_ahead(piece.chunk);
-            to = piece.end;
-        }
-        p.read_ahead_to = p.read_ahead_to.max(to);
+        p.asked.read = ask_ahead(&p.pending, p.asked.read, start, READ_AHEAD / loading, |c| {
+            image.read_ahead(c);
+        });
+        p.asked.hinted = ask_ahead(
+            &p.pending,
+            p.asked.hinted,
+            start,
+            HINT_AHEAD / loading,
+            |c| {
+                image.hint_ahead(c);
+            },
+        );
     }
 
     /// Every page is in: only faults on pages never saved are left to serve.
@@ -515,6 +533,27 @@ impl PendingMemory {
             Err(e) => Err(sys_err(&self.processes[i], e)),
         }
     }
+}
+
+/// Calls `ask` with the chunk of each piece of `pending` from `asked_to` (or `start`, where
+/// loading is, if beyond) up to `window` bytes beyond `start`; returns the new `asked_to`.
+fn ask_ahead(
+    pending: &BTreeMap<u64, Piece>,
+    asked_to: u64,
+    start: u64,
+    window: u64,
+    mut ask: impl FnMut(u32),
+) -> u64 {
+    let limit = start.saturating_add(window.max(PAGE));
+    let mut to = asked_to.max(start);
+    for (&s, piece) in pending.range(to..) {
+        if s >= limit {
+            break;
+        }
+        ask(piece.chunk);
+        to = piece.end;
+    }
+    asked_to.max(to)
 }
 
 /// What became of a fill.

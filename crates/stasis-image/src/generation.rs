@@ -893,6 +893,27 @@ impl OpenGeneration {
     /// is ignored). They are read directly into memory of the reader's where the
     /// filesystem allows it ([`crate::readahead`]), else into the page cache.
     pub fn read_ahead(&mut self, index: u32) {
+        self.each_frame_not_cached(index, |reads, f, frames, packs| {
+            reads.ask(f, frames, packs);
+        });
+    }
+
+    /// Asks the page cache to start reading those of chunk `index`'s frames that
+    /// [`OpenGeneration::read_ahead`] would not read directly (small frames; all where the
+    /// filesystem refuses direct reads): those are worth asking for long before their use,
+    /// the others only about [`crate::READ_AHEAD`] bytes before.
+    pub fn hint_ahead(&mut self, index: u32) {
+        self.each_frame_not_cached(index, |reads, f, frames, packs| {
+            reads.hint(&frames[f as usize], packs);
+        });
+    }
+
+    /// Calls `each` with each frame of chunk `index` (once) not in the frame cache.
+    fn each_frame_not_cached(
+        &mut self,
+        index: u32,
+        mut each: impl FnMut(&mut FrameReads, u32, &[Frame], &mut [PackReader]),
+    ) {
         if index as usize >= self.manifest.chunks.len() {
             return;
         }
@@ -902,7 +923,7 @@ impl OpenGeneration {
                 last = Some(b.frame);
                 if !self.cache.iter().any(|(i, _)| *i == b.frame) {
                     let frames = &self.manifest.chunks.frames;
-                    self.reads.ask(b.frame, frames, &mut self.packs);
+                    each(&mut self.reads, b.frame, frames, &mut self.packs);
                 }
             }
         }

@@ -22,3 +22,4 @@ pub mod verify;
 pub use error::{ImageError, ImageResult};
 pub use generation::{GenerationWriter, OpenGeneration};
 pub use manifest::Manifest;
+pub use readahead::READ_AHEAD;

@@ -20,6 +20,10 @@ use crate::pack::PackReader;
 
 /// Reads under way at once at most.
 const DEPTH: usize = 16;
+/// How many bytes of frames are worth asking for ahead of their use at once: about what
+/// [`DEPTH`] reads of 1 MiB frames (as full checkpoints write them) hold. Frames asked for
+/// beyond what is under way wait their turn, and one taken before its turn is read then.
+pub const READ_AHEAD: u64 = 16 << 20;
 /// Bytes read ahead and not yet taken at most.
 const BUDGET: usize = 32 << 20;
 /// Frames smaller than this are read ahead through the page cache: read directly, each
@@ -101,14 +105,7 @@ impl FrameReads {
         let Some(frame) = frames.get(f as usize) else {
             return;
         };
-        if self.reader.is_none() && !self.no_aio {
-            self.reader = BlockReader::new(DEPTH);
-            self.no_aio = self.reader.is_none();
-        }
-        let direct = packs
-            .get_mut(frame.pack as usize)
-            .is_some_and(|p| p.direct().is_some());
-        if self.reader.is_none() || !direct || frame.stored_len < MIN_DIRECT {
+        if !self.reads_directly(frame, packs) {
             if let Some(pack) = packs.get(frame.pack as usize) {
                 pack.read_ahead(frame);
             }
@@ -117,6 +114,30 @@ impl FrameReads {
         self.queue.push_back(f);
         self.waiting.insert(f);
         self.pump(frames, packs);
+    }
+
+    /// Asks the page cache to read `frame` ahead if it is not one read directly: such
+    /// frames are worth asking for long before their use, the others only [`READ_AHEAD`]
+    /// bytes before.
+    pub(crate) fn hint(&mut self, frame: &Frame, packs: &mut [PackReader]) {
+        if !self.reads_directly(frame, packs)
+            && let Some(pack) = packs.get(frame.pack as usize)
+        {
+            pack.read_ahead(frame);
+        }
+    }
+
+    /// Whether `frame` is read ahead directly (its pack opened for it at the first call).
+    fn reads_directly(&mut self, frame: &Frame, packs: &mut [PackReader]) -> bool {
+        if self.reader.is_none() && !self.no_aio {
+            self.reader = BlockReader::new(DEPTH);
+            self.no_aio = self.reader.is_none();
+        }
+        self.reader.is_some()
+            && frame.stored_len >= MIN_DIRECT
+            && packs
+                .get_mut(frame.pack as usize)
+                .is_some_and(|p| p.direct().is_some())
     }
 
     /// Submits the frames waiting their turn while there is room.

@@ -164,7 +164,7 @@ impl LazyPlan {
             ranges: merged,
             moved: Vec::new(),
             forked: false,
-            read_ahead_to: 0,
+            asked: Default::default(),
         }))
     }
 }
