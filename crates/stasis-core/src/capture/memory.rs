@@ -287,7 +287,7 @@ fn for_each_nonzero(
     mut f: impl FnMut(usize, &[u8]) -> CoreResult<()>,
 ) -> CoreResult<()> {
     let page = PAGE as usize;
-    let zero = |p: usize| data[p * page..(p + 1) * page].iter().all(|&b| b == 0);
+    let zero = |p: usize| is_zero(&data[p * page..(p + 1) * page]);
     let pages = data.len() / page;
     let mut p = 0;
     while p < pages {
@@ -302,6 +302,18 @@ fn for_each_nonzero(
         f(s * page, &data[s * page..p * page])?;
     }
     Ok(())
+}
+
+/// Whether `bytes` are all zero: 128 bytes at a time (which the compiler turns into a few
+/// vector instructions), stopping at the first block that is not. Checking byte after
+/// byte was 15% of a 64 MiB checkpoint's profile.
+fn is_zero(bytes: &[u8]) -> bool {
+    let blocks = bytes.chunks_exact(128);
+    let rest = blocks.remainder();
+    blocks
+        .into_iter()
+        .all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0)
+        && rest.iter().all(|&x| x == 0)
 }
 
 /// Pre-copy: stores the private pages present (or swapped out) in mapping `m` of process
@@ -695,4 +707,36 @@ pub fn capture_vmas(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_is_zero_until_any_byte_is_set() {
+        let mut bytes = vec![0u8; 4096 + 100];
+        assert!(is_zero(&bytes));
+        for at in [0, 1, 127, 128, 2049, 4095, 4096, 4195] {
+            bytes[at] = 0x80;
+            assert!(!is_zero(&bytes), "byte {at}");
+            bytes[at] = 0;
+        }
+    }
+
+    #[test]
+    fn nonzero_pages_are_handed_out_in_runs() {
+        let page = PAGE as usize;
+        let mut data = vec![0u8; 6 * page];
+        for p in [1, 2, 4] {
+            data[p * page + page - 1] = 7;
+        }
+        let mut runs = Vec::new();
+        for_each_nonzero(&data, |at, bytes| {
+            runs.push((at / page, bytes.len() / page));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(runs, vec![(1, 2), (4, 1)]);
+    }
 }
