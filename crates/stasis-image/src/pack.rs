@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -570,14 +571,15 @@ impl PackReader {
         })
     }
 
-    /// The pack opened with `O_DIRECT` (opened at the first call); `None` where the
-    /// filesystem refuses direct reads.
+    /// The pack opened again with `O_DIRECT` (at the first call); `None` where the
+    /// filesystem refuses direct reads. It is the file already open (reopened through
+    /// `/proc/self/fd`), even if the pack was removed or replaced since.
     pub(crate) fn direct(&mut self) -> Option<&File> {
         if self.direct.is_none() && !self.direct_refused {
             let opened = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(stasis_sys::cache::O_DIRECT)
-                .open(&self.path);
+                .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
             match opened {
                 Ok(f) => self.direct = Some(f),
                 Err(_) => self.direct_refused = true,

@@ -794,3 +794,21 @@ fn damage_in_a_frame_read_ahead_is_reported() {
         "{err}"
     );
 }
+
+/// A generation opened before its pack was removed still reads ahead from that pack.
+#[test]
+fn a_removed_pack_is_still_read_ahead_from_the_open_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let (dir, contents) = write_mixed(&job);
+    let direct = takes_direct_io(tmp.path());
+    let mut g = OpenGeneration::open(&dir).unwrap();
+    std::fs::remove_file(own_pack(&dir)).unwrap();
+    for c in 0..12 {
+        g.read_ahead(c);
+    }
+    for c in 0..12 {
+        assert_eq!(g.chunk(c).unwrap(), contents[c as usize], "chunk {c}");
+    }
+    assert_eq!(g.frames_read_ahead() > 0, direct);
+}
