@@ -703,9 +703,12 @@ fn takes_direct_io(dir: &Path) -> bool {
     ok
 }
 
-/// A generation of large raw and compressed chunks and small ones, with what each holds.
-fn write_mixed(job: &Path) -> (std::path::PathBuf, Vec<Vec<u8>>) {
-    let mut w = GenerationWriter::begin(job, Compression::Zstd(1)).unwrap();
+/// A generation of large raw and compressed chunks and small ones (in a new temporary
+/// directory), what each chunk holds, and whether its filesystem takes direct reads.
+fn write_mixed() -> (tempfile::TempDir, std::path::PathBuf, Vec<Vec<u8>>, bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let direct = takes_direct_io(tmp.path());
+    let mut w = GenerationWriter::begin(&tmp.path().join("job"), Compression::Zstd(1)).unwrap();
     let mut contents = Vec::new();
     for k in 0..12u64 {
         let data = match k % 3 {
@@ -719,17 +722,14 @@ fn write_mixed(job: &Path) -> (std::path::PathBuf, Vec<Vec<u8>>) {
         contents.push(data);
     }
     let (_, dir) = w.finish(&mut manifest(0)).unwrap();
-    (dir, contents)
+    (tmp, dir, contents, direct)
 }
 
 /// Chunks asked for ahead read back as written, in order or not, the large raw ones
 /// through direct reads where the filesystem takes them.
 #[test]
 fn chunks_read_ahead_read_back_in_any_order() {
-    let tmp = tempfile::tempdir().unwrap();
-    let job = tmp.path().join("job");
-    let (dir, contents) = write_mixed(&job);
-    let direct = takes_direct_io(tmp.path());
+    let (_tmp, dir, contents, direct) = write_mixed();
     let m = read_manifest(&dir.join(MANIFEST_FILE)).unwrap();
     let compressed = frame_of(&m, 1);
     assert!(
@@ -764,9 +764,7 @@ fn chunks_read_ahead_read_back_in_any_order() {
 /// A frame read ahead is checked like any other: damage names the pack and the frame.
 #[test]
 fn damage_in_a_frame_read_ahead_is_reported() {
-    let tmp = tempfile::tempdir().unwrap();
-    let job = tmp.path().join("job");
-    let (dir, _) = write_mixed(&job);
+    let (_tmp, dir, _, _) = write_mixed();
     let m = read_manifest(&dir.join(MANIFEST_FILE)).unwrap();
     let pack = own_pack(&dir);
     for (c, at) in [(3u32, 16 + 5000), (4, 16 + 7), (0, 2)] {
@@ -798,10 +796,7 @@ fn damage_in_a_frame_read_ahead_is_reported() {
 /// A generation opened before its pack was removed still reads ahead from that pack.
 #[test]
 fn a_removed_pack_is_still_read_ahead_from_the_open_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let job = tmp.path().join("job");
-    let (dir, contents) = write_mixed(&job);
-    let direct = takes_direct_io(tmp.path());
+    let (_tmp, dir, contents, direct) = write_mixed();
     let mut g = OpenGeneration::open(&dir).unwrap();
     std::fs::remove_file(own_pack(&dir)).unwrap();
     for c in 0..12 {
