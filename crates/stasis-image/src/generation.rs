@@ -851,7 +851,8 @@ impl OpenGeneration {
         {
             // The chunk is exactly one frame (as a full checkpoint writes them): read into
             // `out` directly, with no copy through the frame cache.
-            self.reads.forget(f);
+            self.reads
+                .forget(f, &self.manifest.chunks.frames, &mut self.packs);
             let frame = self.manifest.chunks.frames[f as usize];
             self.packs[frame.pack as usize].read_frame_into(&frame, out)?;
             let mut at = 0;

@@ -207,8 +207,15 @@ impl FrameReads {
     }
 
     /// No longer reads frame `f` ahead if it was not submitted yet: the caller reads it.
-    pub(crate) fn forget(&mut self, f: u32) {
-        self.waiting.remove(&f);
+    /// The reads submitted were asked for before it: the caller went past them, and they
+    /// make room for others when needed.
+    pub(crate) fn forget(&mut self, f: u32, frames: &[Frame], packs: &mut [PackReader]) {
+        if self.waiting.remove(&f) {
+            for s in &mut self.ring {
+                s.passed = true;
+            }
+            self.pump(frames, packs);
+        }
     }
 
     /// Frame `f`'s raw bytes if it was read ahead (waiting for its read); `None` if it
@@ -221,7 +228,7 @@ impl FrameReads {
         packs: &mut [PackReader],
         spare: &mut Vec<u8>,
     ) -> ImageResult<Option<FrameBytes>> {
-        self.waiting.remove(&f);
+        self.forget(f, frames, packs);
         let Some(at) = self.ring.iter().position(|s| s.frame == f) else {
             return Ok(None);
         };

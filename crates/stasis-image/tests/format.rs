@@ -807,3 +807,26 @@ fn a_removed_pack_is_still_read_ahead_from_the_open_file() {
     }
     assert_eq!(g.frames_read_ahead() > 0, direct);
 }
+
+/// Reads ahead that are never taken (their memory went away) do not stop reading ahead:
+/// once the caller takes frames asked for after them, they make room.
+#[test]
+fn reads_never_taken_make_room_for_later_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let direct = takes_direct_io(tmp.path());
+    let mut w = GenerationWriter::begin(&tmp.path().join("job"), Compression::None).unwrap();
+    let contents: Vec<Vec<u8>> = (0..40u64).map(|k| noise(80 << 10, k + 1)).collect();
+    for data in &contents {
+        w.pack().add(data).unwrap();
+    }
+    let (_, dir) = w.finish(&mut manifest(0)).unwrap();
+    let mut g = OpenGeneration::open(&dir).unwrap();
+    for c in 0..40 {
+        g.read_ahead(c);
+    }
+    for c in 20..40 {
+        assert_eq!(g.chunk(c).unwrap(), contents[c as usize], "chunk {c}");
+    }
+    let read = g.frames_read_ahead();
+    assert_eq!(read >= 15, direct, "{read} of 20 frames read ahead");
+}
