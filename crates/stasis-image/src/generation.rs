@@ -869,11 +869,11 @@ impl OpenGeneration {
         out.reserve(blobs.iter().map(|b| b.len as usize).sum());
         for b in blobs {
             let raw = self.frame(b.frame)?;
-            let piece = &raw[b.start as usize..(b.start + b.len) as usize];
-            if blob_hash(piece) != b.hash {
-                return Err(self.damaged_blob(index, b.frame));
+            let piece = raw.get(b.start as usize..(b.start + b.len) as usize);
+            match piece {
+                Some(piece) if blob_hash(piece) == b.hash => out.extend_from_slice(piece),
+                _ => return Err(self.damaged_blob(index, b.frame)),
             }
-            out.extend_from_slice(piece);
         }
         Ok(())
     }

@@ -619,7 +619,7 @@ impl PackReader {
     }
 
     /// The error for a damaged part of `frame`.
-    fn corrupt(&self, frame: &Frame, what: &str) -> ImageError {
+    pub(crate) fn corrupt(&self, frame: &Frame, what: &str) -> ImageError {
         ImageError::Corrupt {
             path: self.path.clone(),
             offset: frame.offset,

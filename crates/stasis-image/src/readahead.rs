@@ -31,7 +31,7 @@ const BUDGET: usize = 32 << 20;
 /// generation stores each run of changed pages as a small frame).
 const MIN_DIRECT: u32 = 64 << 10;
 /// Spare buffers kept at most.
-const MAX_FREE: usize = 2 * DEPTH;
+const MAX_FREE: usize = DEPTH;
 
 /// A frame's raw bytes as held by the reader of a generation.
 #[derive(Debug)]
@@ -64,7 +64,7 @@ struct Submitted {
     token: u64,
     /// Where the frame header lies in the block read.
     skip: usize,
-    /// Bytes of the block.
+    /// Bytes of its buffer.
     len: usize,
     /// A frame asked for after it was taken first: it may never be.
     passed: bool,
@@ -84,7 +84,7 @@ pub(crate) struct FrameReads {
     waiting: HashSet<u32>,
     /// Reads submitted, in order.
     ring: VecDeque<Submitted>,
-    /// Bytes of the blocks in `ring`.
+    /// Bytes of the buffers of `ring`.
     bytes: usize,
     free: Vec<AlignedBuf>,
     /// Frames taken from direct reads.
@@ -181,15 +181,19 @@ impl FrameReads {
                 pack.read_ahead(&frame);
                 continue;
             };
-            let buf = take_buffer(&mut self.free, block);
+            let Some(buf) = take_buffer(&mut self.free, block) else {
+                pack.read_ahead(&frame);
+                continue;
+            };
+            let len = buf.len();
             match reader.submit(file, start, block, buf) {
                 Ok(token) => {
-                    self.bytes += block;
+                    self.bytes += len;
                     self.ring.push_back(Submitted {
                         frame: f,
                         token,
                         skip,
-                        len: block,
+                        len,
                         passed: false,
                     });
                 }
@@ -280,6 +284,10 @@ impl FrameReads {
         }
         let header_end = s.skip + crate::pack::HEADER_LEN as usize;
         pack.check_header(&frame, &buf.bytes()[s.skip..header_end])?;
+        if !frame.zstd && frame.stored_len != frame.raw_len {
+            recycle(&mut self.free, buf);
+            return Err(pack.corrupt(&frame, "frame length"));
+        }
         if frame.zstd {
             let decompressed = pack.decompress(&frame, &buf.bytes()[header_end..end], spare);
             recycle(&mut self.free, buf);
@@ -300,11 +308,15 @@ impl FrameReads {
     }
 }
 
-/// A buffer of at least `len` bytes from `free`, else a new one.
-fn take_buffer(free: &mut Vec<AlignedBuf>, len: usize) -> AlignedBuf {
-    match free.iter().position(|b| b.len() >= len) {
-        Some(i) => free.swap_remove(i),
-        None => AlignedBuf::new(len),
+/// A buffer of at least `len` bytes from `free` (the smallest), else a new one; `None`
+/// when none can be mapped.
+fn take_buffer(free: &mut Vec<AlignedBuf>, len: usize) -> Option<AlignedBuf> {
+    let fitting = (0..free.len())
+        .filter(|&i| free[i].len() >= len)
+        .min_by_key(|&i| free[i].len());
+    match fitting {
+        Some(i) => Some(free.swap_remove(i)),
+        None => AlignedBuf::new(len).ok(),
     }
 }
 

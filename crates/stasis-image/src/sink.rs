@@ -114,7 +114,7 @@ impl Sink {
         let mode = match direct.then(|| open(stasis_sys::cache::O_DIRECT)) {
             Some(Ok(file)) => match stasis_sys::aio::takes_direct_writes(&file) {
                 Ok(true) => Mode::Direct(Direct {
-                    blocks: BlockWriter::new(file, BLOCK, DEPTH),
+                    blocks: BlockWriter::new(file, BLOCK, DEPTH).map_err(io(path))?,
                     filled: 0,
                     block_offset: 0,
                 }),

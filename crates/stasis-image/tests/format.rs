@@ -830,3 +830,33 @@ fn reads_never_taken_make_room_for_later_ones() {
     let read = g.frames_read_ahead();
     assert_eq!(read >= 15, direct, "{read} of 20 frames read ahead");
 }
+
+/// A raw frame whose header and index agree on more raw bytes than it stores is damage,
+/// reported naming the pack, whether it was read ahead or not.
+#[test]
+fn a_raw_frame_longer_than_its_stored_bytes_is_damage() {
+    let (_tmp, dir, _, _) = write_mixed();
+    let man = dir.join(MANIFEST_FILE);
+    let mut m = read_manifest(&man).unwrap();
+    // Chunk 0: 256 KiB stored raw, read directly when read ahead.
+    let f = m.chunks.blobs_of(0)[0].frame as usize;
+    m.chunks.frames[f].raw_len += 4096;
+    write_manifest(&man, &m).unwrap();
+    let frame = m.chunks.frames[f];
+    let pack = own_pack(&dir);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let at = frame.offset as usize + 8;
+    bytes[at..at + 4].copy_from_slice(&frame.raw_len.to_le_bytes());
+    std::fs::write(&pack, bytes).unwrap();
+    for ahead in [false, true] {
+        let mut g = OpenGeneration::open(&dir).unwrap();
+        if ahead {
+            g.read_ahead(0);
+        }
+        let err = g.chunk(0).unwrap_err();
+        assert!(
+            matches!(&err, ImageError::Corrupt { path, .. } if *path == pack),
+            "read ahead {ahead}: {err}"
+        );
+    }
+}

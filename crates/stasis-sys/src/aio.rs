@@ -60,8 +60,9 @@ fn give_back_context(ctx: Context, depth: usize) {
 
 /// Size of a transparent huge page (x86_64).
 const HUGE_PAGE: usize = 2 << 20;
-/// Buffers at least this long are laid on huge pages.
-const HUGE_FROM: usize = 64 << 10;
+/// Buffers at least this long are laid on huge pages (each huge page taken whole once
+/// touched: shorter buffers would cost more memory than they hold).
+const HUGE_FROM: usize = 512 << 10;
 
 /// A buffer for direct I/O: `len` zeroed bytes at an [`ALIGN`]ed address, on transparent
 /// huge pages where it is long enough and the kernel has them.
@@ -84,15 +85,30 @@ pub struct AlignedBuf {
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes (memory is only taken as it is touched).
-    pub fn new(len: usize) -> AlignedBuf {
+    /// A buffer of no bytes (and no mapping).
+    pub fn empty() -> AlignedBuf {
+        AlignedBuf {
+            map: (std::ptr::NonNull::dangling(), 0),
+            at: 0,
+            len: 0,
+        }
+    }
+
+    /// A zeroed buffer of `len` bytes (memory is only taken as it is touched); the error
+    /// when the kernel refuses the mapping (out of memory or of mappings).
+    pub fn new(len: usize) -> io::Result<AlignedBuf> {
+        if len == 0 {
+            return Ok(AlignedBuf::empty());
+        }
         let huge = len >= HUGE_FROM;
         // Room to align the start to a huge page.
         let map_len = match huge {
             true => len.next_multiple_of(HUGE_PAGE) + HUGE_PAGE,
             false => len.max(1).next_multiple_of(ALIGN),
         };
-        let size = std::num::NonZeroUsize::new(map_len).unwrap_or(std::num::NonZeroUsize::MIN);
+        let Some(size) = std::num::NonZeroUsize::new(map_len) else {
+            return Ok(AlignedBuf::empty());
+        };
         // SAFETY: a new private anonymous mapping, placed by the kernel: it overlaps
         // nothing of ours.
         let mapped = unsafe {
@@ -103,13 +119,7 @@ impl AlignedBuf {
                 nix::sys::mman::MapFlags::MAP_PRIVATE,
             )
         };
-        let ptr = match mapped {
-            Ok(p) => p.cast::<u8>(),
-            Err(_) => std::alloc::handle_alloc_error(
-                std::alloc::Layout::from_size_align(map_len, ALIGN)
-                    .unwrap_or(std::alloc::Layout::new::<u8>()),
-            ),
-        };
+        let ptr = mapped.map_err(io::Error::from)?.cast::<u8>();
         let at = match huge {
             true => ptr.as_ptr().align_offset(HUGE_PAGE),
             false => 0,
@@ -125,11 +135,11 @@ impl AlignedBuf {
                 )
             };
         }
-        AlignedBuf {
+        Ok(AlignedBuf {
             map: (ptr, map_len),
             at,
             len,
-        }
+        })
     }
 
     /// Its length.
@@ -158,6 +168,9 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.map.1 == 0 {
+            return;
+        }
         // SAFETY: the mapping is ours alone and nothing borrows it any more.
         let _ = unsafe { nix::sys::mman::munmap(self.map.0.cast(), self.map.1) };
     }
@@ -167,7 +180,7 @@ impl Drop for AlignedBuf {
 /// block is written at its start and cut off again. `false` where the filesystem refuses
 /// them (`EINVAL`).
 pub fn takes_direct_writes(file: &File) -> io::Result<bool> {
-    let buf = AlignedBuf::new(ALIGN);
+    let buf = AlignedBuf::new(ALIGN)?;
     let written = file.write_all_at(buf.bytes(), 0);
     file.set_len(0)?;
     match written {
@@ -311,8 +324,8 @@ pub struct BlockWriter {
 
 impl BlockWriter {
     /// A writer of blocks of `block` bytes (a multiple of [`ALIGN`]) to `file`, with up to
-    /// `depth` of them under way at once.
-    pub fn new(file: File, block: usize, depth: usize) -> BlockWriter {
+    /// `depth` of them under way at once; the error when its buffers cannot be mapped.
+    pub fn new(file: File, block: usize, depth: usize) -> io::Result<BlockWriter> {
         let depth = depth.max(1);
         let ctx = take_context(depth);
         let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,17 +333,17 @@ impl BlockWriter {
             .map(|_| {
                 let buf = match spare.iter().position(|b| b.len() == block) {
                     Some(i) => spare.swap_remove(i),
-                    None => AlignedBuf::new(block),
+                    None => AlignedBuf::new(block)?,
                 };
-                Slot {
+                Ok(Slot {
                     buf,
                     in_flight: 0,
                     offset: 0,
-                }
+                })
             })
-            .collect();
+            .collect::<io::Result<Vec<Slot>>>()?;
         drop(spare);
-        BlockWriter {
+        Ok(BlockWriter {
             ctx,
             file,
             slots,
@@ -339,7 +352,7 @@ impl BlockWriter {
             failed: None,
             allocated: 0,
             end: 0,
-        }
+        })
     }
 
     /// The aligned buffer of the block being filled (once the disk is done with what it
@@ -488,6 +501,8 @@ struct PendingRead {
     buf: AlignedBuf,
     /// Bytes read, or the error, once done.
     outcome: Option<io::Result<usize>>,
+    /// Nobody waits for it any more: dropped once done.
+    abandoned: bool,
 }
 
 /// Reads aligned blocks of files opened with `O_DIRECT` in the background, each waited for
@@ -556,13 +571,21 @@ impl BlockReader {
         }
         self.next += 1;
         self.under_way += 1;
-        self.reads.insert(token, PendingRead { buf, outcome: None });
+        self.reads.insert(
+            token,
+            PendingRead {
+                buf,
+                outcome: None,
+                abandoned: false,
+            },
+        );
         Ok(token)
     }
 
     /// Waits for the read `token` names and returns its buffer with the number of bytes
-    /// read (fewer than asked at the end of the file) or the error; `None` for an unknown
-    /// token.
+    /// read (fewer than asked at the end of the file) or the read's error; `None` for an
+    /// unknown token. If waiting itself fails, the read is abandoned (its buffer kept until
+    /// it ends) and an empty buffer comes back with an error of kind `Other`.
     pub fn wait(&mut self, token: u64) -> Option<(AlignedBuf, io::Result<usize>)> {
         loop {
             let read = self.reads.get(&token)?;
@@ -573,7 +596,11 @@ impl BlockReader {
             if let Err(e) = self.reap() {
                 // Without events the read cannot be waited for: it is kept (its buffer
                 // must outlive it) and reported failed.
-                return Some((AlignedBuf::new(0), Err(e)));
+                if let Some(read) = self.reads.get_mut(&token) {
+                    read.abandoned = true;
+                }
+                let e = io::Error::other(format!("waiting for a direct read: {e}"));
+                return Some((AlignedBuf::empty(), Err(e)));
             }
         }
     }
@@ -588,6 +615,10 @@ impl BlockReader {
                 && read.outcome.is_none()
             {
                 self.under_way -= 1;
+                if read.abandoned {
+                    self.reads.remove(&ev.data);
+                    continue;
+                }
                 read.outcome = Some(match usize::try_from(ev.res) {
                     Ok(n) => Ok(n),
                     Err(_) => Err(io::Error::from_raw_os_error(
@@ -639,7 +670,7 @@ mod tests {
             return;
         };
         let block = 64 * 1024;
-        let mut w = BlockWriter::new(file, block, 4);
+        let mut w = BlockWriter::new(file, block, 4).unwrap();
         let order = [3u64, 0, 7, 1, 2, 6, 5, 4, 9, 8];
         for &k in &order {
             w.block().unwrap().fill(k as u8 + 1);
@@ -673,8 +704,13 @@ mod tests {
         let tokens: Vec<u64> = (0..4)
             .map(|k| {
                 assert!(r.has_room());
-                r.submit(&file, (k * block) as u64, block, AlignedBuf::new(block))
-                    .unwrap()
+                r.submit(
+                    &file,
+                    (k * block) as u64,
+                    block,
+                    AlignedBuf::new(block).unwrap(),
+                )
+                .unwrap()
             })
             .collect();
         assert!(!r.has_room(), "four reads under way fill a depth of four");
@@ -686,14 +722,19 @@ mod tests {
         assert!(r.wait(tokens[0]).is_none(), "taken already");
         // The last block: the file ends 1000 bytes into it.
         let t = r
-            .submit(&file, (5 * block) as u64, block, AlignedBuf::new(block))
+            .submit(
+                &file,
+                (5 * block) as u64,
+                block,
+                AlignedBuf::new(block).unwrap(),
+            )
             .unwrap();
         let (buf, n) = r.wait(t).unwrap();
         assert_eq!(n.unwrap(), 1000);
         assert!(buf.bytes()[..1000].iter().all(|&b| b == 6));
         // A length beyond the buffer is refused, the buffer handed back.
         let (e, buf) = r
-            .submit(&file, 0, 2 * block, AlignedBuf::new(block))
+            .submit(&file, 0, 2 * block, AlignedBuf::new(block).unwrap())
             .unwrap_err();
         assert_eq!((e.kind(), buf.len()), (io::ErrorKind::InvalidInput, block));
         let _ = std::fs::remove_file(&path);
