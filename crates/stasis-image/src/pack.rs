@@ -619,7 +619,7 @@ impl PackReader {
     }
 
     /// The error for a damaged part of `frame`.
-    pub(crate) fn corrupt(&self, frame: &Frame, what: &str) -> ImageError {
+    fn corrupt(&self, frame: &Frame, what: &str) -> ImageError {
         ImageError::Corrupt {
             path: self.path.clone(),
             offset: frame.offset,
@@ -627,7 +627,8 @@ impl PackReader {
         }
     }
 
-    /// Checks the header read for `frame` against it.
+    /// Checks the header read for `frame` against it (and that a raw frame stores as many
+    /// bytes as it holds).
     pub(crate) fn check_header(&self, frame: &Frame, header: &[u8]) -> ImageResult<()> {
         let word = |i: usize| {
             header
@@ -640,6 +641,9 @@ impl PackReader {
             || word(12).map(|w| w & 1 == 1) != Some(frame.zstd)
         {
             return Err(self.corrupt(frame, "frame header"));
+        }
+        if !frame.zstd && frame.stored_len != frame.raw_len {
+            return Err(self.corrupt(frame, "frame length"));
         }
         Ok(())
     }
@@ -727,9 +731,6 @@ impl PackReader {
                     expected: u64::from(frame.stored_len) - raw.len() as u64,
                 });
             }
-        }
-        if raw.len() != frame.raw_len as usize {
-            return Err(self.corrupt(frame, "frame length"));
         }
         // Read once: its cached pages go back to the kernel, which gives them to the
         // reading ahead of the frames that follow.

@@ -284,10 +284,6 @@ impl FrameReads {
         }
         let header_end = s.skip + crate::pack::HEADER_LEN as usize;
         pack.check_header(&frame, &buf.bytes()[s.skip..header_end])?;
-        if !frame.zstd && frame.stored_len != frame.raw_len {
-            recycle(&mut self.free, buf);
-            return Err(pack.corrupt(&frame, "frame length"));
-        }
         if frame.zstd {
             let decompressed = pack.decompress(&frame, &buf.bytes()[header_end..end], spare);
             recycle(&mut self.free, buf);

@@ -104,11 +104,9 @@ impl AlignedBuf {
         // Room to align the start to a huge page.
         let map_len = match huge {
             true => len.next_multiple_of(HUGE_PAGE) + HUGE_PAGE,
-            false => len.max(1).next_multiple_of(ALIGN),
+            false => len.next_multiple_of(ALIGN),
         };
-        let Some(size) = std::num::NonZeroUsize::new(map_len) else {
-            return Ok(AlignedBuf::empty());
-        };
+        let size = std::num::NonZeroUsize::new(map_len).ok_or(io::ErrorKind::InvalidInput)?;
         // SAFETY: a new private anonymous mapping, placed by the kernel: it overlaps
         // nothing of ours.
         let mapped = unsafe {
@@ -218,6 +216,15 @@ struct IoEvent {
     res2: i64,
 }
 
+impl IoEvent {
+    /// Bytes transferred, or the error.
+    fn outcome(&self) -> io::Result<usize> {
+        usize::try_from(self.res).map_err(|_| {
+            io::Error::from_raw_os_error(i32::try_from(-self.res).unwrap_or(libc::EIO))
+        })
+    }
+}
+
 /// One buffer of the ring.
 #[derive(Debug)]
 struct Slot {
@@ -243,9 +250,7 @@ impl Context {
         }
         Ok(Context(ctx))
     }
-}
 
-impl Context {
     /// Submits one transfer. The caller keeps the buffer `cb` names alive and untouched
     /// until its completion is reaped ([`Context::reap`]).
     fn submit(&self, cb: &mut Iocb) -> io::Result<()> {
@@ -427,7 +432,7 @@ impl BlockWriter {
             };
             let wanted = slot.in_flight;
             slot.in_flight = 0;
-            let outcome = match usize::try_from(ev.res) {
+            let outcome = match ev.outcome() {
                 Ok(done) if done >= wanted => Ok(()),
                 // Cut short (a file size limit, a full disk): the rest is written now,
                 // which says why it cannot be.
@@ -435,9 +440,7 @@ impl BlockWriter {
                     let rest = &slot.buf.bytes()[done..wanted];
                     self.file.write_all_at(rest, slot.offset + done as u64)
                 }
-                Err(_) => Err(io::Error::from_raw_os_error(
-                    i32::try_from(-ev.res).unwrap_or(libc::EIO),
-                )),
+                Err(e) => Err(e),
             };
             if let Err(e) = outcome {
                 self.failed.get_or_insert(e);
@@ -619,12 +622,7 @@ impl BlockReader {
                     self.reads.remove(&ev.data);
                     continue;
                 }
-                read.outcome = Some(match usize::try_from(ev.res) {
-                    Ok(n) => Ok(n),
-                    Err(_) => Err(io::Error::from_raw_os_error(
-                        i32::try_from(-ev.res).unwrap_or(libc::EIO),
-                    )),
-                });
+                read.outcome = Some(ev.outcome());
             }
         }
         Ok(())
