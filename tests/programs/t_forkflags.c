@@ -3,15 +3,18 @@
  * snapshot (a fork) has no such memory, or zeros: it must be read from the job itself.
  * The advice itself must come back with the memory at restart.
  *
- * Usage: t_forkflags WORKDIR. Maps four 4 MiB regions: A with MADV_WIPEONFORK, B with
+ * Usage: t_forkflags WORKDIR [few]. Maps four 4 MiB regions: A with MADV_WIPEONFORK, B with
  * MADV_DONTFORK, C plain, D with MADV_DONTFORK and MADV_DONTDUMP; fills every page with
  * version 1 (pages.h) and prints READY. When WORKDIR/step exists it writes version 2
  * everywhere, sets MADV_WIPEONFORK on C and MADV_DOFORK on B (the flags of whole mappings
- * change, their bounds do not) and prints STEP DONE. After a restart, with WORKDIR/go, it
- * first forks a child, before touching any page, that must see A and C as zeros, B as
+ * change, their bounds do not), maps E with MADV_WIPEONFORK (a mapping the previous
+ * checkpoint never saw), fills it like the others and prints STEP DONE. After a restart, with WORKDIR/go, it
+ * first forks a child, before touching any page, that must see A, C and E as zeros, B as
  * version 2 and no D at all; then checks that every page holds version 2 and that D still
  * carries both advices (/proc/self/smaps) (PASS/FAIL lines, DONE <failures>, exit status
- * = failures).
+ * = failures). With `few`, the step writes nothing (every page keeps version 1) and only
+ * changes the flags: the next checkpoint then copies what little changed at the cut
+ * instead of taking a snapshot, and still owes the restart the new advice.
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
@@ -67,6 +70,7 @@ static int has_vmflag(const void *p, const char *flag) {
 
 int main(int argc, char **argv) {
     snprintf(work, sizeof work, "%s", argc > 1 ? argv[1] : ".");
+    const int v = argc > 2 && strcmp(argv[2], "few") == 0 ? 1 : 2;
     unsigned char *a = region(MADV_WIPEONFORK, 0), *b = region(MADV_DONTFORK, 0);
     unsigned char *c = region(0, 0), *d = region(MADV_DONTFORK, MADV_DONTDUMP);
     fill_all(a, 1);
@@ -75,12 +79,16 @@ int main(int argc, char **argv) {
     fill_all(d, 1);
     say("READY");
     while (!exists("step")) sleep_ms(5);
-    fill_all(a, 2);
-    fill_all(b, 2);
-    fill_all(c, 2);
-    fill_all(d, 2);
+    if (v == 2) {
+        fill_all(a, 2);
+        fill_all(b, 2);
+        fill_all(c, 2);
+        fill_all(d, 2);
+    }
     if (madvise(c, REGION_LEN, MADV_WIPEONFORK) != 0) _exit(96);
     if (madvise(b, REGION_LEN, MADV_DOFORK) != 0) _exit(95);
+    unsigned char *e = region(MADV_WIPEONFORK, 0);
+    fill_all(e, v);
     say("STEP DONE");
     while (!exists("go")) sleep_ms(5);
     /* The child is forked before the parent reads its pages: restarted lazily, they may
@@ -89,23 +97,23 @@ int main(int argc, char **argv) {
     if (child == 0) {
         /* exit status: one bit per wrong finding */
         int st = 0;
-        if (wrong_pages(a, 0) != 0) st |= 1;
+        if (wrong_pages(a, 0) != 0 || wrong_pages(e, 0) != 0) st |= 1;
         if (wrong_pages(c, 0) != 0) st |= 2;
-        if (wrong_pages(b, 2) != 0) st |= 4;
+        if (wrong_pages(b, v) != 0) st |= 4;
         if (msync(d, PAGE, MS_ASYNC) == 0) st |= 8; /* D must not be mapped here */
         _exit(st);
     }
     int status = -1;
     if (child < 0 || waitpid(child, &status, 0) != child) status = -1;
     int st = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    long bad_a = wrong_pages(a, 2), bad_b = wrong_pages(b, 2), bad_c = wrong_pages(c, 2);
-    long bad_d = wrong_pages(d, 2);
-    report(bad_a == 0, "wipe-on-fork region restored (%ld of %d pages wrong)", bad_a, REGION_PAGES);
+    long bad_a = wrong_pages(a, v) + wrong_pages(e, v), bad_b = wrong_pages(b, v), bad_c = wrong_pages(c, v);
+    long bad_d = wrong_pages(d, v);
+    report(bad_a == 0, "wipe-on-fork regions restored (%ld of %d pages wrong)", bad_a, 2 * REGION_PAGES);
     report(bad_b == 0, "region no longer don't-fork restored (%ld of %d pages wrong)", bad_b, REGION_PAGES);
     report(bad_c == 0, "region made wipe-on-fork restored (%ld of %d pages wrong)", bad_c, REGION_PAGES);
     report(bad_d == 0, "don't-fork, don't-dump region restored (%ld of %d pages wrong)", bad_d, REGION_PAGES);
     report(has_vmflag(d, "dc") && has_vmflag(d, "dd"), "don't-fork and don't-dump advice kept");
-    report(st == 0, "a forked child sees the advice (wiped A %s, wiped C %s, B %s, D %s)",
+    report(st == 0, "a forked child sees the advice (wiped A and E %s, wiped C %s, B %s, D %s)",
            st < 0 ? "?" : st & 1 ? "no" : "yes", st < 0 ? "?" : st & 2 ? "no" : "yes",
            st < 0 ? "?" : st & 4 ? "wrong" : "copied", st < 0 ? "?" : st & 8 ? "present" : "absent");
     say("DONE %d", failures);

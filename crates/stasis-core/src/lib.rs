@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod error;
 pub mod freeze;
+pub mod helper;
 pub mod lazy;
 pub mod proc;
 pub mod ptyqueue;

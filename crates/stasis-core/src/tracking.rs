@@ -109,6 +109,14 @@ pub struct Unchanged {
     reused: Reused,
 }
 
+/// The ranges of `maps` a fork leaves out or wipes (`MADV_DONTFORK`, `MADV_WIPEONFORK`).
+fn fork_blind(maps: &[MapEntry]) -> Vec<(u64, u64)> {
+    maps.iter()
+        .filter(|m| m.has_flag("dc") || m.has_flag("wf"))
+        .map(|m| (m.start, m.end))
+        .collect()
+}
+
 fn contains(ranges: &[(u64, u64)], addr: u64) -> bool {
     let i = ranges.partition_point(|r| r.1 <= addr);
     ranges.get(i).is_some_and(|r| r.0 <= addr)
@@ -303,6 +311,15 @@ impl WriteTracking {
         }
     }
 
+    /// The mappings of process `pid` at the cut in progress as smaps gave them while it
+    /// stood frozen: which of them a fork leaves out or wipes, when the flags
+    /// [`WriteTracking::cut`] was given were carried from an earlier checkpoint.
+    pub fn set_fork_blind(&mut self, pid: i32, maps: &[MapEntry]) {
+        if let Some(state) = self.seen.get_mut(&pid) {
+            state.fork_blind = fork_blind(maps);
+        }
+    }
+
     /// Process `pid`, still frozen at the cut, had its memory read without a snapshot:
     /// protects the pages the cut found written, so that tracking dates from this cut with
     /// nothing carried over. Only those pages are walked: the rest stayed protected.
@@ -387,11 +404,7 @@ impl WriteTracking {
             CutState {
                 tracked: tracked.clone(),
                 unprotected,
-                fork_blind: maps
-                    .iter()
-                    .filter(|m| m.has_flag("dc") || m.has_flag("wf"))
-                    .map(|m| (m.start, m.end))
-                    .collect(),
+                fork_blind: fork_blind(maps),
                 ..CutState::default()
             },
         );

@@ -53,6 +53,12 @@ pub fn enter(offsets: (i64, i64)) -> NamespaceSetup {
             e.errno
         )),
     }
+    // The last moment a thread can be made: not before the user namespace (unsharing it
+    // takes a single thread), not after the pid and time namespaces for our children.
+    if !stasis_core::helper::start() {
+        s.notes
+            .push("no helper thread: checkpoints read mapping flags on one thread".into());
+    }
     match ns::unshare(ns::flags::PID) {
         Ok(()) => s.pid = true,
         Err(e) => s.notes.push(format!(

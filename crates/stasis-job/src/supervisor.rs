@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use stasis_core::capture::{
-    CaptureOptions, EarlyMaps, Precopy, Speedups, WriteTracking, capture_job, precopy_job,
+    CaptureOptions, EarlyMaps, KnownFlags, Precopy, Speedups, WriteTracking, capture_job,
+    precopy_job,
 };
 use stasis_core::freeze::{freeze_job, freeze_job_serving};
 use stasis_core::lazy::PendingMemory;
@@ -127,6 +128,8 @@ pub struct Supervisor {
     /// What the last checkpoint's writer left for the next one (its generation's index and
     /// blobs), so that it need not read them back.
     carried: Option<Carried>,
+    /// The mapping flags the last checkpoint read, carried to the next one.
+    known_flags: KnownFlags,
 }
 
 fn resolve_program(program: &str) -> JobResult<PathBuf> {
@@ -387,6 +390,7 @@ impl Supervisor {
             memory,
             lazy_failure: None,
             carried: None,
+            known_flags: KnownFlags::default(),
             spec,
         })
     }
@@ -794,11 +798,12 @@ impl Supervisor {
                 "pre-copied"
             );
         }
-        let early_maps = EarlyMaps::read(
+        let early_maps = EarlyMaps::plan(
             &stasis_core::proc::descendants(supervisor)
                 .into_iter()
                 .filter(|&p| Some(p) != init)
                 .collect::<Vec<_>>(),
+            &std::mem::take(&mut self.known_flags),
         );
         let frozen_at = Instant::now();
         let frozen = freeze_job(supervisor, init, self.pid).inspect_err(|e| self.note_exit(e))?;
@@ -839,11 +844,15 @@ impl Supervisor {
         let mut captured = captured;
         let mut frozen = Some(frozen);
         let mut frozen_ms = 0.0;
+        let mut flag_check = None;
         if !kill {
             captured.put_back_pty_bytes();
             frozen.take().map(|f| f.thaw(&captured.insns)).transpose()?;
             frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
             fault::point("thawed");
+            // Reading smaps again takes as long as it did before the freeze: on a thread
+            // of its own, while the snapshots are read and the generation written.
+            flag_check = Some(captured.take_flag_check().in_background());
             if fault::reached("slow-reprotect") {
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
@@ -859,21 +868,8 @@ impl Supervisor {
                 "checkpoint phases"
             );
         }
-        // While the snapshots die.
-        let checked_at = Instant::now();
-        let flags_checked = captured.check_flags();
-        tracing::debug!(
-            check_flags_ms = checked_at.elapsed().as_secs_f64() * 1e3,
-            "flags checked"
-        );
+        let flag_check = flag_check.unwrap_or_else(|| captured.take_flag_check().in_background());
         captured.end_snapshots()?;
-        if let Err(e) = flags_checked {
-            captured.put_back_pty_bytes();
-            if let Some(f) = frozen.take() {
-                f.thaw(&captured.insns)?;
-            }
-            return Err(e.into());
-        }
         let mut manifest = record::manifest(
             record::JobFacts {
                 name: self.spec.name.clone(),
@@ -892,6 +888,25 @@ impl Supervisor {
             &mut captured,
         );
         let stored_bytes = writer.pack().bytes_written();
+        let waited_at = Instant::now();
+        let flags_checked = flag_check.wait();
+        tracing::debug!(
+            waited_ms = waited_at.elapsed().as_secs_f64() * 1e3,
+            "flags checked"
+        );
+        match flags_checked {
+            Ok(mut readings) => {
+                readings.extend(captured.take_readings());
+                self.known_flags.replace(readings);
+            }
+            Err(e) => {
+                captured.put_back_pty_bytes();
+                if let Some(f) = frozen.take() {
+                    f.thaw(&captured.insns)?;
+                }
+                return Err(e.into());
+            }
+        }
         let (generation, path) = match writer.finish_carrying(&mut manifest) {
             Ok((generation, path, carried)) => {
                 self.carried = Some(carried);

@@ -43,13 +43,17 @@ fn memory_written_until_a_checkpoint_kill_is_saved_as_at_the_cut() {
 /// (`MADV_WIPEONFORK`), read from the job itself rather than from the snapshot, and changes
 /// those flags on whole mappings between two checkpoints that let it run on: the newer
 /// generation must hold every page as written before it, and the restart must give the
-/// mappings their advice back.
-#[test]
-fn memory_left_out_of_or_wiped_in_a_fork_is_saved_as_the_job_has_it() {
+/// mappings their advice back. The second checkpoint starts from the flags the first one
+/// read (carried) and must mend what they got wrong: with every page written it takes a
+/// snapshot, which must not be trusted with the mapping made wipe-on-fork meanwhile; with
+/// nothing written (`few`) it copies at the cut, and only the advice needs mending.
+fn fork_flags_changed_between_checkpoints(few: bool) {
     let env = Env::new();
-    let name = env.name("forkflags");
+    let name = env.name(if few { "forkflags-few" } else { "forkflags" });
     let prog = program("t_forkflags", false);
-    let mut job = env.start(&name, &prog, &[env.work.to_str().unwrap()]);
+    let work = env.work.to_str().unwrap().to_owned();
+    let args: &[&str] = if few { &[&work, "few"] } else { &[&work] };
+    let mut job = env.start(&name, &prog, args);
     env.wait_output(&job, "READY\n");
     assert_eq!(env.checkpoint(&name, false)["generation"], 1);
     std::fs::write(env.work.join("step"), "").unwrap();
@@ -63,4 +67,14 @@ fn memory_left_out_of_or_wiped_in_a_fork_is_saved_as_the_job_has_it() {
     let out = env.restart_to_success(&job, &[("STASIS_FAULT", "no-prefetch")]);
     assert_all_pass(&out);
     assert_eq!(out.matches("PASS t_forkflags").count(), 6, "{out}");
+}
+
+#[test]
+fn memory_left_out_of_or_wiped_in_a_fork_is_saved_as_the_job_has_it() {
+    fork_flags_changed_between_checkpoints(false);
+}
+
+#[test]
+fn advice_changed_between_checkpoints_comes_back_when_little_was_written() {
+    fork_flags_changed_between_checkpoints(true);
 }

@@ -617,6 +617,15 @@ fn private_or_deferred(
     }
 }
 
+/// The advice mapping `m` carries (from its `VmFlags`).
+pub(super) fn advice_of(m: &MapEntry) -> Vec<Advice> {
+    Advice::ALL
+        .iter()
+        .filter(|(_, flag)| m.has_flag(flag))
+        .map(|&(a, _)| a)
+        .collect()
+}
+
 /// Captures every mapping of a process. With `deferred`, the private pages of mappings a
 /// copy-on-write snapshot can give are not read now: each such mapping is listed there
 /// (index, mapping, kind) and saved with no pages. Pages `unchanged` knows are not read.
@@ -699,11 +708,7 @@ pub fn capture_vmas(
             pages,
             shmem,
             sysv: (kind == VmaKind::SysvShm).then(|| i32::try_from(m.inode).unwrap_or(-1)),
-            advice: Advice::ALL
-                .iter()
-                .filter(|(_, flag)| m.has_flag(flag))
-                .map(|&(a, _)| a)
-                .collect(),
+            advice: advice_of(m),
         });
     }
     Ok(out)

@@ -24,7 +24,7 @@ use stasis_image::pack::PackWriter;
 pub use crate::tracking::{Unchanged, WriteTracking};
 pub use crate::vdso::{VdsoInfo, vdso_info};
 pub use content::FileContents;
-pub use early::EarlyMaps;
+pub use early::{EarlyMaps, FlagCheck, IN_FREEZE_BUDGET, KnownFlags, PendingFlagCheck, Reading};
 pub use memory::vma_kind;
 pub use precopy::{Precopy, precopy_job};
 pub use process::{JobTables, capture_process, capture_zombie};
@@ -94,8 +94,10 @@ pub struct CapturedJob {
     /// Bytes of private memory copied out while the job was frozen, instead of read from a
     /// snapshot (little was left to read once the unchanged pages were known).
     pub copied_bytes: u64,
-    /// Mappings whose flags were taken from [`EarlyMaps`], by host pid.
-    pub early_flags: Vec<(i32, Vec<proc::MapEntry>)>,
+    /// Mappings whose flags were read early ([`EarlyMaps`]), by host pid.
+    early_flags: FlagCheck,
+    /// The smaps readings taken while the job was frozen.
+    readings: Vec<Reading>,
     /// The bytes taken out of the job's pseudo-terminal pairs: put back when dropped (do
     /// so before the job runs again), or discarded when the job ends with the checkpoint.
     pub pty_bytes: Vec<crate::ptyqueue::PutBack>,
@@ -116,29 +118,16 @@ impl CapturedJob {
         }
     }
 
-    /// Checks that the mappings whose flags were read before the freeze still have them (as
-    /// far as they still exist): a program that set `MADV_DONTFORK` or `MADV_WIPEONFORK` on
-    /// a whole mapping in between would otherwise have that mapping read from a snapshot
-    /// that lacks it or holds zeros.
-    pub fn check_flags(&self) -> CoreResult<()> {
-        for (pid, used) in &self.early_flags {
-            let Ok(now) = proc::maps(*pid) else {
-                continue;
-            };
-            for m in used {
-                let i = now.partition_point(|n| n.start < m.start);
-                if let Some(n) = now.get(i).filter(|n| n.same_mapping(m))
-                    && !n.same_for_capture(m)
-                {
-                    return Err(CoreError::ChangedDuringCheckpoint {
-                        pid: *pid,
-                        what: format!("{:#x}-{:#x} {}", m.start, m.end, m.path),
-                        why: format!("its flags went from {:?} to {:?}", m.flags, n.flags),
-                    });
-                }
-            }
-        }
-        Ok(())
+    /// The check that the mappings whose flags came from [`EarlyMaps`] still have them
+    /// ([`FlagCheck::run`]); taken once.
+    pub fn take_flag_check(&mut self) -> FlagCheck {
+        std::mem::take(&mut self.early_flags)
+    }
+
+    /// The smaps readings taken while the job was frozen, for the next checkpoint
+    /// ([`KnownFlags`]); taken once.
+    pub fn take_readings(&mut self) -> Vec<Reading> {
+        std::mem::take(&mut self.readings)
     }
 
     /// Reads the private memory of every process from its copy-on-write snapshot into
@@ -411,6 +400,9 @@ fn capture_all(
     pack: &mut PackWriter,
     speedups: Speedups<'_>,
 ) -> CoreResult<CapturedJob> {
+    // The processes whose mapping flags are carried have smaps read meanwhile, on the
+    // helper thread (see `early`).
+    let exact = (!speedups.early_maps.carried_pids().is_empty()).then(early::ExactFlags::default);
     let sharing_children = refuse_shared_tables(job)?;
     let terminal = match terminal {
         Some(fd) => Some((
@@ -433,6 +425,7 @@ fn capture_all(
         precopied_pages: 0,
         early_maps: &speedups.early_maps,
         early_flags: Vec::new(),
+        exact,
     };
     let mut processes = Vec::with_capacity(job.processes.len() + job.zombies.len());
     let mut insns = HashMap::new();
@@ -517,7 +510,8 @@ fn capture_all(
         unchanged_bytes: tables.unchanged_pages * 4096,
         precopied_bytes: tables.precopied_pages * 4096,
         copied_bytes: 0,
-        early_flags: tables.early_flags,
+        early_flags: FlagCheck(tables.early_flags),
+        readings: tables.exact.map(|e| e.taken).unwrap_or_default(),
         pty_bytes: put_back,
     })
 }

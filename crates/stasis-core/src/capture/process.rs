@@ -1,17 +1,19 @@
 //! Capturing one frozen process into its saved state.
 
-use stasis_image::manifest::{MmFields, ProcessImage, Rlimit, VmaKind};
+use stasis_image::manifest::{MmFields, ProcessImage, Rlimit, Vma, VmaKind};
 use stasis_image::pack::{PackWriter, Reused};
 use stasis_sys::inject::Injector;
 use stasis_sys::{Errno, process, ptrace};
 
 use super::content::FileContents;
-use super::early::EarlyMaps;
+use super::early::{EarlyMaps, ExactFlags, FlagsFrom};
 use super::files::FileTable;
-use super::memory::{CopiedPages, SharedObjects, capture_vmas, pages_to_copy};
-use super::snapshot::{PendingMemory, PendingSource, take};
+use super::memory::{
+    CopiedPages, SharedObjects, Source, advice_of, capture_vmas, pages_to_copy, private_pages,
+};
+use super::snapshot::{PendingMemory, PendingSource, snapshot_can_read, take};
 use super::threads::{capture_sigactions, capture_thread, capture_timers};
-use crate::error::{CoreResult, SysContext};
+use crate::error::{CoreError, CoreResult, SysContext};
 use crate::freeze::{Frozen, stack_scratch};
 use crate::proc::{self, MapEntry};
 use crate::tracking::{Unchanged, WriteTracking};
@@ -46,8 +48,10 @@ pub struct JobTables<'a> {
     pub precopied_pages: u64,
     /// Mappings with flags read before the freeze.
     pub early_maps: &'a EarlyMaps,
-    /// Mappings whose flags came from `early_maps`, by process, to check afterwards.
+    /// Mappings whose flags were read early, by process, to check afterwards.
     pub early_flags: Vec<(i32, Vec<MapEntry>)>,
+    /// smaps being read while the job is frozen, for processes whose flags are carried.
+    pub(crate) exact: Option<ExactFlags>,
 }
 
 /// A process's private memory is copied out while it is frozen, instead of read from a
@@ -90,6 +94,69 @@ fn runs_to_copy(
     Ok((pages * COPY_SHARE <= anon).then_some(runs))
 }
 
+/// The mappings of frozen process `pid` with their flags as smaps gives them now (read on
+/// a thread of its own since the freeze, when it is).
+fn exact_flags(tables: &mut JobTables<'_>, pid: i32) -> CoreResult<Vec<MapEntry>> {
+    match tables.exact.as_mut() {
+        Some(e) => e.get(pid),
+        None => proc::maps(pid),
+    }
+}
+
+/// What [`mend_flags`] needs to read now the mappings a snapshot cannot give after all.
+struct Reread<'a> {
+    deferred: &'a mut Vec<(usize, MapEntry, VmaKind)>,
+    pack: &'a mut PackWriter,
+    unchanged: &'a Unchanged,
+}
+
+/// Mends what the flags carried from the previous checkpoint (`used`) decided for frozen
+/// process `pid`, given `exact`, read from smaps while it stands frozen: the advice
+/// recorded for each mapping, its growing down, and with `reread` (a snapshot follows)
+/// the private pages of mappings it would lack or hold wiped, read now instead. A mapping
+/// whose may-write flag changed without its bounds changing (it was mapped again) is
+/// refused: whether a shared file's content counts as written was decided on it.
+fn mend_flags(
+    pid: i32,
+    used: &[MapEntry],
+    exact: &[MapEntry],
+    vmas: &mut [Vma],
+    mut reread: Option<Reread<'_>>,
+) -> CoreResult<()> {
+    if used.len() != exact.len() || !used.iter().zip(exact).all(|(u, e)| u.same_mapping(e)) {
+        return Err(CoreError::ChangedDuringCheckpoint {
+            pid,
+            what: "its mappings".into(),
+            why: "smaps and maps read while it stood frozen disagree".into(),
+        });
+    }
+    for (i, (u, e)) in used.iter().zip(exact).enumerate() {
+        if u.flags == e.flags {
+            continue;
+        }
+        if e.shared && u.has_flag("mw") != e.has_flag("mw") {
+            return Err(CoreError::ChangedDuringCheckpoint {
+                pid,
+                what: format!("{:#x}-{:#x} {}", e.start, e.end, e.path),
+                why: format!("its flags went from {:?} to {:?}", u.flags, e.flags),
+            });
+        }
+        let Some(vma) = vmas.get_mut(i) else {
+            continue;
+        };
+        vma.advice = advice_of(e);
+        vma.growsdown = e.has_flag("gd");
+        if let Some(r) = reread.as_mut()
+            && !snapshot_can_read(e)
+            && let Some(at) = r.deferred.iter().position(|d| d.0 == i)
+        {
+            let (_, _, kind) = r.deferred.remove(at);
+            vma.pages = private_pages(pid, e, kind, r.pack, Source::Live, r.unchanged)?;
+        }
+    }
+    Ok(())
+}
+
 /// Captures one frozen process, the `index`th of its job: threads, memory, descriptors and
 /// process-wide state. `ppid` is its parent's pid in the job's namespace.
 pub fn capture_process(
@@ -101,8 +168,8 @@ pub fn capture_process(
     let pid = frozen.pid;
     let pid_path = format!("/proc/{pid}");
     let t_start = std::time::Instant::now();
-    let (maps, early) = tables.early_maps.maps(pid)?;
-    if early {
+    let (maps, flags_from) = tables.early_maps.maps(pid)?;
+    if flags_from == FlagsFrom::Early {
         tables.early_flags.push((pid, maps.clone()));
     }
     let vdso = vdso_info(pid, &maps)?;
@@ -159,9 +226,16 @@ pub fn capture_process(
         None => Unchanged::default(),
     };
     let t_tracked = std::time::Instant::now();
+    if flags_from == FlagsFrom::Carried
+        && let Some(exact) = tables.exact.as_mut()
+    {
+        // Not before: the injected calls above take the job's memory map for writing,
+        // which would wait for the page walk.
+        exact.read_beside(pid);
+    }
     let known_pages = unchanged.known_pages();
     let mut deferred = Vec::new();
-    let vmas = capture_vmas(
+    let mut vmas = capture_vmas(
         pid,
         &maps,
         &mut tables.shared,
@@ -175,13 +249,18 @@ pub fn capture_process(
         Reused::Base => tables.unchanged_pages += unchanged.saved_pages(),
     }
     let t_vmas = std::time::Instant::now();
-    if let Some(pending) = tables.pending.as_mut() {
+    let carried = flags_from == FlagsFrom::Carried;
+    if tables.pending.is_some() {
         // Little to read: copy it now rather than pay for a snapshot.
         let source = if let Some(runs) = runs_to_copy(pid, &maps, &deferred, &unchanged)? {
             let pages = CopiedPages::gather(pid, &runs)?;
             let t_copied = std::time::Instant::now();
             if let Some(t) = tables.tracking.as_deref_mut() {
                 t.protect_frozen(pid);
+            }
+            if carried {
+                let exact = exact_flags(tables, pid)?;
+                mend_flags(pid, &maps, &exact, &mut vmas, None)?;
             }
             tracing::debug!(
                 pid,
@@ -192,14 +271,32 @@ pub fn capture_process(
             );
             PendingSource::Copied { pid, pages }
         } else {
+            if carried {
+                // What the snapshot is to give depends on the flags: the exact ones first.
+                let exact = exact_flags(tables, pid)?;
+                let reread = Reread {
+                    deferred: &mut deferred,
+                    pack: tables.pack,
+                    unchanged: &unchanged,
+                };
+                mend_flags(pid, &maps, &exact, &mut vmas, Some(reread))?;
+                if let Some(t) = tables.tracking.as_deref_mut() {
+                    t.set_fork_blind(pid, &exact);
+                }
+            }
             PendingSource::Snapshot(take(frozen, vdso.syscall_insn)?)
         };
-        pending.push(PendingMemory {
-            process: index,
-            source,
-            vmas: deferred,
-            unchanged,
-        });
+        if let Some(pending) = tables.pending.as_mut() {
+            pending.push(PendingMemory {
+                process: index,
+                source,
+                vmas: deferred,
+                unchanged,
+            });
+        }
+    } else if carried {
+        let exact = exact_flags(tables, pid)?;
+        mend_flags(pid, &maps, &exact, &mut vmas, None)?;
     }
     tracing::debug!(
         pid,

@@ -1,0 +1,61 @@
+//! One helper thread for work a supervisor does beside its own: reading smaps while the
+//! job stands frozen, checking mapping flags once it runs again.
+//!
+//! A process whose children get a pid or time namespace of their own can no longer make
+//! threads (`clone` with `CLONE_THREAD` or `CLONE_VM` fails with `EINVAL` once its
+//! namespace for children differs from its own), and one that unshares a user namespace
+//! must be single-threaded: a supervisor starts the helper in between ([`start`]). Without
+//! a helper, work runs where it is asked for.
+
+use std::sync::Mutex;
+use std::sync::mpsc::{Sender, channel};
+
+/// Work handed to the helper.
+pub type Work = Box<dyn FnOnce() + Send>;
+
+static HELPER: Mutex<Option<Sender<Work>>> = Mutex::new(None);
+
+/// Starts the helper thread, once; whether it runs.
+pub fn start() -> bool {
+    let mut helper = HELPER.lock().unwrap_or_else(|p| p.into_inner());
+    if helper.is_some() {
+        return true;
+    }
+    let (tx, rx) = channel::<Work>();
+    let spawned = std::thread::Builder::new()
+        .name("stasis-helper".into())
+        .spawn(move || {
+            for work in rx {
+                work();
+            }
+        });
+    if spawned.is_ok() {
+        *helper = Some(tx);
+    }
+    spawned.is_ok()
+}
+
+/// Runs `work` on the helper thread; hands it back when there is none.
+pub fn run(work: Work) -> Result<(), Work> {
+    let helper = HELPER.lock().unwrap_or_else(|p| p.into_inner());
+    match helper.as_ref() {
+        Some(tx) => tx.send(work).map_err(|e| e.0),
+        None => Err(work),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_runs_on_the_helper_thread() {
+        assert!(start());
+        let (tx, rx) = channel();
+        run(Box::new(move || {
+            let _ = tx.send(std::thread::current().name().map(str::to_owned));
+        }))
+        .unwrap_or_else(|_| panic!("the helper refused work"));
+        assert_eq!(rx.recv().unwrap().as_deref(), Some("stasis-helper"));
+    }
+}
