@@ -8,7 +8,9 @@
  * version 1 (pages.h) and prints READY. When WORKDIR/step exists it writes version 2
  * everywhere, sets MADV_WIPEONFORK on C and MADV_DOFORK on B (the flags of whole mappings
  * change, their bounds do not), maps E with MADV_WIPEONFORK (a mapping the previous
- * checkpoint never saw), fills it like the others and prints STEP DONE. After a restart, with WORKDIR/go, it
+ * checkpoint never saw), fills it like the others, maps F right below plain region G
+ * (filled at the start like A-D) and leaves it untouched (write tracking's registration
+ * at the next cut merges F into G), and prints STEP DONE. After a restart, with WORKDIR/go, it
  * first forks a child, before touching any page, that must see A, C and E as zeros, B as
  * version 2 and no D at all; then checks that every page holds version 2 and that D still
  * carries both advices (/proc/self/smaps) (PASS/FAIL lines, DONE <failures>, exit status
@@ -73,6 +75,13 @@ int main(int argc, char **argv) {
     const int v = argc > 2 && strcmp(argv[2], "few") == 0 ? 1 : 2;
     unsigned char *a = region(MADV_WIPEONFORK, 0), *b = region(MADV_DONTFORK, 0);
     unsigned char *c = region(0, 0), *d = region(MADV_DONTFORK, MADV_DONTDUMP);
+    /* G with a hole below it for F */
+    unsigned char *g = mmap(NULL, 2 * REGION_LEN, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (g == MAP_FAILED || munmap(g, REGION_LEN) != 0) _exit(98);
+    unsigned char *f = g;
+    g += REGION_LEN;
+    fill_all(g, 1);
     fill_all(a, 1);
     fill_all(b, 1);
     fill_all(c, 1);
@@ -87,6 +96,10 @@ int main(int argc, char **argv) {
     }
     if (madvise(c, REGION_LEN, MADV_WIPEONFORK) != 0) _exit(96);
     if (madvise(b, REGION_LEN, MADV_DOFORK) != 0) _exit(95);
+    /* F first: E would take the hole */
+    if (mmap(f, REGION_LEN, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0) != f)
+        _exit(94);
     unsigned char *e = region(MADV_WIPEONFORK, 0);
     fill_all(e, v);
     say("STEP DONE");
@@ -113,6 +126,9 @@ int main(int argc, char **argv) {
     report(bad_c == 0, "region made wipe-on-fork restored (%ld of %d pages wrong)", bad_c, REGION_PAGES);
     report(bad_d == 0, "don't-fork, don't-dump region restored (%ld of %d pages wrong)", bad_d, REGION_PAGES);
     report(has_vmflag(d, "dc") && has_vmflag(d, "dd"), "don't-fork and don't-dump advice kept");
+    long bad_fg = wrong_pages(f, 0) + wrong_pages(g, 1);
+    report(bad_fg == 0, "region merged at the cut restored (%ld of %d pages wrong)", bad_fg,
+           2 * REGION_PAGES);
     report(st == 0, "a forked child sees the advice (wiped A and E %s, wiped C %s, B %s, D %s)",
            st < 0 ? "?" : st & 1 ? "no" : "yes", st < 0 ? "?" : st & 2 ? "no" : "yes",
            st < 0 ? "?" : st & 4 ? "wrong" : "copied", st < 0 ? "?" : st & 8 ? "present" : "absent");

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{ImageError, ImageResult, io};
 use crate::index::{Blob, ChunkIndex, Frame, INDEX_HEADER, MAX_INDEX, blob_hash};
 use crate::manifest::{FORMAT_VERSION, Manifest, ProcessImage, VmaKind, is_pack_name};
-use crate::pack::{Base, BaseMemory, Compression, KnownBlobs, PackReader, PackWriter};
+use crate::pack::{Base, BaseMemory, Compression, KnownBlobs, PackReader, PackWriter, Written};
 use crate::readahead::{FrameBytes, FrameReads};
 use crate::sink::Sink;
 
@@ -142,6 +142,44 @@ pub struct Carried {
     manifest: Option<FileIdentity>,
     base: Base,
     known: KnownBlobs,
+}
+
+/// What a finished writer leaves for the next writer of its job
+/// ([`GenerationWriter::finish_carrying`]), before [`ToCarry::carry`] puts it in shape: a
+/// pass over every blob and every page run, done once the checkpoint is durable (a
+/// supervisor has its helper thread do it while it answers).
+#[derive(Debug)]
+pub struct ToCarry {
+    generation: u32,
+    manifest_file: Option<FileIdentity>,
+    manifest: Manifest,
+    known: (KnownBlobs, Vec<u32>),
+}
+
+impl ToCarry {
+    /// Raw bytes of the chunks of the generation.
+    pub fn raw_bytes(&self) -> u64 {
+        self.manifest.chunks.raw_bytes()
+    }
+
+    /// What [`GenerationWriter::begin_after`] takes.
+    pub fn carry(self) -> Carried {
+        let manifest = self.manifest;
+        Carried {
+            generation: self.generation,
+            manifest: self.manifest_file,
+            base: Base {
+                memory: manifest
+                    .processes
+                    .iter()
+                    .map(|p| (p.pid, base_memory(p, &manifest.chunks)))
+                    .collect(),
+                index: manifest.chunks,
+                packs: manifest.packs,
+            },
+            known: Written::known_as_base(self.known.0, &self.known.1),
+        }
+    }
 }
 
 /// Which file, and which version of it, by its metadata.
@@ -298,23 +336,36 @@ impl GenerationWriter {
     /// Writes the manifest, syncs everything and renames the generation into place. The
     /// generation number is chosen here and stored in `manifest.job.generation`.
     pub fn finish(self, manifest: &mut Manifest) -> ImageResult<(u32, PathBuf)> {
-        self.finish_carrying(manifest).map(|(n, dir, _)| (n, dir))
+        self.publish(manifest).map(|(n, dir, _)| (n, dir))
     }
 
     /// [`GenerationWriter::finish`], also returning what the next writer of this job can
-    /// start from ([`GenerationWriter::begin_after`]).
-    pub fn finish_carrying(
+    /// start from ([`GenerationWriter::begin_after`]), once put in shape ([`ToCarry::carry`]).
+    pub fn finish_carrying(self, mut manifest: Manifest) -> ImageResult<(u32, PathBuf, ToCarry)> {
+        let (n, dest, known) = self.publish(&mut manifest)?;
+        let to_carry = ToCarry {
+            generation: n,
+            manifest_file: FileIdentity::of(&dest.join(MANIFEST_FILE)),
+            manifest,
+            known,
+        };
+        Ok((n, dest, to_carry))
+    }
+
+    /// Writes the manifest and renames the generation into place (see
+    /// [`GenerationWriter::finish`]); returns its number and directory, and the blobs known.
+    fn publish(
         mut self,
         manifest: &mut Manifest,
-    ) -> ImageResult<(u32, PathBuf, Carried)> {
+    ) -> ImageResult<(u32, PathBuf, (KnownBlobs, Vec<u32>))> {
         let written = self
             .pack
             .take()
             .expect("pack is present until finish")
             .finish()?;
-        manifest.chunks = written.index;
-        manifest.packs = written.packs;
-        let known = written.known;
+        let (index, packs, known) = written.into_parts();
+        manifest.chunks = index;
+        manifest.packs = packs;
         sync_dir(&self.job_dir.join(PACKS_DIR))?;
         loop {
             let n = list_generations(&self.job_dir).last().map_or(1, |g| g + 1);
@@ -328,21 +379,7 @@ impl GenerationWriter {
                     self.done = true;
                     crate::fault::point("renamed");
                     sync_dir(&self.job_dir)?;
-                    let carried = Carried {
-                        generation: n,
-                        manifest: FileIdentity::of(&dest.join(MANIFEST_FILE)),
-                        base: Base {
-                            memory: manifest
-                                .processes
-                                .iter()
-                                .map(|p| (p.pid, base_memory(p, &manifest.chunks)))
-                                .collect(),
-                            index: manifest.chunks.clone(),
-                            packs: manifest.packs.clone(),
-                        },
-                        known,
-                    };
-                    return Ok((n, dest, carried));
+                    return Ok((n, dest, known));
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc_enotempty) if libc_enotempty == 39 || libc_enotempty == 17) =>
                 {

@@ -130,9 +130,37 @@ pub struct Written {
     pub index: ChunkIndex,
     /// Pack names its frames refer to; the first is the pack this writer wrote.
     pub packs: Vec<String>,
+    /// The blobs the writer knew, by content address ([`Written::known_as_base`]).
+    known: KnownBlobs,
+    /// Base frame index → frame index in ours.
+    imported: Vec<u32>,
+}
+
+impl Written {
     /// The blobs the generation reaches (those of its frames), by content address, for a
-    /// writer that takes it as its base.
-    pub known: KnownBlobs,
+    /// writer that takes it as its base: one pass over every blob known, which need not
+    /// delay the checkpoint ([`crate::generation::ToCarry`]).
+    pub(crate) fn known_as_base(known: KnownBlobs, imported: &[u32]) -> KnownBlobs {
+        let mut known = known;
+        // As a base, the blobs written here lie in our frames, the base's in the frames
+        // imported from it (the others are out of reach).
+        known.0.retain(|_, k| {
+            let ours = match *k {
+                Known::Ours(f, s, l) => Some((f, s, l)),
+                Known::Base(f, s, l) => imported
+                    .get(f as usize)
+                    .filter(|&&o| o != NOT_IMPORTED)
+                    .map(|&f| (f, s, l)),
+            };
+            ours.map(|(f, s, l)| *k = Known::Base(f, s, l)).is_some()
+        });
+        known
+    }
+
+    /// Splits into the index, the packs, and what [`Written::known_as_base`] takes.
+    pub(crate) fn into_parts(self) -> (ChunkIndex, Vec<String>, (KnownBlobs, Vec<u32>)) {
+        (self.index, self.packs, (self.known, self.imported))
+    }
 }
 
 /// Stores chunks: each is cut into blobs, a blob already known (written earlier by this
@@ -497,24 +525,11 @@ impl PackWriter {
     pub fn finish(self) -> ImageResult<Written> {
         self.file.finish()?;
         crate::fault::point("pack-finished");
-        // As a base, the blobs written here lie in our frames, the base's in the frames
-        // imported from it (the others are out of reach).
-        let mut known = self.known;
-        let imported = self.imported;
-        known.0.retain(|_, k| {
-            let ours = match *k {
-                Known::Ours(f, s, l) => Some((f, s, l)),
-                Known::Base(f, s, l) => imported
-                    .get(f as usize)
-                    .filter(|&&o| o != NOT_IMPORTED)
-                    .map(|&f| (f, s, l)),
-            };
-            ours.map(|(f, s, l)| *k = Known::Base(f, s, l)).is_some()
-        });
         Ok(Written {
             index: self.index,
             packs: self.packs,
-            known,
+            known: self.known,
+            imported: self.imported,
         })
     }
 }

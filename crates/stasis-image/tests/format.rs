@@ -656,8 +656,8 @@ fn a_writer_starts_from_what_the_last_one_carried_only_while_its_generation_is_n
         }
         let c = w.pack().add(data).unwrap();
         assert_eq!(c, n);
-        let (_, dir, carried) = w.finish_carrying(&mut manifest(c)).unwrap();
-        (base, dir, carried)
+        let (_, dir, carried) = w.finish_carrying(manifest(c)).unwrap();
+        (base, dir, carried.carry())
     };
     let (_, gen1, carried) = write(&data, None);
     let pack1 = read_manifest(&gen1.join(MANIFEST_FILE)).unwrap().packs[0].clone();

@@ -126,8 +126,8 @@ pub struct Supervisor {
     /// Why the job was killed while its memory loaded: the supervisor fails with it.
     lazy_failure: Option<String>,
     /// What the last checkpoint's writer left for the next one (its generation's index and
-    /// blobs), so that it need not read them back.
-    carried: Option<Carried>,
+    /// blobs), so that it need not read them back; being put in shape on the helper thread.
+    carried: Option<std::sync::mpsc::Receiver<Carried>>,
     /// The mapping flags the last checkpoint read, carried to the next one.
     known_flags: KnownFlags,
 }
@@ -776,7 +776,7 @@ impl Supervisor {
         let mut writer = GenerationWriter::begin_after(
             &self.job_dir,
             self.spec.compression,
-            self.carried.take(),
+            self.carried.take().and_then(|c| c.recv().ok()),
         )?;
         let begun_ms = t0.elapsed().as_secs_f64() * 1e3;
         // A checkpoint that would read all of a large process's memory reads most of it
@@ -870,7 +870,7 @@ impl Supervisor {
         }
         let flag_check = flag_check.unwrap_or_else(|| captured.take_flag_check().in_background());
         captured.end_snapshots()?;
-        let mut manifest = record::manifest(
+        let manifest = record::manifest(
             record::JobFacts {
                 name: self.spec.name.clone(),
                 reason: reason.to_owned(),
@@ -907,10 +907,20 @@ impl Supervisor {
                 return Err(e.into());
             }
         }
-        let (generation, path) = match writer.finish_carrying(&mut manifest) {
-            Ok((generation, path, carried)) => {
-                self.carried = Some(carried);
-                (generation, path)
+        let (generation, path, memory_bytes) = match writer.finish_carrying(manifest) {
+            Ok((generation, path, to_carry)) => {
+                let memory_bytes = to_carry.raw_bytes();
+                // Put in shape for the next checkpoint on the helper thread, while we
+                // answer (where there is none, now).
+                let (tx, rx) = std::sync::mpsc::channel();
+                let work: stasis_core::helper::Work = Box::new(move || {
+                    let _ = tx.send(to_carry.carry());
+                });
+                if let Err(work) = stasis_core::helper::run(work) {
+                    work();
+                }
+                self.carried = Some(rx);
+                (generation, path, memory_bytes)
             }
             Err(e) => {
                 captured.put_back_pty_bytes();
@@ -941,7 +951,7 @@ impl Supervisor {
             path: path.display().to_string(),
             frozen_ms,
             total_ms: t0.elapsed().as_secs_f64() * 1e3,
-            memory_bytes: manifest.chunks.raw_bytes(),
+            memory_bytes,
             stored_bytes,
             unchanged_bytes: captured.unchanged_bytes,
             copied_bytes: captured.copied_bytes,

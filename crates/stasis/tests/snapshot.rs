@@ -66,7 +66,7 @@ fn fork_flags_changed_between_checkpoints(few: bool) {
     // forked before it touches anything, must see the advice's effect all the same.
     let out = env.restart_to_success(&job, &[("STASIS_FAULT", "no-prefetch")]);
     assert_all_pass(&out);
-    assert_eq!(out.matches("PASS t_forkflags").count(), 6, "{out}");
+    assert_eq!(out.matches("PASS t_forkflags").count(), 7, "{out}");
 }
 
 #[test]

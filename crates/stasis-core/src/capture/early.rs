@@ -129,9 +129,9 @@ impl EarlyMaps {
 
     /// The mappings of frozen process `pid` and where their flags came from: from
     /// `/proc/PID/maps` with the flags read early when every mapping is still there, or
-    /// carried (a mapping made since taking none: mended once smaps is read, but for a
-    /// shared file mapping, whose may-write flag decides at once whether the file counts
-    /// as written); else from smaps now.
+    /// carried (a private mapping made since taking none: mended once smaps is read; not a
+    /// shared one, whose may-write flag decides at once whether a file counts as written);
+    /// else from smaps now.
     pub(crate) fn maps(&self, pid: i32) -> CoreResult<(Vec<MapEntry>, FlagsFrom)> {
         if let Some(known) = self.early.get(&pid)
             && let Some(maps) = proc::maps_with_known_flags(pid, known)?
@@ -148,7 +148,7 @@ impl EarlyMaps {
                         e.flags.clone_from(&k.flags);
                         e.anon_pages = k.anon_pages;
                     }
-                    None => predicted &= !(e.shared && e.inode != 0),
+                    None => predicted &= !e.shared,
                 }
             }
             if predicted {

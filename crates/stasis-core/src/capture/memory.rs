@@ -96,6 +96,13 @@ impl CopiedPages {
         self.run_at(addr).is_some()
     }
 
+    /// The copied bytes `[addr, addr + len)` when they were copied as part of one run.
+    fn slice(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let &(start, run_len, off) = self.run_at(addr)?;
+        let from = off + usize::try_from(addr - start).ok()?;
+        (addr + len as u64 <= start + run_len).then(|| self.data.get(from..from + len))?
+    }
+
     /// Fills `out` with the copied bytes from `addr` on (every page of it copied).
     fn read(&self, mut addr: u64, out: &mut [u8]) -> CoreResult<()> {
         let mut done = 0;
@@ -262,8 +269,20 @@ fn save_pages(
             None => Ok(()),
         }),
         |addr, pages| {
-            let data = &mut buf[..pages * PAGE as usize];
-            read_from(source, pid, addr, data)?;
+            let len = pages * PAGE as usize;
+            // Pages copied at the cut are stored from where they lie.
+            let copied = match source {
+                Source::Copied(c) => c.slice(addr, len),
+                _ => None,
+            };
+            let data: &[u8] = match copied {
+                Some(copied) => copied,
+                None => {
+                    let data = &mut buf[..len];
+                    read_from(source, pid, addr, data)?;
+                    data
+                }
+            };
             for_each_nonzero(data, |offset, bytes| {
                 let chunk = pack.borrow_mut().add(bytes)?;
                 runs.borrow_mut().push(PageRun {

@@ -123,38 +123,58 @@ fn mend_flags(
     vmas: &mut [Vma],
     mut reread: Option<Reread<'_>>,
 ) -> CoreResult<()> {
-    if used.len() != exact.len() || !used.iter().zip(exact).all(|(u, e)| u.same_mapping(e)) {
-        return Err(CoreError::ChangedDuringCheckpoint {
-            pid,
-            what: "its mappings".into(),
-            why: "smaps and maps read while it stood frozen disagree".into(),
-        });
-    }
-    for (i, (u, e)) in used.iter().zip(exact).enumerate() {
-        if u.flags == e.flags {
-            continue;
-        }
-        if e.shared && u.has_flag("mw") != e.has_flag("mw") {
+    let what = |m: &MapEntry| format!("{:#x}-{:#x} {}", m.start, m.end, m.path);
+    let matters = |m: &MapEntry| (advice_of(m), m.has_flag("gd"), m.has_flag("mw"));
+    for (i, u) in used.iter().enumerate() {
+        // Registering mappings with write tracking at the cut may have merged one with its
+        // neighbour since `used` was read: the exact reading's mapping then holds it.
+        let j = exact.partition_point(|e| e.end <= u.start);
+        let Some(e) = exact.get(j).filter(|e| holds(e, u)) else {
             return Err(CoreError::ChangedDuringCheckpoint {
                 pid,
-                what: format!("{:#x}-{:#x} {}", e.start, e.end, e.path),
-                why: format!("its flags went from {:?} to {:?}", u.flags, e.flags),
+                what: what(u),
+                why: "smaps read while it stood frozen does not have it".into(),
             });
+        };
+        if matters(u) == matters(e) {
+            continue;
         }
+        let m = MapEntry {
+            flags: e.flags.clone(),
+            ..u.clone()
+        };
         let Some(vma) = vmas.get_mut(i) else {
             continue;
         };
-        vma.advice = advice_of(e);
-        vma.growsdown = e.has_flag("gd");
+        if vma.kind == VmaKind::File && m.shared && u.has_flag("mw") != m.has_flag("mw") {
+            return Err(CoreError::ChangedDuringCheckpoint {
+                pid,
+                what: what(u),
+                why: format!("its flags went from {:?} to {:?}", u.flags, m.flags),
+            });
+        }
+        vma.advice = advice_of(&m);
+        vma.growsdown = m.has_flag("gd");
         if let Some(r) = reread.as_mut()
-            && !snapshot_can_read(e)
+            && !snapshot_can_read(&m)
             && let Some(at) = r.deferred.iter().position(|d| d.0 == i)
         {
             let (_, _, kind) = r.deferred.remove(at);
-            vma.pages = private_pages(pid, e, kind, r.pack, Source::Live, r.unchanged)?;
+            vma.pages = private_pages(pid, &m, kind, r.pack, Source::Live, r.unchanged)?;
         }
     }
     Ok(())
+}
+
+/// Whether mapping `outer` covers all of mapping `inner`: the same kind of mapping of the
+/// same object, at the same offset for the part they share.
+fn holds(outer: &MapEntry, inner: &MapEntry) -> bool {
+    outer.start <= inner.start
+        && inner.end <= outer.end
+        && (outer.prot, outer.shared, outer.inode) == (inner.prot, inner.shared, inner.inode)
+        && outer.dev == inner.dev
+        && outer.path == inner.path
+        && (outer.inode == 0 || outer.offset + (inner.start - outer.start) == inner.offset)
 }
 
 /// Captures one frozen process, the `index`th of its job: threads, memory, descriptors and
