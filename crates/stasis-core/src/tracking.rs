@@ -229,6 +229,19 @@ impl Cursor<'_> {
         tracked_end.min(written).max(addr + PAGE)
     }
 
+    /// After [`Cursor::at`] said the page at `addr` is known unchanged: where the pages from
+    /// `addr` on stop being known unchanged with the base's blobs for them following on,
+    /// one per page (or with none, zero there): [`Cursor::known_until`], cut at the edges
+    /// of the base's runs.
+    pub fn known_run_until(&self, addr: u64) -> u64 {
+        let edge = match self.u.base.runs.get(self.b) {
+            Some(r) if r.0 <= addr => r.1,
+            Some(r) => r.0,
+            None => u64::MAX,
+        };
+        self.known_until(addr).min(edge).max(addr + PAGE)
+    }
+
     /// After [`Cursor::at`] said the page at `addr` must be read: an address up to which
     /// the pages from `addr` on must be read too (the end of its written range, or the
     /// start of the next tracked range), where pages known unchanged may begin. (Written
@@ -906,6 +919,52 @@ mod tests {
                 assert_eq!(u.known_pages(), known, "seed {seed}");
                 assert_eq!(u.saved_pages(), saved, "seed {seed}");
             }
+        }
+    }
+
+    /// Every page of a stretch `known_run_until` gives is known unchanged, its blob the
+    /// first one's plus its place (or zero like the first), and the page after it is not.
+    #[test]
+    fn known_runs_hold_following_blobs_and_end_where_that_stops() {
+        for seed in 1..200 {
+            let u = layout(seed);
+            let mut c = u.cursor(0);
+            let mut page = 0;
+            let mut stretches = 0;
+            while page < 260 {
+                let addr = page * PAGE;
+                let Some(first) = c.at(addr) else {
+                    page += 1;
+                    continue;
+                };
+                let end = c.known_run_until(addr).min(260 * PAGE);
+                assert!(end > addr, "seed {seed}, page {page}");
+                for (k, a) in (addr..end).step_by(PAGE as usize).enumerate() {
+                    let want = first.map(|b| b + k as u32);
+                    assert_eq!(
+                        u.lookup(a),
+                        Some(want),
+                        "seed {seed}, {a:#x} in {addr:#x}-{end:#x}"
+                    );
+                }
+                let after = u.lookup(end);
+                let continues = match (first, after) {
+                    (Some(b), Some(Some(n))) => n == b + ((end - addr) / PAGE) as u32,
+                    (None, Some(None)) => true,
+                    _ => false,
+                };
+                // A stretch may stop at a base run's edge where the next run's blobs happen
+                // to follow on; it never stops inside a run of following blobs.
+                if continues {
+                    assert!(
+                        u.base.runs.iter().any(|r| r.0 == end || r.1 == end),
+                        "seed {seed}: stretch {addr:#x}-{end:#x} stops inside a run"
+                    );
+                }
+                stretches += 1;
+                page = end / PAGE;
+            }
+            assert!(stretches > 0 || u.known_pages() == 0, "seed {seed}");
         }
     }
 

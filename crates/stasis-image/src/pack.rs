@@ -345,7 +345,25 @@ impl PackWriter {
     /// into that table, checked), without reading or hashing their bytes; returns its
     /// index.
     pub fn add_reused(&mut self, from: Reused, blobs: &[u32]) -> ImageResult<u32> {
-        let mut found = Vec::with_capacity(blobs.len());
+        let first = self.index.blobs.len();
+        let added = self.append_reused(from, blobs);
+        if added.is_err() {
+            self.index.blobs.truncate(first);
+        }
+        added?;
+        let chunk = u32::try_from(self.index.starts.len()).unwrap_or(u32::MAX);
+        self.index
+            .starts
+            .push(u32::try_from(first).unwrap_or(u32::MAX));
+        Ok(chunk)
+    }
+
+    /// Appends `blobs` (of `from`) to the index's blobs, their frames in our index (a
+    /// base frame imported once per stretch of blobs in it).
+    fn append_reused(&mut self, from: Reused, blobs: &[u32]) -> ImageResult<()> {
+        self.index.blobs.reserve(blobs.len());
+        // The last base frame imported, and its index in ours.
+        let mut last: Option<(u32, u32)> = None;
         for &b in blobs {
             let table = match from {
                 Reused::Base => &self.base.index.blobs,
@@ -359,24 +377,18 @@ impl PackWriter {
                     Reused::Staged => format!("staged blob {b}"),
                 },
             })?;
-            let frame = match from {
-                Reused::Base => self.import(blob.frame)?,
-                Reused::Staged => blob.frame,
+            let frame = match (from, last) {
+                (Reused::Staged, _) => blob.frame,
+                (Reused::Base, Some((theirs, ours))) if theirs == blob.frame => ours,
+                (Reused::Base, _) => {
+                    let ours = self.import(blob.frame)?;
+                    last = Some((blob.frame, ours));
+                    ours
+                }
             };
-            found.push(Blob { frame, ..blob });
+            self.index.blobs.push(Blob { frame, ..blob });
         }
-        Ok(self.push_chunk(found))
-    }
-
-    /// Appends a chunk of `blobs` (their frames in our index) to the index; returns its
-    /// index.
-    fn push_chunk(&mut self, blobs: Vec<Blob>) -> u32 {
-        let chunk = u32::try_from(self.index.starts.len()).unwrap_or(u32::MAX);
-        self.index
-            .starts
-            .push(u32::try_from(self.index.blobs.len()).unwrap_or(u32::MAX));
-        self.index.blobs.extend(blobs);
-        chunk
+        Ok(())
     }
 
     /// Whether blob `next` lies right after blob `last` (both of `from`), in the same frame.
@@ -389,6 +401,27 @@ impl PackWriter {
             (Some(a), Some(b)) => a.frame == b.frame && a.start.checked_add(a.len) == Some(b.start),
             _ => false,
         }
+    }
+
+    /// How many of the `at_most` blobs after blob `first` (of `from`) each follow the one
+    /// before ([`PackWriter::reused_blob_follows`]).
+    pub fn reused_blobs_following(&self, from: Reused, first: u32, at_most: usize) -> usize {
+        let blobs = match from {
+            Reused::Base => &self.base.index.blobs,
+            Reused::Staged => &self.staged,
+        };
+        let first = first as usize;
+        let Some(last) = blobs.len().checked_sub(1) else {
+            return 0;
+        };
+        let Some(run) = blobs.get(first..=first.saturating_add(at_most).min(last)) else {
+            return 0;
+        };
+        run.windows(2)
+            .take_while(|w| {
+                w[0].frame == w[1].frame && w[0].start.checked_add(w[0].len) == Some(w[1].start)
+            })
+            .count()
     }
 
     /// Stores `raw` (at most [`MAX_CHUNK`] bytes) as blobs that no chunk uses yet, as

@@ -595,6 +595,17 @@ fn chunks_made_of_staged_blobs_read_back_as_the_staged_pages() {
         !w.pack().reused_blob_follows(Reused::Staged, 3, 4),
         "another frame"
     );
+    // Blobs 1-3 follow 0 in its frame; 4 starts the next; 5-7 follow 4; there is no 8.
+    let mut following = |first, at_most| {
+        w.pack()
+            .reused_blobs_following(Reused::Staged, first, at_most)
+    };
+    assert_eq!(following(0, 7), 3);
+    assert_eq!(following(0, 2), 2);
+    assert_eq!(following(4, 7), 3);
+    assert_eq!(following(6, 0), 0);
+    assert_eq!(following(7, 5), 0);
+    assert_eq!(following(9, 5), 0);
     // Pages 4-7 whole, then pages 1-2 (page 0 and 3 rewritten since, say).
     let whole = w.pack().add_reused(Reused::Staged, &[4, 5, 6, 7]).unwrap();
     let part = w.pack().add_reused(Reused::Staged, &[1, 2]).unwrap();

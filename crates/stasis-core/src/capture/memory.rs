@@ -149,9 +149,13 @@ impl CopiedPages {
     }
 }
 
+/// What [`walk_pages`] calls for each stretch of pages known unchanged: (first address,
+/// the base blob of the first page, the others' following one per page, or `None` for
+/// zero pages; pages).
+type KnownPages<'a> = dyn FnMut(u64, Option<u32>, usize) -> CoreResult<()> + 'a;
+
 /// Walks the pages of mapping `m` of process `pid` in address order: `known`, if given, gets
-/// each page `unchanged` knows (its base blob, `None` for a zero one; without it, stretches
-/// of such pages are skipped whole), `run` each run of at most
+/// each stretch of pages `unchanged` knows ([`KnownPages`]; without it, they are skipped), `run` each run of at most
 /// [`RUN_PAGES`] consecutive pages to read — pages not known whose pagemap entry (from
 /// `source`) is `wanted` and that `skip` does not leave out (by `base` address).
 #[allow(clippy::too_many_arguments)]
@@ -163,7 +167,7 @@ fn walk_pages(
     skip: impl Fn(u64) -> bool,
     source: Source<'_>,
     unchanged: &Unchanged,
-    mut known: Option<&mut dyn FnMut(u64, Option<u32>) -> CoreResult<()>>,
+    mut known: Option<&mut KnownPages<'_>>,
     mut run: impl FnMut(u64, usize) -> CoreResult<()>,
 ) -> CoreResult<()> {
     let pages = usize::try_from((m.end - m.start) / PAGE).unwrap_or(0);
@@ -190,8 +194,9 @@ fn walk_pages(
         if let Some(blob) = unchanged.at(addr_of(i)) {
             match known.as_mut() {
                 Some(known) => {
-                    known(addr_of(i), blob)?;
-                    i += 1;
+                    let end = page_of(unchanged.known_run_until(addr_of(i))).clamp(i + 1, pages);
+                    known(addr_of(i), blob, end - i)?;
+                    i = end;
                 }
                 None => i = page_of(unchanged.known_until(addr_of(i))).max(i + 1),
             }
@@ -264,8 +269,14 @@ fn save_pages(
         skip,
         source,
         unchanged,
-        Some(&mut |addr, blob| match blob {
-            Some(blob) => reused.push(addr, blob, &mut pack.borrow_mut(), &mut runs.borrow_mut()),
+        Some(&mut |addr, blob, pages| match blob {
+            Some(blob) => reused.push_run(
+                addr,
+                blob,
+                pages,
+                &mut pack.borrow_mut(),
+                &mut runs.borrow_mut(),
+            ),
             None => Ok(()),
         }),
         |addr, pages| {
@@ -452,6 +463,29 @@ impl ReusedRun {
             self.addr = addr;
         }
         self.blobs.push(blob);
+        Ok(())
+    }
+
+    /// [`ReusedRun::push`] of the `pages` pages from `addr` on, kept in the blobs from
+    /// `blob` on (one each, in order): the pages that simply continue the run are taken
+    /// in one go.
+    fn push_run(
+        &mut self,
+        mut addr: u64,
+        mut blob: u32,
+        mut pages: usize,
+        pack: &mut PackWriter,
+        runs: &mut Vec<PageRun>,
+    ) -> CoreResult<()> {
+        while pages > 0 {
+            self.push(addr, blob, pack, runs)?;
+            let room = RUN_PAGES - self.blobs.len();
+            let more = pack.reused_blobs_following(self.from, blob, (pages - 1).min(room));
+            self.blobs.extend((1..=more).map(|k| blob + k as u32));
+            addr += (1 + more) as u64 * PAGE;
+            blob += 1 + more as u32;
+            pages -= 1 + more;
+        }
         Ok(())
     }
 
