@@ -109,6 +109,30 @@ pub fn dup_raw_at_least(fd: RawFd, floor: RawFd) -> SysResult<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(n).unwrap_or(-1)) })
 }
 
+/// Gives the calling thread a descriptor table of its own, holding only descriptors 0-2
+/// (`unshare(CLONE_FILES)`, then `close_range` from 3). For a helper thread that opens what
+/// it needs itself: the process's table is then no longer shared, and growing it does not
+/// wait for an RCU grace period (the kernel waits whenever other threads might be reading
+/// the old table; on a virtual machine, 15 ms). Call it before this thread holds any
+/// descriptor of its own.
+pub fn own_table_with_stdio_only() -> SysResult<()> {
+    check(
+        // SAFETY: unshare takes flags only; it gives this thread a copy of the table.
+        unsafe { libc::unshare(libc::CLONE_FILES) }.into(),
+        "unshare(CLONE_FILES)",
+        0,
+    )?;
+    check(
+        // SAFETY: close_range takes integers; it closes descriptors of this thread's own
+        // copy of the table, which no object of this thread owns yet (the caller's
+        // contract): the rest of the process keeps its descriptors open.
+        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) },
+        "close_range",
+        0,
+    )
+    .map(drop)
+}
+
 /// Descriptor status flags (`F_GETFL`).
 pub fn status_flags(fd: BorrowedFd<'_>) -> SysResult<i32> {
     // SAFETY: fcntl with an integer command on a live descriptor.
