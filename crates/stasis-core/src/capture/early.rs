@@ -26,8 +26,9 @@ use crate::error::{CoreError, CoreResult};
 use crate::proc::{self, MapEntry};
 
 /// The most CPU time the smaps readings of a job's carried processes may take together
-/// (as measured last time): they run while the job is frozen, beside the capture.
-pub const IN_FREEZE_BUDGET: Duration = Duration::from_millis(16);
+/// (as measured last time): they run while the job is frozen, beside the capture. Reading
+/// 1 GiB of resident memory takes 11-15 ms here; the job's stall is to stay under 30 ms.
+pub const IN_FREEZE_BUDGET: Duration = Duration::from_millis(20);
 
 /// One process's mappings with their flags, as smaps gave them, and the CPU time reading
 /// it took.
