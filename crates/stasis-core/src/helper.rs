@@ -11,10 +11,9 @@
 //! above 255 took 16 ms instead of microseconds).
 
 use std::sync::Mutex;
-use std::sync::mpsc::{Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 
-/// Work handed to the helper.
-pub type Work = Box<dyn FnOnce() + Send>;
+type Work = Box<dyn FnOnce() + Send>;
 
 static HELPER: Mutex<Option<Sender<Work>>> = Mutex::new(None);
 
@@ -43,13 +42,34 @@ pub fn start() -> bool {
     spawned.is_ok()
 }
 
-/// Runs `work` on the helper thread; hands it back when there is none.
-pub fn run(work: Work) -> Result<(), Work> {
-    let helper = HELPER.lock().unwrap_or_else(|p| p.into_inner());
-    match helper.as_ref() {
-        Some(tx) => tx.send(work).map_err(|e| e.0),
-        None => Err(work),
+/// The result of work handed to the helper ([`beside`]).
+#[derive(Debug)]
+pub struct Beside<T>(Receiver<T>);
+
+impl<T> Beside<T> {
+    /// Waits for the work to end and gives its result; `None` if the helper died first.
+    pub fn wait(self) -> Option<T> {
+        self.0.recv().ok()
     }
+}
+
+/// Runs `work` on the helper thread, one piece of work after another (without a helper,
+/// now); [`Beside::wait`] gives its result.
+pub fn beside<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Beside<T> {
+    let (tx, rx) = channel();
+    let work: Work = Box::new(move || {
+        let _ = tx.send(work());
+    });
+    let helper = HELPER.lock().unwrap_or_else(|p| p.into_inner());
+    let refused = match helper.as_ref() {
+        Some(to_helper) => to_helper.send(work).err().map(|e| e.0),
+        None => Some(work),
+    };
+    drop(helper);
+    if let Some(work) = refused {
+        work();
+    }
+    Beside(rx)
 }
 
 #[cfg(test)]
@@ -59,11 +79,7 @@ mod tests {
     #[test]
     fn work_runs_on_the_helper_thread() {
         assert!(start());
-        let (tx, rx) = channel();
-        run(Box::new(move || {
-            let _ = tx.send(std::thread::current().name().map(str::to_owned));
-        }))
-        .unwrap_or_else(|_| panic!("the helper refused work"));
-        assert_eq!(rx.recv().unwrap().as_deref(), Some("stasis-helper"));
+        let name = beside(|| std::thread::current().name().map(str::to_owned));
+        assert_eq!(name.wait().flatten().as_deref(), Some("stasis-helper"));
     }
 }

@@ -136,11 +136,15 @@ pub fn maps_without_flags(pid: i32) -> CoreResult<Vec<MapEntry>> {
     Ok(text.lines().filter_map(parse_map_header).collect())
 }
 
-/// [`maps_without_flags`], each mapping with the `VmFlags` (and anonymous pages) of the same mapping in `known`
-/// (an earlier reading of smaps, sorted by address); `None` when a mapping is not in
-/// `known`.
-pub fn maps_with_known_flags(pid: i32, known: &[MapEntry]) -> CoreResult<Option<Vec<MapEntry>>> {
+/// [`maps_without_flags`], each mapping with the `VmFlags` (and anonymous pages) of the
+/// same mapping in `known` (an earlier reading of smaps, sorted by address), and those
+/// not in `known` (left without flags).
+pub fn maps_with_known_flags(
+    pid: i32,
+    known: &[MapEntry],
+) -> CoreResult<(Vec<MapEntry>, Vec<MapEntry>)> {
     let mut out = maps_without_flags(pid)?;
+    let mut unknown = Vec::new();
     for e in &mut out {
         let i = known.partition_point(|k| k.start < e.start);
         match known.get(i) {
@@ -148,10 +152,10 @@ pub fn maps_with_known_flags(pid: i32, known: &[MapEntry]) -> CoreResult<Option<
                 e.flags.clone_from(&k.flags);
                 e.anon_pages = k.anon_pages;
             }
-            _ => return Ok(None),
+            _ => unknown.push(e.clone()),
         }
     }
-    Ok(Some(out))
+    Ok((out, unknown))
 }
 
 /// Fields of `/proc/PID/stat` that capture needs.

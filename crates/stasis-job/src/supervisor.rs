@@ -127,7 +127,7 @@ pub struct Supervisor {
     lazy_failure: Option<String>,
     /// What the last checkpoint's writer left for the next one (its generation's index and
     /// blobs), so that it need not read them back; being put in shape on the helper thread.
-    carried: Option<std::sync::mpsc::Receiver<Carried>>,
+    carried: Option<stasis_core::helper::Beside<Carried>>,
     /// The mapping flags the last checkpoint read, carried to the next one.
     known_flags: KnownFlags,
 }
@@ -776,7 +776,7 @@ impl Supervisor {
         let mut writer = GenerationWriter::begin_after(
             &self.job_dir,
             self.spec.compression,
-            self.carried.take().and_then(|c| c.recv().ok()),
+            self.carried.take().and_then(|c| c.wait()),
         )?;
         let begun_ms = t0.elapsed().as_secs_f64() * 1e3;
         // A checkpoint that would read all of a large process's memory reads most of it
@@ -912,14 +912,7 @@ impl Supervisor {
                 let memory_bytes = to_carry.raw_bytes();
                 // Put in shape for the next checkpoint on the helper thread, while we
                 // answer (where there is none, now).
-                let (tx, rx) = std::sync::mpsc::channel();
-                let work: stasis_core::helper::Work = Box::new(move || {
-                    let _ = tx.send(to_carry.carry());
-                });
-                if let Err(work) = stasis_core::helper::run(work) {
-                    work();
-                }
-                self.carried = Some(rx);
+                self.carried = Some(stasis_core::helper::beside(move || to_carry.carry()));
                 (generation, path, memory_bytes)
             }
             Err(e) => {

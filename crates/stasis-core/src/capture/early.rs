@@ -19,10 +19,10 @@
 //!   processes never read before, or too large to read while frozen.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::error::{CoreError, CoreResult};
+use crate::helper::{self, Beside};
 use crate::proc::{self, MapEntry};
 
 /// The most CPU time the smaps readings of a job's carried processes may take together
@@ -96,12 +96,6 @@ pub(crate) enum FlagsFrom {
 }
 
 impl EarlyMaps {
-    /// Reads the mappings of `pids` early (processes that vanish are skipped): every one is
-    /// checked after the thaw.
-    pub fn read(pids: &[i32]) -> Self {
-        Self::plan(pids, &KnownFlags::default())
-    }
-
     /// Carries the flags `known` has for as many of `pids` as [`IN_FREEZE_BUDGET`] allows;
     /// reads the others' early.
     pub fn plan(pids: &[i32], known: &KnownFlags) -> Self {
@@ -123,9 +117,9 @@ impl EarlyMaps {
         out
     }
 
-    /// The processes whose flags are carried: their smaps is read while frozen.
-    pub(crate) fn carried_pids(&self) -> Vec<i32> {
-        self.carried.keys().copied().collect()
+    /// Whether some process's flags are carried: its smaps is read while frozen.
+    pub(crate) fn carries_any(&self) -> bool {
+        !self.carried.is_empty()
     }
 
     /// The mappings of frozen process `pid` and where their flags came from: from
@@ -134,25 +128,15 @@ impl EarlyMaps {
     /// shared one, whose may-write flag decides at once whether a file counts as written);
     /// else from smaps now.
     pub(crate) fn maps(&self, pid: i32) -> CoreResult<(Vec<MapEntry>, FlagsFrom)> {
-        if let Some(known) = self.early.get(&pid)
-            && let Some(maps) = proc::maps_with_known_flags(pid, known)?
-        {
-            return Ok((maps, FlagsFrom::Early));
+        if let Some(known) = self.early.get(&pid) {
+            let (maps, unknown) = proc::maps_with_known_flags(pid, known)?;
+            if unknown.is_empty() {
+                return Ok((maps, FlagsFrom::Early));
+            }
         }
         if let Some(known) = self.carried.get(&pid) {
-            let mut maps = proc::maps_without_flags(pid)?;
-            let mut predicted = true;
-            for e in &mut maps {
-                let i = known.partition_point(|k| k.start < e.start);
-                match known.get(i).filter(|k| k.same_mapping(e)) {
-                    Some(k) => {
-                        e.flags.clone_from(&k.flags);
-                        e.anon_pages = k.anon_pages;
-                    }
-                    None => predicted &= !e.shared,
-                }
-            }
-            if predicted {
+            let (maps, unknown) = proc::maps_with_known_flags(pid, known)?;
+            if unknown.iter().all(|m| !m.shared) {
                 return Ok((maps, FlagsFrom::Carried));
             }
         }
@@ -164,30 +148,24 @@ impl EarlyMaps {
 /// whose flags are carried ([`EarlyMaps::plan`]).
 #[derive(Debug, Default)]
 pub(crate) struct ExactFlags {
-    asked: HashMap<i32, mpsc::Receiver<CoreResult<Reading>>>,
+    asked: HashMap<i32, Beside<CoreResult<Reading>>>,
     /// The readings handed out, kept for the next checkpoint.
     pub(crate) taken: Vec<Reading>,
 }
 
 impl ExactFlags {
-    /// Starts reading smaps of frozen process `pid` on the helper thread (without one,
-    /// [`ExactFlags::get`] reads it).
+    /// Starts reading smaps of frozen process `pid` on the helper thread.
     pub(crate) fn read_beside(&mut self, pid: i32) {
-        let (tx, rx) = mpsc::channel();
-        let handed = crate::helper::run(Box::new(move || {
-            let _ = tx.send(Reading::take(pid));
-        }));
-        if handed.is_ok() {
-            self.asked.insert(pid, rx);
-        }
+        self.asked
+            .insert(pid, helper::beside(move || Reading::take(pid)));
     }
 
     /// The mappings of frozen process `pid` as smaps gives them (waits for the reading
     /// [`ExactFlags::read_beside`] started, or reads now).
     pub(crate) fn get(&mut self, pid: i32) -> CoreResult<Vec<MapEntry>> {
-        let reading = match self.asked.remove(&pid).map(|rx| rx.recv()) {
-            Some(Ok(r)) => r?,
-            _ => Reading::take(pid)?,
+        let reading = match self.asked.remove(&pid).and_then(Beside::wait) {
+            Some(r) => r?,
+            None => Reading::take(pid)?,
         };
         let maps = reading.maps.clone();
         self.taken.push(reading);
@@ -234,19 +212,9 @@ impl FlagCheck {
     /// writing the checkpoint ([`PendingFlagCheck::wait`] runs it where the helper could
     /// not).
     pub fn in_background(self) -> PendingFlagCheck {
-        if self.0.is_empty() {
-            return PendingFlagCheck {
-                result: None,
-                left: self,
-            };
-        }
-        let (tx, rx) = mpsc::channel();
         let theirs = FlagCheck(self.0.clone());
-        let handed = crate::helper::run(Box::new(move || {
-            let _ = tx.send(theirs.run());
-        }));
         PendingFlagCheck {
-            result: handed.is_ok().then_some(rx),
+            result: helper::beside(move || theirs.run()),
             left: self,
         }
     }
@@ -255,17 +223,14 @@ impl FlagCheck {
 /// A [`FlagCheck`] started by [`FlagCheck::in_background`].
 #[derive(Debug)]
 pub struct PendingFlagCheck {
-    result: Option<mpsc::Receiver<CoreResult<Vec<Reading>>>>,
-    /// The check, run by `wait` when the helper did not.
+    result: Beside<CoreResult<Vec<Reading>>>,
+    /// The check, run by `wait` should the helper die before it ends.
     left: FlagCheck,
 }
 
 impl PendingFlagCheck {
     /// Waits for the check and returns its result.
     pub fn wait(self) -> CoreResult<Vec<Reading>> {
-        match self.result.map(|rx| rx.recv()) {
-            Some(Ok(result)) => result,
-            _ => self.left.run(),
-        }
+        self.result.wait().unwrap_or_else(|| self.left.run())
     }
 }

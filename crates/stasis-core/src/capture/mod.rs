@@ -54,7 +54,7 @@ pub struct Speedups<'a> {
     /// Write tracking, kept from one checkpoint to the next (its cut started).
     pub tracking: Option<&'a mut WriteTracking>,
     /// Mappings of the job's processes with their flags, read before the freeze
-    /// ([`EarlyMaps::read`]).
+    /// ([`EarlyMaps::plan`]).
     pub early_maps: EarlyMaps,
 }
 
@@ -402,7 +402,10 @@ fn capture_all(
 ) -> CoreResult<CapturedJob> {
     // The processes whose mapping flags are carried have smaps read meanwhile, on the
     // helper thread (see `early`).
-    let exact = (!speedups.early_maps.carried_pids().is_empty()).then(early::ExactFlags::default);
+    let exact = speedups
+        .early_maps
+        .carries_any()
+        .then(early::ExactFlags::default);
     let sharing_children = refuse_shared_tables(job)?;
     let terminal = match terminal {
         Some(fd) => Some((
