@@ -32,7 +32,7 @@ use std::fs::File;
 use stasis_image::pack::{Base, BaseMemory, Reused};
 use stasis_sys::inject::Injector;
 use stasis_sys::process::{pidfd_getfd, pidfd_open};
-use stasis_sys::uffd::{USERFAULTFD_FLAGS, WriteTracker, written_ranges};
+use stasis_sys::uffd::{self, USERFAULTFD_FLAGS, WriteTracker, written_ranges};
 use stasis_sys::{Errno, SysError};
 
 use crate::proc::MapEntry;
@@ -270,6 +270,7 @@ fn precopy_name(generation: &str) -> String {
 /// Whether mapping `m` is tracked: private anonymous memory, large enough to pay.
 fn trackable(m: &MapEntry) -> bool {
     !m.shared
+        && m.prot != libc::PROT_NONE
         && (m.path.is_empty()
             || m.path == "[heap]"
             || m.path == "[stack]"
@@ -480,10 +481,12 @@ impl WriteTracking {
         }
     }
 
-    /// Pre-copy: protects every page of `tracked` (as registered by
-    /// [`WriteTracking::precopy_protect`]) in process `pid`, which runs: a page the job
-    /// writes from now on shows as written at the cut. Writes before do not matter, the
-    /// pre-copy reading every page afterwards. Protecting while the job runs keeps it from
+    /// Pre-copy: protects every page `tracked` has (as registered by
+    /// [`WriteTracking::precopy_protect`]; present or swapped out) in process `pid`, which
+    /// runs: a page the job writes from now on shows as written at the cut. Writes before do
+    /// not matter, the pre-copy reading every page afterwards. Pages never touched are left
+    /// unprotected (they show as written at the cut, where they are found absent): a
+    /// protected one would read as swapped out, and reading it would map a zero page. Protecting while the job runs keeps it from
     /// standing still for it (6-10 ms for 1 GiB). Each pass covers at most
     /// [`PROTECT_PIECE`] bytes: a pass holds the address space's lock, which a thread of
     /// the job may wait for. On failure nothing is trusted.
@@ -496,8 +499,8 @@ impl WriteTracking {
                     .map(move |p| (p, (p + PROTECT_PIECE).min(e)))
             })
             .collect();
-        match written_in(pid, &pieces, true) {
-            Ok(_) => true,
+        match protect_existing_in(pid, &pieces) {
+            Ok(()) => true,
             Err(e) => {
                 tracing::debug!(pid, error = %e, "pre-copy not protected");
                 self.precopied(pid, None);
@@ -692,6 +695,18 @@ pub(crate) fn written_in(
         written.extend(written_ranges(&pagemap, pid, start, end, protect)?);
     }
     Ok(written)
+}
+
+/// Protects the pages of `ranges` of process `pid` that exist (present or swapped out),
+/// leaving those never touched as they are ([`uffd::protect_existing`]).
+fn protect_existing_in(pid: i32, ranges: &[(u64, u64)]) -> Result<(), SysError> {
+    let path = format!("/proc/{pid}/pagemap");
+    let pagemap =
+        File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
+    for &(start, end) in ranges {
+        uffd::protect_existing(&pagemap, pid, start, end)?;
+    }
+    Ok(())
 }
 
 /// `ranges` (sorted, each inside one of `within`, sorted and disjoint) with those less than

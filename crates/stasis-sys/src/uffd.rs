@@ -23,6 +23,7 @@ const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 /// Flags for the `userfaultfd` call the tracked process makes: close-on-exec,
 /// non-blocking, and user-mode faults only (all that unprivileged users may ask for).
@@ -122,7 +123,9 @@ fn register(uffd: &OwnedFd, pid: i32, (start, end): (u64, u64), mode: u64) -> Sy
 /// The ranges of `[start, end)` written since they were last protected, or never protected
 /// (sorted, disjoint), read from `pagemap` (the process's `/proc/PID/pagemap`). With
 /// `protect`, every such page is write-protected again in the same pass (in ranges
-/// registered with a tracker; others stay unprotected and keep being reported).
+/// registered with a tracker; others stay unprotected and keep being reported). Pages never
+/// touched count as written (the kernel reports them so), and protecting them leaves a
+/// marker in each.
 pub fn written_ranges(
     pagemap: &File,
     pid: i32,
@@ -130,7 +133,11 @@ pub fn written_ranges(
     end: u64,
     protect: bool,
 ) -> SysResult<Vec<(u64, u64)>> {
-    scan(pagemap, pid, (start, end), PAGE_IS_WRITTEN, protect)
+    let want = Categories {
+        all_of: PAGE_IS_WRITTEN,
+        any_of: 0,
+    };
+    scan(pagemap, pid, (start, end), want, protect)
 }
 
 /// The ranges of `[start, end)` that have pages (sorted, disjoint), read from `pagemap`.
@@ -140,15 +147,41 @@ pub fn present_ranges(
     start: u64,
     end: u64,
 ) -> SysResult<Vec<(u64, u64)>> {
-    scan(pagemap, pid, (start, end), PAGE_IS_PRESENT, false)
+    let want = Categories {
+        all_of: PAGE_IS_PRESENT,
+        any_of: 0,
+    };
+    scan(pagemap, pid, (start, end), want, false)
 }
 
-/// `PAGEMAP_SCAN` for the pages of `[start, end)` in `category`.
+/// Write-protects the pages of `[start, end)` that exist (present or swapped out), through
+/// `pagemap`, in a range registered with a tracker; pages never touched are left as they
+/// are. Protecting those would map a marker into each (page tables included, for a whole
+/// untouched reserve), which pagemap then shows as a page swapped out. Looking at every
+/// page's kind costs more than [`written_ranges`]' pass, which only looks at protection.
+pub fn protect_existing(pagemap: &File, pid: i32, start: u64, end: u64) -> SysResult<()> {
+    let want = Categories {
+        all_of: 0,
+        any_of: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+    };
+    scan(pagemap, pid, (start, end), want, true).map(drop)
+}
+
+/// Which pages a [`scan`] reports: those in every category of `all_of` and, unless it is
+/// 0, in one of `any_of`.
+#[derive(Clone, Copy)]
+struct Categories {
+    all_of: u64,
+    any_of: u64,
+}
+
+/// `PAGEMAP_SCAN` for the pages of `[start, end)` that `want` names, merged into ranges;
+/// with `protect`, those pages are write-protected in the same pass.
 fn scan(
     pagemap: &File,
     pid: i32,
     (start, end): (u64, u64),
-    category: u64,
+    want: Categories,
     protect: bool,
 ) -> SysResult<Vec<(u64, u64)>> {
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -161,13 +194,15 @@ fn scan(
             start: at,
             end,
             walk_end: 0,
+            // Always given: without it, protecting takes a short cut that protects every
+            // page of the range, whatever `want` says.
             vec: regions.as_mut_ptr() as u64,
             vec_len: regions.len() as u64,
             max_pages: 0,
             category_inverted: 0,
-            category_mask: category,
-            category_anyof_mask: 0,
-            return_mask: category,
+            category_mask: want.all_of,
+            category_anyof_mask: want.any_of,
+            return_mask: want.all_of | want.any_of,
         };
         // SAFETY: PAGEMAP_SCAN reads the pm_scan_arg and writes at most vec_len page_region
         // records into `regions`, which holds that many.

@@ -251,6 +251,34 @@ fn pages_changed_after_a_precopy_are_read_at_the_cut() {
     assert_eq!(out.matches("PASS t_zap").count(), 5, "{out}");
 }
 
+/// Memory never touched stays so through checkpoints and a restart: t_reserve's 128 MiB
+/// mapped but never written and its 64 MiB `PROT_NONE` reserve. Write tracking's
+/// protection of a page never touched leaves a marker that pagemap shows as a page swapped
+/// out; a pre-copy that read those would map a zero page into each (49,000 of them
+/// where the job has 10,000 pages). The program checks with `mincore` that none came
+/// into memory, then writes one page there, which the restart must bring back.
+#[test]
+fn memory_never_touched_stays_untouched() {
+    let env = Env::new();
+    let name = env.name("reserve");
+    let mut job = env.start(
+        &name,
+        &program("t_reserve", false),
+        &[env.work.to_str().unwrap()],
+    );
+    env.wait_output(&job, "READY\n");
+    let first = env.checkpoint(&name, false);
+    assert!(precopied_pages(&first) >= 40 * 256, "a pre-copy: {first}");
+    env.checkpoint(&name, false);
+    fs::write(env.work.join("check"), b"").expect("check file");
+    env.wait_output(&job, "CHECKED\n");
+    env.checkpoint(&name, true);
+    assert_eq!(job.wait(), EXIT_CHECKPOINTED);
+    let out = env.restart_to_success(&job, &[]);
+    assert_all_pass(&out);
+    assert_eq!(out.matches("PASS t_reserve").count(), 7, "{out}");
+}
+
 #[test]
 fn tracking_is_not_trusted_when_its_base_is_damaged_or_a_checkpoint_failed() {
     let env = Env::new();
