@@ -4,7 +4,8 @@
  * restart), it checks with mincore() that no page of the untouched regions came into
  * memory (write tracking's markers read as pages would map one each) and that every
  * written page is intact; then it writes one page of the untouched region (tracking must
- * see a first write) and, after go, checks that page too. Usage: t_reserve WORKDIR */
+ * see a first write) and, after go, checks that page too. Restarted from a generation
+ * taken before the check, it does the same again. Usage: t_reserve WORKDIR */
 #include <stdlib.h>
 #include <sys/mman.h>
 

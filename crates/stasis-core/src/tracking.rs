@@ -25,8 +25,8 @@
 //! Anything else is read from memory as without tracking. Kernels without
 //! `UFFD_FEATURE_WP_ASYNC` (before 6.7) simply get no tracking.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 
 use stasis_image::pack::{Base, BaseMemory, Reused};
@@ -66,6 +66,9 @@ pub struct WriteTracking {
     /// Pre-copies of the cut in progress, by process: where the memory read while the job
     /// ran lies among the writer's staged blobs ([`WriteTracking::precopied`]).
     precopies: HashMap<i32, BaseMemory>,
+    /// Processes whose pre-copy must first take off the protection of an earlier tracking
+    /// (its markers in pages never touched read as pages swapped out).
+    unprotect_first: HashSet<i32>,
 }
 
 #[derive(Debug)]
@@ -289,6 +292,7 @@ impl WriteTracking {
     pub fn start_cut(&mut self, rearm: bool) {
         self.seen.clear();
         self.precopies.clear();
+        self.unprotect_first.clear();
         self.rearm = rearm;
     }
 
@@ -465,6 +469,9 @@ impl WriteTracking {
             return Vec::new();
         }
         // No scan while frozen: the protection pass that follows, the job running, is one.
+        if self.processes.contains_key(&pid) {
+            self.unprotect_first.insert(pid);
+        }
         match self.register(pid, maps, inj) {
             Ok(tracked) => match self.processes.get_mut(&pid) {
                 Some(t) if !tracked.is_empty() => {
@@ -486,10 +493,11 @@ impl WriteTracking {
     /// runs: a page the job writes from now on shows as written at the cut. Writes before do
     /// not matter, the pre-copy reading every page afterwards. Pages never touched are left
     /// unprotected (they show as written at the cut, where they are found absent): a
-    /// protected one would read as swapped out, and reading it would map a zero page. Protecting while the job runs keeps it from
-    /// standing still for it (6-10 ms for 1 GiB). Each pass covers at most
-    /// [`PROTECT_PIECE`] bytes: a pass holds the address space's lock, which a thread of
-    /// the job may wait for. On failure nothing is trusted.
+    /// protected one would read as swapped out, and reading it would map a zero page; so a
+    /// process tracked before has that protection taken off first. Protecting while the
+    /// job runs keeps it from standing still for it (6-10 ms for 1 GiB). Each pass covers at
+    /// most [`PROTECT_PIECE`] bytes: a pass holds the address space's lock, which a thread
+    /// of the job may wait for. On failure nothing is trusted.
     pub fn precopy_protect_running(&mut self, pid: i32, tracked: &[(u64, u64)]) -> bool {
         let pieces: Vec<(u64, u64)> = tracked
             .iter()
@@ -499,7 +507,13 @@ impl WriteTracking {
                     .map(move |p| (p, (p + PROTECT_PIECE).min(e)))
             })
             .collect();
-        match protect_existing_in(pid, &pieces) {
+        let unprotected = match self.processes.get(&pid) {
+            Some(t) if self.unprotect_first.remove(&pid) => pieces
+                .iter()
+                .try_for_each(|&(s, e)| t.tracker.unprotect(s, e)),
+            _ => Ok(()),
+        };
+        match unprotected.and_then(|()| protect_existing_in(pid, &pieces)) {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(pid, error = %e, "pre-copy not protected");

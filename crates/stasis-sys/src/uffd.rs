@@ -19,6 +19,8 @@ const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `_IOWR(0xAA, 6, struct uffdio_writeprotect)`.
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
 /// `_IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
@@ -102,6 +104,30 @@ impl WriteTracker {
     pub fn register(&self, start: u64, end: u64) -> SysResult<()> {
         register(&self.uffd, self.pid, (start, end), UFFDIO_REGISTER_MODE_WP)
     }
+
+    /// Takes the write protection off every page of `[start, end)` (registered), markers
+    /// of pages never touched included: what protecting it again then leaves is only what
+    /// that protection did.
+    pub fn unprotect(&self, start: u64, end: u64) -> SysResult<()> {
+        let mut wp = UffdioWriteprotect {
+            start,
+            len: end - start,
+            mode: 0,
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT reads one uffdio_writeprotect at a valid pointer.
+        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &raw mut wp) };
+        if ret == -1 {
+            return Err(SysError::last("UFFDIO_WRITEPROTECT", self.pid));
+        }
+        Ok(())
+    }
+}
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    start: u64,
+    len: u64,
+    mode: u64,
 }
 
 /// Registers `[start, end)` on userfaultfd `uffd` (of process `pid`) in `mode`.

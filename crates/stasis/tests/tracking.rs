@@ -251,12 +251,15 @@ fn pages_changed_after_a_precopy_are_read_at_the_cut() {
     assert_eq!(out.matches("PASS t_zap").count(), 5, "{out}");
 }
 
-/// Memory never touched stays so through checkpoints and a restart: t_reserve's 128 MiB
+/// Memory never touched stays so through checkpoints and restarts: t_reserve's 128 MiB
 /// mapped but never written and its 64 MiB `PROT_NONE` reserve. Write tracking's
 /// protection of a page never touched leaves a marker that pagemap shows as a page swapped
 /// out; a pre-copy that read those would map a zero page into each (49,000 of them
 /// where the job has 10,000 pages). The program checks with `mincore` that none came
-/// into memory, then writes one page there, which the restart must bring back.
+/// into memory, then writes one page there, which the restart must bring back. The second
+/// round restarts the generation before that check: the restart protects the memory it
+/// restored, leaving markers, and the checkpoint after it reads everything (its base is
+/// the newest generation), through a pre-copy, which must not read them either.
 #[test]
 fn memory_never_touched_stays_untouched() {
     let env = Env::new();
@@ -270,11 +273,25 @@ fn memory_never_touched_stays_untouched() {
     let first = env.checkpoint(&name, false);
     assert!(precopied_pages(&first) >= 40 * 256, "a pre-copy: {first}");
     env.checkpoint(&name, false);
-    fs::write(env.work.join("check"), b"").expect("check file");
+    let check = env.work.join("check");
+    fs::write(&check, b"").expect("check file");
     env.wait_output(&job, "CHECKED\n");
     env.checkpoint(&name, true);
     assert_eq!(job.wait(), EXIT_CHECKPOINTED);
-    let out = env.restart_to_success(&job, &[]);
+
+    fs::remove_file(&check).expect("remove the check file");
+    fs::write(&job.out, b"").expect("truncate output");
+    let mut restarted = env.restart(&job, &["--eager", "--generation", "2"]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let again = env.checkpoint(&name, false);
+    assert!(precopied_pages(&again) >= 40 * 256, "a pre-copy: {again}");
+    assert_none_unchanged(&again, "a restart from an older generation");
+    fs::write(&check, b"").expect("check file");
+    env.wait_output(&job, "CHECKED\n");
+    env.go();
+    let code = restarted.wait();
+    let out = env.output(&job);
+    assert_eq!(code, 0, "output:\n{out}\nstderr:\n{}", env.stderr(&job));
     assert_all_pass(&out);
     assert_eq!(out.matches("PASS t_reserve").count(), 7, "{out}");
 }
