@@ -30,32 +30,44 @@ pub fn repo() -> PathBuf {
 
 static COMPILE: Mutex<()> = Mutex::new(());
 
-/// Compiles `tests/programs/NAME.c` (once per user and variant) and returns the binary.
+/// Compiles `tests/programs/NAME.c` (once per user, variant and content) and returns the
+/// binary.
 pub fn program(name: &str, static_link: bool) -> PathBuf {
+    use std::hash::{Hash, Hasher};
     let _guard = COMPILE.lock().unwrap_or_else(|e| e.into_inner());
     let uid = nix_uid();
     let dir = std::env::temp_dir().join(format!("stasis-test-programs-{uid}"));
     std::fs::create_dir_all(&dir).expect("create program cache");
-    let src = repo().join("tests/programs").join(format!("{name}.c"));
+    let programs = repo().join("tests/programs");
+    let src = programs.join(format!("{name}.c"));
+    // Named by what it is built from (the source and every shared header): another
+    // checkout's build of the same name is not taken for this one's.
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&programs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "h"))
+        .collect();
+    inputs.sort();
+    inputs.push(src.clone());
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for input in &inputs {
+        std::fs::read(input).unwrap_or_default().hash(&mut hasher);
+    }
+    let dir = dir.join(format!("{:016x}", hasher.finish()));
+    std::fs::create_dir_all(&dir).expect("create program cache");
     let out = dir.join(if static_link {
         format!("{name}-static")
     } else {
         name.to_owned()
     });
-    // Rebuilt when the source or any shared header (tests/programs/*.h) is newer.
-    let newest_input = std::fs::read_dir(repo().join("tests/programs"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "h"))
-        .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .chain(src.metadata().and_then(|s| s.modified()).ok())
-        .max();
-    let fresh = out.exists() && out.metadata().and_then(|o| o.modified()).ok() >= newest_input;
-    if !fresh {
+    if !out.exists() {
+        // Built aside and renamed into place: a build cut short is never taken for one.
+        let building = dir.join(format!(".{name}-{}", std::process::id()));
         let mut cmd = Command::new("gcc");
         cmd.args(["-O1", "-g", "-pthread", "-Wall", "-o"])
-            .arg(&out)
+            .arg(&building)
             .arg(&src)
             .arg("-lm");
         if static_link {
@@ -67,6 +79,7 @@ pub fn program(name: &str, static_link: bool) -> PathBuf {
             "gcc failed for {name}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        std::fs::rename(&building, &out).expect("put the program in place");
     }
     out
 }
