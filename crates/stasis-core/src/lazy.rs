@@ -23,7 +23,7 @@ use stasis_sys::{Errno, SysError};
 
 use crate::error::{CoreError, CoreResult};
 use crate::freeze::FrozenJob;
-use crate::tracking::{WriteTracking, written_in};
+use crate::tracking::{Protect, WriteTracking, written_in};
 use crate::{proc, vdso};
 
 const PAGE: u64 = 4096;
@@ -355,7 +355,7 @@ impl PendingMemory {
                 ..
             } = p;
             // Written, zero-filled or dropped since filled (write-protected).
-            let written = written_in(pid, &ranges, false).map_err(|source| CoreError::Sys {
+            let written = written_in(pid, &ranges, Protect::No).map_err(|source| CoreError::Sys {
                 context: format!("listing pages process {pid} wrote while its memory loaded"),
                 source,
             });

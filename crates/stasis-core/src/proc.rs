@@ -410,6 +410,11 @@ impl Pagemap {
         Ok(Pagemap { file, path })
     }
 
+    /// The open file (for `PAGEMAP_SCAN`).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
     /// The entries of the pages from `start` to `end`.
     pub fn entries(&self, start: u64, end: u64) -> CoreResult<Vec<u64>> {
         use std::os::unix::fs::FileExt;

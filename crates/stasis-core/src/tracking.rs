@@ -91,11 +91,6 @@ struct CutState {
     protected: bool,
     /// See [`Tracked::carry`].
     carry: Vec<(u64, u64)>,
-    /// The ranges the cut's scan found written (not protected).
-    unprotected: Vec<(u64, u64)>,
-    /// Its tracked mappings a fork leaves out or wipes (`MADV_DONTFORK`,
-    /// `MADV_WIPEONFORK`): their snapshot cannot tell which pages existed at the cut.
-    fork_blind: Vec<(u64, u64)>,
 }
 
 /// What tracking knows of one process's pages at a cut.
@@ -110,14 +105,6 @@ pub struct Unchanged {
     /// Where the blobs `base` names lie: the base generation's, or the writer's staged
     /// ones (a pre-copy of this very cut).
     reused: Reused,
-}
-
-/// The ranges of `maps` a fork leaves out or wipes (`MADV_DONTFORK`, `MADV_WIPEONFORK`).
-fn fork_blind(maps: &[MapEntry]) -> Vec<(u64, u64)> {
-    maps.iter()
-        .filter(|m| m.has_flag("dc") || m.has_flag("wf"))
-        .map(|m| (m.start, m.end))
-        .collect()
 }
 
 fn contains(ranges: &[(u64, u64)], addr: u64) -> bool {
@@ -296,19 +283,15 @@ impl WriteTracking {
         self.rearm = rearm;
     }
 
-    /// The job runs again after the cut, its processes' copy-on-write snapshots still
-    /// alive: protects every tracked page again, and notes the pages the job may have
-    /// written since the cut, to be read at the next one. Those are the pages no longer
-    /// shared with the snapshot (`PM_MMAP_EXCLUSIVE` in pagemap: a write since the cut
-    /// copied them), and, to be safe, every page not present now (zapped, or swapped out,
-    /// since) that existed at the cut. The snapshot, a fork taken at the cut, tells which
-    /// did: `snapshots` maps a process to its snapshot's pid. Where it cannot tell (no
-    /// snapshot, or memory a fork leaves out or wipes) every page not present is noted.
-    /// A page that was absent at the cut and is absent now is zero in both the generation
-    /// and the job: not noted, so that memory never touched (a thread arena's reserve) is
-    /// not read again. Protecting here rather than at the cut keeps the time the job
-    /// stands still short: a first protection of 1 GiB takes about 6-10 ms.
-    pub fn protect_after_thaw(&mut self, snapshots: &HashMap<i32, i32>) {
+    /// The job runs again after the cut: protects every tracked page that exists again, and
+    /// notes the pages the job may have written since the cut, to be read at the next one:
+    /// those protected in this pass that a write since the cut copied away from the
+    /// copy-on-write snapshot (`PM_MMAP_EXCLUSIVE` in pagemap; in memory a fork leaves out
+    /// or wipes, every such page), and those swapped out (pagemap cannot tell). A page
+    /// absent now is left unprotected: the next cut finds it written, and absent, zero.
+    /// Protecting here rather than at the cut keeps the time the job stands still short: a
+    /// first protection of 1 GiB takes about 6-10 ms.
+    pub fn protect_after_thaw(&mut self) {
         if !self.rearm {
             return;
         }
@@ -316,10 +299,7 @@ impl WriteTracking {
             if !self.processes.contains_key(&pid) || state.protected {
                 continue;
             }
-            let snapshot = snapshots
-                .get(&pid)
-                .map(|&s| (s, state.fork_blind.as_slice()));
-            match protect_and_carry(pid, &state.tracked, snapshot) {
+            match protect_and_carry(pid, &state.tracked) {
                 Ok(carry) => {
                     state.carry = carry;
                     state.protected = true;
@@ -329,19 +309,13 @@ impl WriteTracking {
         }
     }
 
-    /// The mappings of process `pid` at the cut in progress as smaps gave them while it
-    /// stood frozen: which of them a fork leaves out or wipes, when the flags
-    /// [`WriteTracking::cut`] was given were carried from an earlier checkpoint.
-    pub fn set_fork_blind(&mut self, pid: i32, maps: &[MapEntry]) {
-        if let Some(state) = self.seen.get_mut(&pid) {
-            state.fork_blind = fork_blind(maps);
-        }
-    }
-
     /// Process `pid`, still frozen at the cut, had its memory read without a snapshot:
-    /// protects the pages the cut found written, so that tracking dates from this cut with
-    /// nothing carried over. Only those pages are walked: the rest stayed protected.
-    pub(crate) fn protect_frozen(&mut self, pid: i32) {
+    /// protects the pages read, `copied` (sorted), so that tracking dates from this cut
+    /// with nothing carried over. Only those pages are walked (with the others less than
+    /// 2 MiB apart, protected already or, rarely, never touched: the cheaper pass that
+    /// looks only at protection leaves markers in those); the rest stayed protected, and
+    /// pages absent stay unprotected.
+    pub(crate) fn protect_frozen(&mut self, pid: i32, copied: &[(u64, u64)]) {
         if !self.rearm || !self.processes.contains_key(&pid) {
             return;
         }
@@ -350,8 +324,8 @@ impl WriteTracking {
         };
         // One scan per stretch of nearby ranges: pages between them are protected already
         // and scanned cheaply, where a scan per range (often one page) adds up.
-        let stretches = coalesced(&state.tracked, &state.unprotected, 512 * PAGE);
-        match written_in(pid, &stretches, true) {
+        let stretches = coalesced(&state.tracked, copied, 512 * PAGE);
+        match written_in(pid, &stretches, Protect::All) {
             Ok(_) => {
                 state.carry.clear();
                 state.protected = true;
@@ -403,7 +377,7 @@ impl WriteTracking {
         let since = |t: &Self| t.processes.get(&pid).and_then(|t| t.since.clone());
         let before = since(self);
         let precopy = self.precopies.remove(&pid);
-        let (tracked, mut written) = match self.track(pid, maps, inj, false) {
+        let (tracked, mut written) = match self.track(pid, maps, inj, Protect::No) {
             Ok(x) => x,
             Err(e) => {
                 self.give_up(pid, &e);
@@ -412,7 +386,6 @@ impl WriteTracking {
         };
         // A tracker made anew (first checkpoint, exec) knows nothing of the past.
         let after = since(self).filter(|_| before == since(self));
-        let unprotected = written.clone();
         if let Some(t) = self.processes.get(&pid) {
             written.extend_from_slice(&t.carry);
         }
@@ -421,8 +394,6 @@ impl WriteTracking {
             pid,
             CutState {
                 tracked: tracked.clone(),
-                unprotected,
-                fork_blind: fork_blind(maps),
                 ..CutState::default()
             },
         );
@@ -513,8 +484,8 @@ impl WriteTracking {
                 .try_for_each(|&(s, e)| t.tracker.unprotect(s, e)),
             _ => Ok(()),
         };
-        match unprotected.and_then(|()| protect_existing_in(pid, &pieces)) {
-            Ok(()) => true,
+        match unprotected.and_then(|()| written_in(pid, &pieces, Protect::Existing)) {
+            Ok(_) => true,
             Err(e) => {
                 tracing::debug!(pid, error = %e, "pre-copy not protected");
                 self.precopied(pid, None);
@@ -557,8 +528,8 @@ impl WriteTracking {
     /// Process `pid` (frozen) holds generation `generation`'s memory — everywhere, or in
     /// `known` only — but for the pages of `written`: tracks it anew (dropping its tracker,
     /// if any) from that generation on. At the next checkpoint it reads `written`, and
-    /// outside `known` what the new tracker did not find protected (all of it but pages
-    /// never touched).
+    /// outside `known` every page the new tracker found (pages never touched stay
+    /// unprotected, looked at by every cut).
     pub(crate) fn adopt(
         &mut self,
         pid: i32,
@@ -572,7 +543,7 @@ impl WriteTracking {
             return;
         }
         self.processes.remove(&pid);
-        match self.track(pid, maps, inj, true) {
+        match self.track(pid, maps, inj, Protect::Existing) {
             Ok((_, unprotected)) => {
                 if let Some(known) = known {
                     let known = normalized(known.to_vec());
@@ -600,15 +571,15 @@ impl WriteTracking {
     }
 
     /// [`WriteTracking::register`], then lists the pages of the registered ranges written
-    /// since they were last protected; with `protect`, protects them again. Returns
-    /// (registered ranges, written ranges).
+    /// since they were last protected, protecting them as `protect` says ([`written_in`]).
+    /// Returns (registered ranges, written ranges).
     #[allow(clippy::type_complexity)]
     fn track(
         &mut self,
         pid: i32,
         maps: &[MapEntry],
         inj: &mut Injector,
-        protect: bool,
+        protect: Protect,
     ) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>), SysError> {
         let tracked = self.register(pid, maps, inj)?;
         let written = written_in(pid, &tracked, protect)?;
@@ -694,33 +665,43 @@ fn outside(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// How [`written_in`] protects the pages it finds written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protect {
+    /// Not at all: it only lists them.
+    No,
+    /// Those that exist (present or swapped out): pages never touched stay unprotected,
+    /// reported written at every cut, and found absent there. Protecting one would leave a
+    /// marker that reads as a page swapped out, and protecting a range never touched makes
+    /// page tables for it: a 64 GiB reservation of which the job used 4 MiB had 131 MB of
+    /// them after a checkpoint, and every later walk of its page tables (smaps, pagemap)
+    /// went through them all.
+    Existing,
+    /// All of them, markers included: for ranges where every page exists, or nearly (a
+    /// pass that looks only at protection is about six times cheaper).
+    All,
+}
+
 /// The pages of `ranges` of process `pid` written since they were last protected (or never
-/// protected); with `protect`, protects them again in the same pass.
+/// protected), protected again in the same pass as `protect` says; with
+/// [`Protect::Existing`], only those that exist, which it protected, are listed.
 pub(crate) fn written_in(
     pid: i32,
     ranges: &[(u64, u64)],
-    protect: bool,
+    protect: Protect,
 ) -> Result<Vec<(u64, u64)>, SysError> {
     let path = format!("/proc/{pid}/pagemap");
     let pagemap =
         File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
     let mut written = Vec::new();
     for &(start, end) in ranges {
-        written.extend(written_ranges(&pagemap, pid, start, end, protect)?);
+        written.extend(match protect {
+            Protect::No => written_ranges(&pagemap, pid, start, end, false)?,
+            Protect::All => written_ranges(&pagemap, pid, start, end, true)?,
+            Protect::Existing => uffd::protect_written(&pagemap, pid, start, end)?,
+        });
     }
     Ok(written)
-}
-
-/// Protects the pages of `ranges` of process `pid` that exist (present or swapped out),
-/// leaving those never touched as they are ([`uffd::protect_existing`]).
-fn protect_existing_in(pid: i32, ranges: &[(u64, u64)]) -> Result<(), SysError> {
-    let path = format!("/proc/{pid}/pagemap");
-    let pagemap =
-        File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
-    for &(start, end) in ranges {
-        uffd::protect_existing(&pagemap, pid, start, end)?;
-    }
-    Ok(())
 }
 
 /// `ranges` (sorted, each inside one of `within`, sorted and disjoint) with those less than
@@ -773,69 +754,37 @@ fn normalized(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-/// Protects the written pages of `ranges` of running process `pid` again, then lists the
-/// pages it may have written since the cut (see [`WriteTracking::protect_after_thaw`]).
-/// `snapshot`: the pid of its snapshot, and the ranges that snapshot cannot speak for.
-fn protect_and_carry(
-    pid: i32,
-    ranges: &[(u64, u64)],
-    snapshot: Option<(i32, &[(u64, u64)])>,
-) -> Result<Vec<(u64, u64)>, SysError> {
+/// Protects the written pages of `ranges` of process `pid` that exist ([`Protect::Existing`])
+/// and returns those the job may have written since the cut without a trace (see
+/// [`WriteTracking::protect_after_thaw`]).
+fn protect_and_carry(pid: i32, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, SysError> {
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     const EXCLUSIVE: u64 = 1 << 56;
-    // Pages outside what is protected again here stayed protected since the cut: a write
-    // to them since would show as written in this very pass. So only these pages can have
-    // been written since the cut without a trace.
-    let protected = written_in(pid, ranges, true)?;
+    // Pages outside what is protected here stayed protected since the cut (a write to them
+    // since would show as written in this very pass), or are absent: only these pages can
+    // have been written since the cut without a trace.
+    let protected = written_in(pid, ranges, Protect::Existing)?;
     let mut carry: Vec<(u64, u64)> = Vec::new();
     let pagemap = crate::proc::Pagemap::open(pid)
         .map_err(|_| SysError::new("open pagemap", pid, Errno::EIO))?;
-    // Pages not present now, to be carried only if they existed at the cut.
-    let mut absent: Vec<(u64, u64)> = Vec::new();
     for &(start, end) in &protected {
         let entries = pagemap
             .entries(start, end)
             .map_err(|_| SysError::new("read pagemap", pid, Errno::EIO))?;
         for (i, e) in entries.iter().enumerate() {
-            // Still shared with the snapshot: not written since the cut.
-            if e & PRESENT != 0 && e & EXCLUSIVE == 0 {
+            // Still shared with the snapshot: not written since the cut. Absent since
+            // (zapped): unprotected, so the next cut finds it written.
+            let shared = e & PRESENT != 0 && e & EXCLUSIVE == 0;
+            if shared || e & (PRESENT | SWAPPED) == 0 {
                 continue;
             }
             let addr = start + i as u64 * PAGE;
-            let list = match snapshot {
-                Some((_, blind)) if e & PRESENT == 0 && !contains(blind, addr) => &mut absent,
-                _ => &mut carry,
-            };
-            match list.last_mut() {
+            match carry.last_mut() {
                 Some(last) if last.1 == addr => last.1 = addr + PAGE,
-                _ => list.push((addr, addr + PAGE)),
+                _ => carry.push((addr, addr + PAGE)),
             }
         }
-    }
-    if let Some((snapshot, _)) = snapshot
-        && !absent.is_empty()
-    {
-        // The snapshot is the process as at the cut: a page it has (or has swapped out)
-        // existed then, and may have been zapped since.
-        let at_cut = crate::proc::Pagemap::open(snapshot)
-            .map_err(|_| SysError::new("open pagemap", snapshot, Errno::EIO))?;
-        for (start, end) in absent {
-            let entries = at_cut
-                .entries(start, end)
-                .map_err(|_| SysError::new("read pagemap", snapshot, Errno::EIO))?;
-            for (i, e) in entries.iter().enumerate() {
-                if e & (PRESENT | SWAPPED) == 0 {
-                    continue;
-                }
-                let addr = start + i as u64 * PAGE;
-                match carry.last_mut() {
-                    Some(last) if last.1 == addr => last.1 = addr + PAGE,
-                    _ => carry.push((addr, addr + PAGE)),
-                }
-            }
-        }
-        carry = normalized(carry);
     }
     Ok(carry)
 }

@@ -463,6 +463,10 @@ pub struct Vma {
     /// (and shows in smaps' `VmFlags`): given again at restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub advice: Vec<Advice>,
+    /// Mapped with `MAP_NORESERVE` (smaps `nr`): no swap space set aside for it, so that a
+    /// reservation larger than the machine's memory maps at restart too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub noreserve: bool,
 }
 
 /// `madvise` advice a mapping keeps, restored with it.

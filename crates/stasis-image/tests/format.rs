@@ -78,6 +78,7 @@ fn manifest(chunk: u32) -> Manifest {
                 shmem: None,
                 sysv: None,
                 advice: vec![Advice::WipeOnFork],
+                noreserve: true,
             }],
             fds: vec![],
             ..ProcessImage::default()

@@ -147,11 +147,12 @@ fn register(uffd: &OwnedFd, pid: i32, (start, end): (u64, u64), mode: u64) -> Sy
 }
 
 /// The ranges of `[start, end)` written since they were last protected, or never protected
-/// (sorted, disjoint), read from `pagemap` (the process's `/proc/PID/pagemap`). With
-/// `protect`, every such page is write-protected again in the same pass (in ranges
-/// registered with a tracker; others stay unprotected and keep being reported). Pages never
-/// touched count as written (the kernel reports them so), and protecting them leaves a
-/// marker in each.
+/// (sorted, disjoint), read from `pagemap` (the process's `/proc/PID/pagemap`). Pages never
+/// touched count as written (the kernel reports them so). With `protect`, every such page is
+/// write-protected again in the same pass (in ranges registered with a tracker; others stay
+/// unprotected and keep being reported): a page never touched then holds a marker, which
+/// pagemap shows as a page swapped out, and a range never touched gets page tables to
+/// hold them. Protect so only ranges where every page exists, or nearly.
 pub fn written_ranges(
     pagemap: &File,
     pid: i32,
@@ -159,11 +160,28 @@ pub fn written_ranges(
     end: u64,
     protect: bool,
 ) -> SysResult<Vec<(u64, u64)>> {
-    let want = Categories {
-        all_of: PAGE_IS_WRITTEN,
-        any_of: 0,
-    };
-    scan(pagemap, pid, (start, end), want, protect)
+    ranges_in(pagemap, pid, (start, end), (PAGE_IS_WRITTEN, 0), protect)
+}
+
+/// Write-protects the pages of `[start, end)` written since they were last protected that
+/// exist (present or swapped out), through `pagemap`, in a range registered with a tracker;
+/// returns their ranges. Pages never touched are left unprotected, with no marker, and
+/// keep being reported written. Looking at what each page is costs more than
+/// [`written_ranges`]' pass, which only looks at its protection (about 3 ms for 1 GiB).
+pub fn protect_written(
+    pagemap: &File,
+    pid: i32,
+    start: u64,
+    end: u64,
+) -> SysResult<Vec<(u64, u64)>> {
+    let existing = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+    ranges_in(
+        pagemap,
+        pid,
+        (start, end),
+        (PAGE_IS_WRITTEN, existing),
+        true,
+    )
 }
 
 /// The ranges of `[start, end)` that have pages (sorted, disjoint), read from `pagemap`.
@@ -173,44 +191,91 @@ pub fn present_ranges(
     start: u64,
     end: u64,
 ) -> SysResult<Vec<(u64, u64)>> {
-    let want = Categories {
-        all_of: PAGE_IS_PRESENT,
-        any_of: 0,
-    };
-    scan(pagemap, pid, (start, end), want, false)
+    ranges_in(pagemap, pid, (start, end), (PAGE_IS_PRESENT, 0), false)
 }
 
-/// Write-protects the pages of `[start, end)` that exist (present or swapped out), through
-/// `pagemap`, in a range registered with a tracker; pages never touched are left as they
-/// are. Protecting those would map a marker into each (page tables included, for a whole
-/// untouched reserve), which pagemap then shows as a page swapped out. Looking at every
-/// page's kind costs more than [`written_ranges`]' pass, which only looks at protection.
-pub fn protect_existing(pagemap: &File, pid: i32, start: u64, end: u64) -> SysResult<()> {
+/// A range of pages [`existing_ranges`] found, all present or all swapped out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Existing {
+    /// First page.
+    pub start: u64,
+    /// End of the last page.
+    pub end: u64,
+    /// In memory; else swapped out, or another entry that is not a page (as pagemap's
+    /// `PM_SWAP` says).
+    pub present: bool,
+}
+
+/// The pages of `[start, end)` that exist (present or swapped out), read from `pagemap` by
+/// one walk of the page tables, which skips what has none: where reading pagemap gives an
+/// entry for every page. Whether a page is a file's is not told.
+pub fn existing_ranges(pagemap: &File, pid: i32, start: u64, end: u64) -> SysResult<Vec<Existing>> {
     let want = Categories {
         all_of: 0,
         any_of: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        shown: PAGE_IS_PRESENT,
     };
-    scan(pagemap, pid, (start, end), want, true).map(drop)
+    let regions = scan(pagemap, pid, (start, end), want, false)?;
+    Ok(regions
+        .into_iter()
+        .map(|r| Existing {
+            start: r.start,
+            end: r.end,
+            present: r.categories & PAGE_IS_PRESENT != 0,
+        })
+        .collect())
 }
 
 /// Which pages a [`scan`] reports: those in every category of `all_of` and, unless it is
-/// 0, in one of `any_of`.
+/// 0, in one of `any_of`; told apart by the categories of `shown`.
 #[derive(Clone, Copy)]
 struct Categories {
     all_of: u64,
     any_of: u64,
+    shown: u64,
 }
 
-/// `PAGEMAP_SCAN` for the pages of `[start, end)` that `want` names, merged into ranges;
-/// with `protect`, those pages are write-protected in the same pass.
+/// The ranges of `[start, end)` whose pages are in every category of `all_of` and, unless
+/// it is 0, in one of `any_of` (sorted, disjoint); with `protect`, those pages are
+/// write-protected in the same pass.
+fn ranges_in(
+    pagemap: &File,
+    pid: i32,
+    range: (u64, u64),
+    (all_of, any_of): (u64, u64),
+    protect: bool,
+) -> SysResult<Vec<(u64, u64)>> {
+    let want = Categories {
+        all_of,
+        any_of,
+        shown: all_of,
+    };
+    Ok(merged(scan(pagemap, pid, range, want, protect)?))
+}
+
+/// The ranges of `regions`, merged where one ends as the next starts.
+fn merged(regions: Vec<PageRegion>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(regions.len());
+    for r in regions {
+        match out.last_mut() {
+            Some(last) if last.1 == r.start => last.1 = r.end,
+            _ => out.push((r.start, r.end)),
+        }
+    }
+    out
+}
+
+/// `PAGEMAP_SCAN` for the pages of `[start, end)` that `want` names (consecutive regions of
+/// the same categories merged); with `protect`, those pages are write-protected in the same
+/// pass.
 fn scan(
     pagemap: &File,
     pid: i32,
     (start, end): (u64, u64),
     want: Categories,
     protect: bool,
-) -> SysResult<Vec<(u64, u64)>> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
+) -> SysResult<Vec<PageRegion>> {
+    let mut out: Vec<PageRegion> = Vec::new();
     let mut regions = vec![PageRegion::default(); 512];
     let mut at = start;
     while at < end {
@@ -228,7 +293,7 @@ fn scan(
             category_inverted: 0,
             category_mask: want.all_of,
             category_anyof_mask: want.any_of,
-            return_mask: want.all_of | want.any_of,
+            return_mask: want.shown,
         };
         // SAFETY: PAGEMAP_SCAN reads the pm_scan_arg and writes at most vec_len page_region
         // records into `regions`, which holds that many.
@@ -238,8 +303,10 @@ fn scan(
         }
         for r in &regions[..n.unsigned_abs() as usize] {
             match out.last_mut() {
-                Some(last) if last.1 == r.start => last.1 = r.end,
-                _ => out.push((r.start, r.end)),
+                Some(last) if last.end == r.start && last.categories == r.categories => {
+                    last.end = r.end;
+                }
+                _ => out.push(*r),
             }
         }
         if arg.walk_end <= at {

@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use stasis_image::manifest::{Advice, PageRun, SharedMemory, Vma, VmaKind};
 use stasis_image::pack::{PackWriter, Reused};
 use stasis_sys::mem;
+use stasis_sys::uffd;
 
 use super::content::{FileContents, Found};
 use crate::error::{CoreError, CoreResult, io_err};
@@ -172,6 +173,9 @@ fn walk_pages(
 ) -> CoreResult<()> {
     let pages = usize::try_from((m.end - m.start) / PAGE).unwrap_or(0);
     let mut pagemap = PagemapWindow::new(pid, m.start);
+    // Private anonymous memory: pagemap's `PM_FILE` never matters there, so long stretches
+    // are looked at by a scan that skips what has no page tables.
+    let scannable = m.inode == 0 && !m.shared && !matches!(source, Source::Copied(_));
     let addr_of = |i: usize| m.start + i as u64 * PAGE;
     let mut unchanged = unchanged.cursor(m.start);
     let mut i = 0;
@@ -180,7 +184,7 @@ fn walk_pages(
     let mut stop = 0;
     let page_of =
         |addr: u64| usize::try_from((addr.max(m.start) - m.start) / PAGE).unwrap_or(pages);
-    let mut entry = |i: usize, stop: usize| -> CoreResult<u64> {
+    let entry = |pagemap: &mut PagemapWindow, i: usize, stop: usize| -> CoreResult<u64> {
         match source {
             Source::Copied(c) => Ok(if c.contains(addr_of(i)) {
                 PM_PRESENT
@@ -208,10 +212,17 @@ fn walk_pages(
             }
         };
         next_stop(&unchanged, i, &mut stop);
-        let mut want = |i: usize, stop: usize| -> CoreResult<bool> {
-            Ok(wanted(entry(i, stop)?) && !skip(base(addr_of(i))))
+        if scannable {
+            let next = pagemap.absent_until(i, stop)?;
+            if next > i {
+                i = next;
+                continue;
+            }
+        }
+        let want = |pagemap: &mut PagemapWindow, i: usize, stop: usize| -> CoreResult<bool> {
+            Ok(wanted(entry(pagemap, i, stop)?) && !skip(base(addr_of(i))))
         };
-        if !want(i, stop)? {
+        if !want(&mut pagemap, i, stop)? {
             i += 1;
             continue;
         }
@@ -219,7 +230,7 @@ fn walk_pages(
         i += 1;
         while i < pages && i - start < RUN_PAGES && unchanged.at(addr_of(i)).is_none() {
             next_stop(&unchanged, i, &mut stop);
-            if !want(i, stop)? {
+            if !want(&mut pagemap, i, stop)? {
                 break;
             }
             i += 1;
@@ -390,10 +401,21 @@ struct PagemapWindow {
     start: u64,
     first: usize,
     entries: Vec<u64>,
+    /// Pages `[scanned.0, scanned.1)` were scanned ([`PagemapWindow::absent_until`]); the
+    /// runs of those that exist, by page index (first, end, present).
+    scanned: (usize, usize),
+    existing: Vec<(usize, usize, bool)>,
+    /// The kernel has no `PAGEMAP_SCAN`.
+    no_scan: bool,
 }
 
 impl PagemapWindow {
     const PAGES: usize = 4096;
+
+    /// A stretch at least this long (64 MiB) is scanned rather than read entry by entry:
+    /// pagemap has an entry for every page, there or not, where a scan skips what has no
+    /// page tables (a reservation of 64 GiB took a second to read).
+    const SCAN_FROM: usize = 16384;
 
     fn new(pid: i32, start: u64) -> Self {
         PagemapWindow {
@@ -402,12 +424,53 @@ impl PagemapWindow {
             start,
             first: 0,
             entries: Vec::new(),
+            scanned: (0, 0),
+            existing: Vec::new(),
+            no_scan: false,
         }
+    }
+
+    /// For private anonymous memory: the first page from `i` on, before `stop`, that may
+    /// exist (`stop` when none does); `i` itself when that is not known. Stretches of at
+    /// least [`PagemapWindow::SCAN_FROM`] pages are scanned for the pages they have.
+    fn absent_until(&mut self, i: usize, stop: usize) -> CoreResult<usize> {
+        if !(self.scanned.0..self.scanned.1).contains(&i) {
+            if self.no_scan || stop - i < Self::SCAN_FROM {
+                return Ok(i);
+            }
+            let pagemap = match &mut self.pagemap {
+                Some(p) => p,
+                None => self.pagemap.insert(proc::Pagemap::open(self.pid)?),
+            };
+            let addr = |page: usize| self.start + page as u64 * PAGE;
+            let page = |addr: u64| usize::try_from((addr - self.start) / PAGE).unwrap_or(stop);
+            match uffd::existing_ranges(pagemap.file(), self.pid, addr(i), addr(stop)) {
+                Ok(found) => {
+                    self.existing = found
+                        .iter()
+                        .map(|e| (page(e.start), page(e.end), e.present))
+                        .collect();
+                    self.scanned = (i, stop);
+                }
+                Err(_) => {
+                    self.no_scan = true;
+                    return Ok(i);
+                }
+            }
+        }
+        let k = self.existing.partition_point(|r| r.1 <= i);
+        let next = self.existing.get(k).map_or(self.scanned.1, |r| r.0);
+        Ok(next.clamp(i, stop.max(i)))
     }
 
     /// The entry of page `i` of the mapping, reading no further than page `stop` (beyond
     /// which pages need not be looked at).
     fn entry(&mut self, i: usize, stop: usize) -> CoreResult<u64> {
+        if (self.scanned.0..self.scanned.1).contains(&i) {
+            let k = self.existing.partition_point(|r| r.1 <= i);
+            let found = self.existing.get(k).filter(|r| r.0 <= i);
+            return Ok(found.map_or(0, |r| if r.2 { PM_PRESENT } else { PM_SWAPPED }));
+        }
         if i < self.first || i >= self.first + self.entries.len() {
             let end = (i + Self::PAGES).min(stop).max(i + 1);
             let pagemap = match &mut self.pagemap {
@@ -762,6 +825,7 @@ pub fn capture_vmas(
             shmem,
             sysv: (kind == VmaKind::SysvShm).then(|| i32::try_from(m.inode).unwrap_or(-1)),
             advice: advice_of(m),
+            noreserve: m.has_flag("nr"),
         });
     }
     Ok(out)

@@ -141,15 +141,7 @@ impl CapturedJob {
     ) -> CoreResult<()> {
         if let Some(t) = tracking {
             let t0 = std::time::Instant::now();
-            let snapshots: HashMap<i32, i32> = self
-                .pending
-                .iter()
-                .filter_map(|p| match &p.source {
-                    snapshot::PendingSource::Snapshot(s) => Some((s.parent, s.pid)),
-                    snapshot::PendingSource::Copied { .. } => None,
-                })
-                .collect();
-            t.protect_after_thaw(&snapshots);
+            t.protect_after_thaw();
             tracing::debug!(
                 protect_ms = t0.elapsed().as_secs_f64() * 1e3,
                 "pages protected again"

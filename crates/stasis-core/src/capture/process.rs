@@ -124,7 +124,10 @@ fn mend_flags(
     mut reread: Option<Reread<'_>>,
 ) -> CoreResult<()> {
     let what = |m: &MapEntry| format!("{:#x}-{:#x} {}", m.start, m.end, m.path);
-    let matters = |m: &MapEntry| (advice_of(m), m.has_flag("gd"), m.has_flag("mw"));
+    let matters = |m: &MapEntry| {
+        let flags = (m.has_flag("gd"), m.has_flag("mw"), m.has_flag("nr"));
+        (advice_of(m), flags)
+    };
     for (i, u) in used.iter().enumerate() {
         // Registering mappings with write tracking at the cut may have merged one with its
         // neighbour since `used` was read: the exact reading's mapping then holds it.
@@ -155,6 +158,7 @@ fn mend_flags(
         }
         vma.advice = advice_of(&m);
         vma.growsdown = m.has_flag("gd");
+        vma.noreserve = m.has_flag("nr");
         if let Some(r) = reread.as_mut()
             && !snapshot_can_read(&m)
             && let Some(at) = r.deferred.iter().position(|d| d.0 == i)
@@ -276,7 +280,9 @@ pub fn capture_process(
             let pages = CopiedPages::gather(pid, &runs)?;
             let t_copied = std::time::Instant::now();
             if let Some(t) = tables.tracking.as_deref_mut() {
-                t.protect_frozen(pid);
+                let copied: Vec<(u64, u64)> =
+                    runs.iter().map(|&(a, n)| (a, a + n as u64)).collect();
+                t.protect_frozen(pid, &copied);
             }
             if carried {
                 let exact = exact_flags(tables, pid)?;
@@ -300,9 +306,6 @@ pub fn capture_process(
                     unchanged: &unchanged,
                 };
                 mend_flags(pid, &maps, &exact, &mut vmas, Some(reread))?;
-                if let Some(t) = tables.tracking.as_deref_mut() {
-                    t.set_fork_blind(pid, &exact);
-                }
             }
             PendingSource::Snapshot(take(frozen, vdso.syscall_insn)?)
         };

@@ -154,6 +154,9 @@ pub(super) fn map_memory(
         if v.growsdown {
             flags |= libc::MAP_GROWSDOWN;
         }
+        if v.noreserve {
+            flags |= libc::MAP_NORESERVE;
+        }
         let fd: i64 = match (&v.file, v.shmem) {
             (_, Some(obj)) => i64::from(st.shmem[obj as usize]),
             (Some(id), None) => i64::from(st.maps[&id.path]),
