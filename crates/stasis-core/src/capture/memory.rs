@@ -439,13 +439,11 @@ impl PagemapWindow {
             if self.no_scan || stop - i < Self::SCAN_FROM {
                 return Ok(i);
             }
-            let pagemap = match &mut self.pagemap {
-                Some(p) => p,
-                None => self.pagemap.insert(proc::Pagemap::open(self.pid)?),
-            };
-            let addr = |page: usize| self.start + page as u64 * PAGE;
-            let page = |addr: u64| usize::try_from((addr - self.start) / PAGE).unwrap_or(stop);
-            match uffd::existing_ranges(pagemap.file(), self.pid, addr(i), addr(stop)) {
+            let (pid, start) = (self.pid, self.start);
+            let addr = |page: usize| start + page as u64 * PAGE;
+            let page = |addr: u64| usize::try_from((addr - start) / PAGE).unwrap_or(stop);
+            let pagemap = self.pagemap()?;
+            match uffd::existing_ranges(pagemap.file(), pid, addr(i), addr(stop)) {
                 Ok(found) => {
                     self.existing = found
                         .iter()
@@ -459,27 +457,38 @@ impl PagemapWindow {
                 }
             }
         }
-        let k = self.existing.partition_point(|r| r.1 <= i);
-        let next = self.existing.get(k).map_or(self.scanned.1, |r| r.0);
-        Ok(next.clamp(i, stop.max(i)))
+        let next = self.existing_from(i).map_or(self.scanned.1, |r| r.0);
+        Ok(next.clamp(i, stop))
+    }
+
+    /// The first run of scanned pages that exist ending after page `i`.
+    fn existing_from(&self, i: usize) -> Option<&(usize, usize, bool)> {
+        self.existing
+            .get(self.existing.partition_point(|r| r.1 <= i))
+    }
+
+    /// `/proc/PID/pagemap`, opened at the first use.
+    fn pagemap(&mut self) -> CoreResult<&proc::Pagemap> {
+        match self.pagemap {
+            Some(ref p) => Ok(p),
+            None => Ok(self.pagemap.insert(proc::Pagemap::open(self.pid)?)),
+        }
     }
 
     /// The entry of page `i` of the mapping, reading no further than page `stop` (beyond
     /// which pages need not be looked at).
     fn entry(&mut self, i: usize, stop: usize) -> CoreResult<u64> {
         if (self.scanned.0..self.scanned.1).contains(&i) {
-            let k = self.existing.partition_point(|r| r.1 <= i);
-            let found = self.existing.get(k).filter(|r| r.0 <= i);
+            let found = self.existing_from(i).filter(|r| r.0 <= i);
             return Ok(found.map_or(0, |r| if r.2 { PM_PRESENT } else { PM_SWAPPED }));
         }
         if i < self.first || i >= self.first + self.entries.len() {
             let end = (i + Self::PAGES).min(stop).max(i + 1);
-            let pagemap = match &mut self.pagemap {
-                Some(p) => p,
-                None => self.pagemap.insert(proc::Pagemap::open(self.pid)?),
-            };
-            self.entries =
-                pagemap.entries(self.start + i as u64 * PAGE, self.start + end as u64 * PAGE)?;
+            let start = self.start;
+            let entries = self
+                .pagemap()?
+                .entries(start + i as u64 * PAGE, start + end as u64 * PAGE)?;
+            self.entries = entries;
             self.first = i;
         }
         Ok(self.entries.get(i - self.first).copied().unwrap_or(0))
