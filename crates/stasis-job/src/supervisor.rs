@@ -913,6 +913,14 @@ impl Supervisor {
                 // Put in shape for the next checkpoint on the helper thread, while we
                 // answer (where there is none, now).
                 self.carried = Some(stasis_core::helper::beside(move || to_carry.carry()));
+                if !kill && self.tracking.is_some() {
+                    // Then the buffers the next cut copies into, backed before it freezes
+                    // the job: the result is not waited for.
+                    let bounds = std::mem::take(&mut captured.copy_bounds);
+                    drop(stasis_core::helper::beside(move || {
+                        stasis_core::capture::keep_copy_buffers(&bounds);
+                    }));
+                }
                 (generation, path, memory_bytes)
             }
             Err(e) => {

@@ -125,7 +125,7 @@ impl CopiedPages {
     /// pages), falling back to reading a run on its own where that fails.
     pub(super) fn gather(pid: i32, runs: &[(u64, usize)]) -> CoreResult<CopiedPages> {
         let total: usize = runs.iter().map(|r| r.1).sum();
-        let mut data = vec![0u8; total];
+        let mut data = super::spare::buffer(total);
         let got = mem::read_gather(pid, runs, &mut data).unwrap_or(0);
         let mut copied = Vec::with_capacity(runs.len());
         let mut off = 0;
@@ -147,6 +147,12 @@ impl CopiedPages {
     /// Whether nothing was copied.
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
+    }
+}
+
+impl Drop for CopiedPages {
+    fn drop(&mut self) {
+        super::spare::give_back(std::mem::take(&mut self.data));
     }
 }
 

@@ -10,6 +10,7 @@ mod precopy;
 mod process;
 mod snapshot;
 pub(crate) mod sockets;
+mod spare;
 mod sysv;
 mod threads;
 
@@ -28,6 +29,7 @@ pub use early::{EarlyMaps, FlagCheck, IN_FREEZE_BUDGET, KnownFlags, PendingFlagC
 pub use memory::vma_kind;
 pub use precopy::{Precopy, precopy_job};
 pub use process::{JobTables, capture_process, capture_zombie};
+pub use spare::keep_ready as keep_copy_buffers;
 
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -94,6 +96,9 @@ pub struct CapturedJob {
     /// Bytes of private memory copied out while the job was frozen, instead of read from a
     /// snapshot (little was left to read once the unchanged pages were known).
     pub copied_bytes: u64,
+    /// With write tracking, the most bytes the next cut may copy out of each process (see
+    /// [`keep_copy_buffers`]).
+    pub copy_bounds: Vec<usize>,
     /// Mappings whose flags were read early ([`EarlyMaps`]), by host pid.
     early_flags: FlagCheck,
     /// The smaps readings taken while the job was frozen.
@@ -421,6 +426,7 @@ fn capture_all(
         early_maps: &speedups.early_maps,
         early_flags: Vec::new(),
         exact,
+        copy_bounds: Vec::new(),
     };
     let mut processes = Vec::with_capacity(job.processes.len() + job.zombies.len());
     let mut insns = HashMap::new();
@@ -505,6 +511,7 @@ fn capture_all(
         unchanged_bytes: tables.unchanged_pages * 4096,
         precopied_bytes: tables.precopied_pages * 4096,
         copied_bytes: 0,
+        copy_bounds: tables.copy_bounds,
         early_flags: FlagCheck(tables.early_flags),
         readings: tables.exact.map(|e| e.taken).unwrap_or_default(),
         pty_bytes: put_back,
