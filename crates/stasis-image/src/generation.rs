@@ -242,6 +242,9 @@ pub struct GenerationWriter {
     pack: Option<PackWriter>,
     pack_path: PathBuf,
     done: bool,
+    /// Once [`GenerationWriter::prepare`] wrote the manifest: the generation number it
+    /// took, and the blobs known.
+    prepared: Option<(u32, (KnownBlobs, Vec<u32>))>,
     /// Held shared until the generation is in place: no garbage collection meanwhile.
     _lock: fs::File,
 }
@@ -312,6 +315,7 @@ impl GenerationWriter {
             pack: None,
             pack_path,
             done: false,
+            prepared: None,
             _lock: lock,
         };
         w.pack = Some(PackWriter::create_with(
@@ -352,12 +356,12 @@ impl GenerationWriter {
         Ok((n, dest, to_carry))
     }
 
-    /// Writes the manifest and renames the generation into place (see
-    /// [`GenerationWriter::finish`]); returns its number and directory, and the blobs known.
-    fn publish(
-        mut self,
-        manifest: &mut Manifest,
-    ) -> ImageResult<(u32, PathBuf, (KnownBlobs, Vec<u32>))> {
+    /// Finishes the pack and writes `manifest` (filling in its chunk index, packs and
+    /// generation number), synced, without putting the generation in place yet: the caller
+    /// may still decide not to keep it (dropping the writer removes it), and
+    /// [`GenerationWriter::finish`] or [`GenerationWriter::finish_carrying`], given this
+    /// manifest, then only renames it into place. The pack is no longer written to.
+    pub fn prepare(&mut self, manifest: &mut Manifest) -> ImageResult<()> {
         let written = self
             .pack
             .take()
@@ -367,12 +371,34 @@ impl GenerationWriter {
         manifest.chunks = index;
         manifest.packs = packs;
         sync_dir(&self.job_dir.join(PACKS_DIR))?;
+        let n = self.write_numbered(manifest)?;
+        self.prepared = Some((n, known));
+        Ok(())
+    }
+
+    /// Writes `manifest` into the temporary directory as the generation after the newest
+    /// one there is, synced; returns that number.
+    fn write_numbered(&self, manifest: &mut Manifest) -> ImageResult<u32> {
+        let n = list_generations(&self.job_dir).last().map_or(1, |g| g + 1);
+        manifest.job.generation = n;
+        write_manifest(&self.tmp.join(MANIFEST_FILE), manifest)?;
+        sync_dir(&self.tmp)?;
+        crate::fault::point("manifest-written");
+        Ok(n)
+    }
+
+    /// Writes the manifest (unless [`GenerationWriter::prepare`] did) and renames the
+    /// generation into place (see [`GenerationWriter::finish`]); returns its number and
+    /// directory, and the blobs known.
+    fn publish(
+        mut self,
+        manifest: &mut Manifest,
+    ) -> ImageResult<(u32, PathBuf, (KnownBlobs, Vec<u32>))> {
+        if self.prepared.is_none() {
+            self.prepare(manifest)?;
+        }
+        let (mut n, known) = self.prepared.take().expect("prepared just above");
         loop {
-            let n = list_generations(&self.job_dir).last().map_or(1, |g| g + 1);
-            manifest.job.generation = n;
-            write_manifest(&self.tmp.join(MANIFEST_FILE), manifest)?;
-            sync_dir(&self.tmp)?;
-            crate::fault::point("manifest-written");
             let dest = generation_dir(&self.job_dir, n);
             match fs::rename(&self.tmp, &dest) {
                 Ok(()) => {
@@ -381,9 +407,11 @@ impl GenerationWriter {
                     sync_dir(&self.job_dir)?;
                     return Ok((n, dest, known));
                 }
+                // Another writer took the number meanwhile: the next one.
                 Err(e) if matches!(e.raw_os_error(), Some(libc_enotempty) if libc_enotempty == 39 || libc_enotempty == 17) =>
                 {
                     fs::remove_file(self.tmp.join(MANIFEST_FILE)).map_err(io(&self.tmp))?;
+                    n = self.write_numbered(manifest)?;
                 }
                 Err(e) => {
                     return Err(ImageError::Io {

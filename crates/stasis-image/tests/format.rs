@@ -872,3 +872,73 @@ fn a_raw_frame_longer_than_its_stored_bytes_is_damage() {
         );
     }
 }
+
+/// A generation prepared (pack finished, manifest written and synced) is not in place until
+/// finished: no reader lists it, and a writer dropped then leaves neither it nor its pack.
+/// Finished, it is the manifest prepared, under the number taken then.
+#[test]
+fn a_prepared_generation_is_in_place_only_once_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let data = noise(4 * 4096, 31);
+    let packs = |job: &Path| {
+        std::fs::read_dir(job.join(PACKS_DIR))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".pack")
+            })
+            .count()
+    };
+
+    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let c = w.pack().add(&data).unwrap();
+    let mut m = manifest(c);
+    w.prepare(&mut m).unwrap();
+    assert_eq!(m.job.generation, 1);
+    assert!(
+        list_generations(&job).is_empty(),
+        "not in place before finish"
+    );
+    assert!(w.temp_dir().join(MANIFEST_FILE).is_file());
+    drop(w);
+    assert!(list_generations(&job).is_empty());
+    assert_eq!(packs(&job), 0, "the dropped writer's pack is removed");
+
+    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let c = w.pack().add(&data).unwrap();
+    let mut m = manifest(c);
+    w.prepare(&mut m).unwrap();
+    let (n, dir) = w.finish(&mut m).unwrap();
+    assert_eq!((n, list_generations(&job)), (1, vec![1]));
+    let read = read_manifest(&dir.join(MANIFEST_FILE)).unwrap();
+    assert_eq!(read.job.generation, 1);
+    assert_eq!(
+        OpenGeneration::open(&dir).unwrap().chunk(c).unwrap(),
+        data,
+        "the chunk written before prepare reads back"
+    );
+    assert_eq!(packs(&job), 1);
+
+    // Number 2 taken by another writer between prepare and finish: the next one.
+    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let c = w.pack().add(&data).unwrap();
+    let mut m = manifest(c);
+    w.prepare(&mut m).unwrap();
+    assert_eq!(m.job.generation, 2);
+    let mut other = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let c2 = other.pack().add(&data).unwrap();
+    assert_eq!(other.finish(&mut manifest(c2)).unwrap().0, 2);
+    let (n, dir) = w.finish(&mut m).unwrap();
+    assert_eq!((n, list_generations(&job)), (3, vec![1, 2, 3]));
+    assert_eq!(
+        read_manifest(&dir.join(MANIFEST_FILE))
+            .unwrap()
+            .job
+            .generation,
+        3
+    );
+}

@@ -870,7 +870,7 @@ impl Supervisor {
         }
         let flag_check = flag_check.unwrap_or_else(|| captured.take_flag_check().in_background());
         captured.end_snapshots()?;
-        let manifest = record::manifest(
+        let mut manifest = record::manifest(
             record::JobFacts {
                 name: self.spec.name.clone(),
                 reason: reason.to_owned(),
@@ -888,13 +888,19 @@ impl Supervisor {
             &mut captured,
         );
         let stored_bytes = writer.pack().bytes_written();
+        // Written and synced while the flags are checked (smaps read again, on the helper
+        // thread); put in place only once they are.
+        let prepared = writer.prepare(&mut manifest);
         let waited_at = Instant::now();
         let flags_checked = flag_check.wait();
         tracing::debug!(
             waited_ms = waited_at.elapsed().as_secs_f64() * 1e3,
             "flags checked"
         );
-        match flags_checked {
+        let checked = prepared
+            .map_err(JobError::from)
+            .and(flags_checked.map_err(JobError::from));
+        match checked {
             Ok(mut readings) => {
                 readings.extend(captured.take_readings());
                 self.known_flags.replace(readings);
@@ -904,7 +910,7 @@ impl Supervisor {
                 if let Some(f) = frozen.take() {
                     f.thaw(&captured.insns)?;
                 }
-                return Err(e.into());
+                return Err(e);
             }
         }
         let (generation, path, memory_bytes) = match writer.finish_carrying(manifest) {
