@@ -61,6 +61,16 @@ impl std::hash::Hasher for BlobHasher {
 /// Builds [`BlobHasher`]s.
 pub type BuildBlobHasher = std::hash::BuildHasherDefault<BlobHasher>;
 
+/// Appends a record of `size` bytes per item of `items`, each filled in place by `put`
+/// (not field by field at the end of `out`: the index has a record per page).
+fn put_records<T>(out: &mut Vec<u8>, items: &[T], size: usize, put: impl Fn(&T, &mut [u8])) {
+    let at = out.len();
+    out.resize(at + items.len() * size, 0);
+    for (item, rec) in items.iter().zip(out[at..].chunks_exact_mut(size)) {
+        put(item, rec);
+    }
+}
+
 /// One compressed frame of a pack file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame {
@@ -182,22 +192,22 @@ impl ChunkIndex {
         let crc_at = out.len();
         out.extend_from_slice(&[0; 4]);
         let records = out.len();
-        for f in &self.frames {
-            out.extend_from_slice(&f.pack.to_le_bytes());
-            out.extend_from_slice(&u32::from(f.zstd).to_le_bytes());
-            out.extend_from_slice(&f.offset.to_le_bytes());
-            out.extend_from_slice(&f.stored_len.to_le_bytes());
-            out.extend_from_slice(&f.raw_len.to_le_bytes());
-        }
-        for b in &self.blobs {
-            out.extend_from_slice(&b.frame.to_le_bytes());
-            out.extend_from_slice(&b.start.to_le_bytes());
-            out.extend_from_slice(&b.len.to_le_bytes());
-            out.extend_from_slice(&b.hash);
-        }
-        for s in &self.starts {
-            out.extend_from_slice(&s.to_le_bytes());
-        }
+        put_records(out, &self.frames, FRAME_RECORD, |f, rec| {
+            rec[..4].copy_from_slice(&f.pack.to_le_bytes());
+            rec[4..8].copy_from_slice(&u32::from(f.zstd).to_le_bytes());
+            rec[8..16].copy_from_slice(&f.offset.to_le_bytes());
+            rec[16..20].copy_from_slice(&f.stored_len.to_le_bytes());
+            rec[20..].copy_from_slice(&f.raw_len.to_le_bytes());
+        });
+        put_records(out, &self.blobs, BLOB_RECORD, |b, rec| {
+            rec[..4].copy_from_slice(&b.frame.to_le_bytes());
+            rec[4..8].copy_from_slice(&b.start.to_le_bytes());
+            rec[8..12].copy_from_slice(&b.len.to_le_bytes());
+            rec[12..].copy_from_slice(&b.hash);
+        });
+        put_records(out, &self.starts, CHUNK_RECORD, |s, rec| {
+            rec.copy_from_slice(&s.to_le_bytes());
+        });
         let crc = crc32c::crc32c(&out[records..]);
         out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
     }
