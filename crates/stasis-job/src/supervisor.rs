@@ -128,6 +128,10 @@ pub struct Supervisor {
     /// What the last checkpoint's writer left for the next one (its generation's index and
     /// blobs), so that it need not read them back; being put in shape on the helper thread.
     carried: Option<stasis_core::helper::Beside<Carried>>,
+    /// The buffers the next cut copies into, being backed on the helper thread after the
+    /// last checkpoint: waited for before the next freeze (the helper reads smaps while
+    /// the job stands frozen).
+    copy_buffers: Option<stasis_core::helper::Beside<()>>,
     /// The mapping flags the last checkpoint read, carried to the next one.
     known_flags: KnownFlags,
 }
@@ -390,6 +394,7 @@ impl Supervisor {
             memory,
             lazy_failure: None,
             carried: None,
+            copy_buffers: None,
             known_flags: KnownFlags::default(),
             spec,
         })
@@ -778,6 +783,9 @@ impl Supervisor {
             self.spec.compression,
             self.carried.take().and_then(|c| c.wait()),
         )?;
+        if let Some(backed) = self.copy_buffers.take() {
+            backed.wait();
+        }
         let begun_ms = t0.elapsed().as_secs_f64() * 1e3;
         // A checkpoint that would read all of a large process's memory reads most of it
         // first, while the job runs: the cut then reads only what changed meanwhile.
@@ -921,9 +929,9 @@ impl Supervisor {
                 self.carried = Some(stasis_core::helper::beside(move || to_carry.carry()));
                 if !kill && self.tracking.is_some() {
                     // Then the buffers the next cut copies into, backed before it freezes
-                    // the job: the result is not waited for.
+                    // the job.
                     let bounds = std::mem::take(&mut captured.copy_bounds);
-                    drop(stasis_core::helper::beside(move || {
+                    self.copy_buffers = Some(stasis_core::helper::beside(move || {
                         stasis_core::capture::keep_copy_buffers(&bounds);
                     }));
                 }
