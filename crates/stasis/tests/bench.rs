@@ -1,5 +1,6 @@
 //! `stasis bench` measures real checkpoints and restarts of its workload and writes a
-//! table, JSON and an SVG chart (figures are reported, never asserted).
+//! table, JSON and an SVG chart (figures are reported, never asserted); a workload larger
+//! than the machine is skipped with the reason.
 
 mod common;
 
@@ -13,7 +14,7 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
     let out = env.ok(&[
         "bench",
         "--sizes",
-        "8,16",
+        "8,16,100000000",
         "--extra-size",
         "8",
         "--dir",
@@ -55,6 +56,18 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
             "the image was dropped from the page cache before restarts: {r}"
         );
     }
+    // 95 TiB fits no machine: said so, not tried.
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{report}");
+    assert_eq!(skipped[0]["mib"], 100000000, "{report}");
+    assert!(
+        skipped[0]["why"]
+            .as_str()
+            .unwrap()
+            .contains("MiB of memory"),
+        "{report}"
+    );
+    assert!(out.contains("skipped: 100000000 MiB random x1"), "{out}");
     let random = rows.iter().find(|r| r["mib"] == 16).unwrap();
     assert!(
         random["memory_bytes"].as_u64().unwrap() >= 16 << 20,

@@ -24,7 +24,7 @@ use stasis_job::paths;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Memory sizes in MiB of the single-process random workloads.
-    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [64u64, 256, 1024])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [64u64, 256, 1024, 4096])]
     sizes: Vec<u64>,
     /// Size in MiB of the extra workloads: compressible, sparse, and a 4-process job.
     #[arg(long, default_value_t = 256)]
@@ -292,6 +292,38 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
     result
 }
 
+/// Why workload `c` cannot be measured on this machine, if it cannot: it needs its memory
+/// and a quarter more of what the kernel counts available (the job, then its restarts, one
+/// at a time), and three times its size free in `dir` (the image, its copy by `dd`, the
+/// later generations).
+fn wont_fit(c: &Case, dir: &Path) -> Option<String> {
+    let mib = |bytes: u64| bytes >> 20;
+    let need = c.mib << 20;
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())?
+        * 1024;
+    if need + need / 4 > available {
+        return Some(format!(
+            "needs {} MiB of memory, {} MiB available",
+            mib(need + need / 4),
+            mib(available)
+        ));
+    }
+    let fs = nix::sys::statvfs::statvfs(dir).ok()?;
+    let free = fs.blocks_available() * fs.fragment_size();
+    (3 * need > free).then(|| {
+        format!(
+            "needs {} MiB free in {}, {} MiB free",
+            mib(3 * need),
+            dir.display(),
+            mib(free)
+        )
+    })
+}
+
 /// Milliseconds to copy `bytes` into memory this process never had, each page faulted in
 /// fresh: what filling a restored job's memory costs at the least, whatever the disk.
 fn fill_fresh_memory(bytes: u64) -> f64 {
@@ -453,8 +485,17 @@ pub fn run(a: Args, json_out: bool) -> Result<i32> {
         });
     }
     let mut rows = Vec::new();
+    let mut skipped = Vec::new();
     let cpu_before = cpu_times();
     for c in &cases {
+        if let Some(why) = wont_fit(c, &base) {
+            eprintln!(
+                "stasis bench: {} MiB {} x{} skipped: {why}",
+                c.mib, c.pattern, c.procs
+            );
+            skipped.push(json!({"mib": c.mib, "pattern": c.pattern, "procs": c.procs, "why": why}));
+            continue;
+        }
         eprintln!("stasis bench: {} MiB {} x{} …", c.mib, c.pattern, c.procs);
         rows.push(measure(c, &base)?);
     }
@@ -468,6 +509,7 @@ pub fn run(a: Args, json_out: bool) -> Result<i32> {
             "steal_percent": steal,
         },
         "rows": rows,
+        "skipped": skipped,
     });
     std::fs::write(&a.json_out, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", a.json_out.display()))?;
@@ -477,6 +519,15 @@ pub fn run(a: Args, json_out: bool) -> Result<i32> {
         println!("{report}");
     } else {
         print!("{}", table(&rows));
+        for k in &skipped {
+            println!(
+                "skipped: {} MiB {} x{}: {}",
+                k["mib"],
+                k["pattern"].as_str().unwrap_or_default(),
+                k["procs"],
+                k["why"].as_str().unwrap_or_default()
+            );
+        }
         if let Some(steal) = steal {
             println!(
                 "CPU time taken by the hypervisor (steal) during the run: {steal:.1}% (figures are noisier the higher it is)"
