@@ -124,10 +124,56 @@ pub fn own_vdso_base() -> u64 {
     unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) }
 }
 
+/// Lets the kernel take back the whole pages of `buf` should memory run short
+/// (`MADV_FREE`), while keeping them as they are otherwise: a later write to a page still
+/// there costs no fault, one taken back reads as zeros and is faulted in afresh. For a
+/// buffer kept for later whose contents no longer matter. Whether the advice was taken.
+pub fn free_lazily(buf: &mut [u8]) -> bool {
+    const PAGE: usize = 4096;
+    let start = buf.as_mut_ptr();
+    let skip = start.align_offset(PAGE);
+    let len = buf.len().saturating_sub(skip) / PAGE * PAGE;
+    if skip >= buf.len() || len == 0 {
+        return false;
+    }
+    let Some(first) = std::ptr::NonNull::new(buf[skip..].as_mut_ptr().cast()) else {
+        return false;
+    };
+    // SAFETY: `[first, + len)` lies within `buf`, which we borrow mutably, so nothing else
+    // reads it meanwhile; the advice may turn its bytes into zeros, a valid value for `u8`,
+    // and changes nothing else.
+    unsafe { nix::sys::mman::madvise(first, len, nix::sys::mman::MmapAdvise::MADV_FREE) }.is_ok()
+}
+
 /// Copies `len` bytes of this process's own memory at `addr` (used for the vdso, which is
 /// always mapped readable).
 pub fn own_bytes(addr: u64, len: usize) -> Vec<u8> {
     // SAFETY: callers pass the range of a mapping that is readable for the process lifetime
     // (the vdso, as listed in /proc/self/maps).
     unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_freed_lazily_stays_usable() {
+        let mut buf = vec![7u8; 5 * 4096 + 100];
+        assert!(
+            free_lazily(&mut buf),
+            "a buffer of whole pages takes the advice"
+        );
+        // Without memory pressure the pages stay; taken back, they would read as zeros.
+        assert!(buf.iter().all(|&b| b == 7 || b == 0));
+        buf.fill(9);
+        assert!(
+            buf.iter().all(|&b| b == 9),
+            "written again, it holds what was written"
+        );
+        assert!(
+            !free_lazily(&mut [0u8; 100]),
+            "no whole page: nothing to advise"
+        );
+    }
 }

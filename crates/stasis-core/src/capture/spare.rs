@@ -8,7 +8,9 @@
 //! copied in 32 ms into fresh memory. A buffer given back once its pages are stored is
 //! kept, already backed, for the next cut: what a supervisor keeps is bounded by
 //! [`KEPT_BYTES`] and, as copies are made only when they are a small share of the process
-//! (`COPY_SHARE`), by that share of the job's memory.
+//! (`COPY_SHARE`), by that share of the job's memory. Between checkpoints the kernel may
+//! take the kept pages back should memory run short (`MADV_FREE`): they count against a
+//! memory limit only until it needs them.
 
 use std::sync::Mutex;
 
@@ -95,6 +97,14 @@ pub fn keep_ready(sizes: &[usize]) {
     // Made outside the lock: writing fresh memory takes a while.
     for s in missing {
         give_back(vec![1u8; s]);
+    }
+    // Kept, not held: memory running short takes them back (the next cut then faults in
+    // what it copies, as without them).
+    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    for b in kept.iter_mut() {
+        let len = b.capacity();
+        b.resize(len, 0);
+        stasis_sys::mem::free_lazily(b);
     }
 }
 
