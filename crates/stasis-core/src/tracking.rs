@@ -856,6 +856,21 @@ mod tests {
     }
 
     #[test]
+    fn spans_join_ranges_close_together_and_what_they_list_is_cut_back_to_the_ranges() {
+        let tracked = [(0, 10), (12, 20), (40, 50), (51, 60)];
+        assert_eq!(spans(&tracked, 2), vec![(0, 20), (40, 60)]);
+        assert_eq!(spans(&tracked, 100), vec![(0, 60)]);
+        assert_eq!(spans(&tracked, 0), tracked.to_vec());
+        // A scan of a span lists what lies between the ranges (an untracked mapping counts
+        // as written throughout): left out again.
+        let listed = [(5, 15), (20, 45), (55, 60)];
+        assert_eq!(
+            intersection(&listed, &tracked),
+            vec![(5, 10), (12, 15), (40, 45), (55, 60)]
+        );
+    }
+
+    #[test]
     fn outside_leaves_the_gaps_between_ranges() {
         let r = [(10, 20), (30, 40)];
         assert_eq!(outside(&r, 0, 50), vec![(0, 10), (20, 30), (40, 50)]);
