@@ -21,19 +21,35 @@ const KEPT_BUFFERS: usize = 8;
 
 static KEPT: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
+/// Takes out of `kept` the smallest buffer that holds `len` bytes, if one does.
+fn take_fitting(kept: &mut Vec<Vec<u8>>, len: usize) -> Option<Vec<u8>> {
+    let best = (0..kept.len())
+        .filter(|&i| kept[i].capacity() >= len)
+        .min_by_key(|&i| kept[i].capacity())?;
+    Some(kept.swap_remove(best))
+}
+
+/// Of `items`, largest first, those the limits allow ([`KEPT_BYTES`], [`KEPT_BUFFERS`]).
+fn within_limits<T>(mut items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<T> {
+    items.sort_unstable_by_key(|i| std::cmp::Reverse(size(i)));
+    let mut total = 0;
+    items.retain(|i| {
+        let fits = total + size(i) <= KEPT_BYTES;
+        if fits {
+            total += size(i);
+        }
+        fits
+    });
+    items.truncate(KEPT_BUFFERS);
+    items
+}
+
 /// A buffer of `len` bytes: the smallest kept one that holds them (its contents are
 /// whatever it held; the caller overwrites them), else a new one of zeros.
 pub(super) fn buffer(len: usize) -> Vec<u8> {
     let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
-    let best = kept
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| b.capacity() >= len)
-        .min_by_key(|(_, b)| b.capacity())
-        .map(|(i, _)| i);
-    match best {
-        Some(i) => {
-            let mut b = kept.swap_remove(i);
+    match take_fitting(&mut kept, len) {
+        Some(mut b) => {
             // Within the capacity: no new memory, at most a fill of what lies past `len`.
             b.resize(len, 0);
             b
@@ -50,57 +66,33 @@ pub(super) fn give_back(buf: Vec<u8>) {
     }
     let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
     kept.push(buf);
-    kept.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
-    let mut total = 0;
-    kept.retain(|b| {
-        let fits = total + b.capacity() <= KEPT_BYTES;
-        if fits {
-            total += b.capacity();
-        }
-        fits
-    });
-    kept.truncate(KEPT_BUFFERS);
+    let all = std::mem::take(&mut *kept);
+    *kept = within_limits(all, Vec::capacity);
 }
 
 /// Makes sure a buffer of each of `sizes` is kept, backed, for the next cut (those the
 /// limits allow, largest first): called while the job runs, after a checkpoint, with what
 /// the next cut may copy out of each process at most; a buffer not kept yet is made and
-/// written once.
+/// written once. Then all are marked free for the kernel to take back should memory run
+/// short (the next cut then faults in what it copies, as without them).
 pub fn keep_ready(sizes: &[usize]) {
-    let mut sizes: Vec<usize> = sizes.iter().copied().filter(|&s| s > 0).collect();
-    sizes.sort_unstable_by(|a, b| b.cmp(a));
-    let mut total = 0;
-    sizes.retain(|&s| {
-        let fits = total + s <= KEPT_BYTES;
-        if fits {
-            total += s;
-        }
-        fits
-    });
-    sizes.truncate(KEPT_BUFFERS);
-    let missing: Vec<usize> = {
-        let kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
-        let mut taken = vec![false; kept.len()];
+    let sizes = within_limits(sizes.iter().copied().filter(|&s| s > 0).collect(), |&s| s);
+    let found: Vec<Result<Vec<u8>, usize>> = {
+        let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
         sizes
             .into_iter()
-            .filter(|&s| {
-                let fit = (0..kept.len())
-                    .filter(|&i| !taken[i] && kept[i].capacity() >= s)
-                    .min_by_key(|&i| kept[i].capacity());
-                if let Some(i) = fit {
-                    taken[i] = true;
-                }
-                fit.is_none()
-            })
+            .map(|s| take_fitting(&mut kept, s).ok_or(s))
             .collect()
     };
     // Made outside the lock: writing fresh memory takes a while.
-    for s in missing {
-        give_back(vec![1u8; s]);
-    }
-    // Kept, not held: memory running short takes them back (the next cut then faults in
-    // what it copies, as without them).
+    let ready: Vec<Vec<u8>> = found
+        .into_iter()
+        .map(|f| f.unwrap_or_else(|s| vec![1u8; s]))
+        .collect();
     let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut all = std::mem::take(&mut *kept);
+    all.extend(ready);
+    *kept = within_limits(all, Vec::capacity);
     for b in kept.iter_mut() {
         let len = b.capacity();
         b.resize(len, 0);
@@ -128,8 +120,18 @@ mod tests {
         give_back(big);
         // More than the limit is not kept.
         give_back(vec![0u8; KEPT_BYTES + 1]);
-        let kept = KEPT.lock().unwrap();
-        assert!(kept.iter().map(Vec::capacity).sum::<usize>() <= KEPT_BYTES);
-        assert!(kept.len() <= KEPT_BUFFERS);
+        {
+            let kept = KEPT.lock().unwrap();
+            assert!(kept.iter().map(Vec::capacity).sum::<usize>() <= KEPT_BYTES);
+            assert!(kept.len() <= KEPT_BUFFERS);
+        }
+        // Made ready: a kept buffer of each size asked for, handed out without new memory.
+        keep_ready(&[7 * 4096, 4096]);
+        let ready = buffer(7 * 4096);
+        assert!(ready.capacity() >= 7 * 4096);
+        let at = ready.as_ptr();
+        give_back(ready);
+        let smaller = buffer(6 * 4096);
+        assert_eq!(smaller.as_ptr(), at, "the smallest that holds it");
     }
 }
