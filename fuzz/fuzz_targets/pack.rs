@@ -1,6 +1,6 @@
-//! Pack files: a pack file's header and one frame read through a frame record taken from
-//! the input itself (offset, lengths, compression flag). Never a panic, never an allocation
-//! sized by an unchecked field.
+//! Pack files: a pack file's header, its trailer of content addresses, and one frame read
+//! through a frame record taken from the input itself (offset, lengths, compression flag).
+//! Never a panic, never an allocation sized by an unchecked field.
 #![no_main]
 
 use std::io::Write;
@@ -28,6 +28,9 @@ fuzz_target!(|data: &[u8]| {
         .write_all(pack)
         .unwrap();
     if let Ok(mut reader) = PackReader::open(&path) {
+        if let Ok(hashes) = reader.hashes() {
+            let _ = hashes.of_frame(frame.offset);
+        }
         let _ = reader.read_frame(&frame);
     }
 });

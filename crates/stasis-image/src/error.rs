@@ -43,6 +43,16 @@ pub enum ImageError {
         /// How many bytes are missing at least.
         expected: u64,
     },
+    /// A pack does not end with its trailer: it was cut short, or its end overwritten.
+    #[error(
+        "{path}: truncated or overwritten: it ends at byte {len} without the trailer every finished pack ends with; the image is damaged"
+    )]
+    NoTrailer {
+        /// The pack.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
     /// Data does not match its checksum.
     #[error("{path}: checksum mismatch at offset {offset} ({what}): the image is damaged")]
     Corrupt {

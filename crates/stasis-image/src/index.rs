@@ -11,8 +11,13 @@
 //! unit the manifest refers to (a run of pages, a pipe's contents, …), is a sequence of
 //! blobs.
 //!
-//! The index is binary (it has one entry per page of saved memory) and follows the
-//! manifest's JSON body in the manifest file; its layout is in `docs/image-format.md`.
+//! The index is binary and follows the manifest's JSON body in the manifest file; its
+//! layout is in `docs/image-format.md`. It lists blobs as *runs* (one record for blobs that
+//! follow each other in one frame) and holds no content addresses: those lie with the data,
+//! in the trailer of the pack that first stored each blob ([`crate::pack::PackHashes`]),
+//! and are put back in place ([`ChunkIndex::attach_hashes`]) when a generation is opened.
+//! So a generation that changed 1% of a job's pages writes an index of about the size of
+//! what changed, not one record per page of the job (7 MB per GiB before).
 
 use crate::pack::MAX_CHUNK;
 
@@ -21,11 +26,14 @@ pub const BLOB_LEN: usize = 4096;
 /// Magic bytes that start the index section.
 pub const INDEX_MAGIC: &[u8; 8] = b"STASISCX";
 /// Length of the index section's header.
-pub const INDEX_HEADER: usize = 24;
-/// Largest index section the reader accepts (about 9 million blobs: 36 GiB of pages).
+pub const INDEX_HEADER: usize = 28;
+/// Largest index section the reader accepts.
 pub const MAX_INDEX: u64 = 256 << 20;
+/// Most blobs an index may list (256 GiB of pages), checked before anything is allocated
+/// for them.
+pub const MAX_BLOBS: u32 = 1 << 26;
 const FRAME_RECORD: usize = 24;
-const BLOB_RECORD: usize = 28;
+const RUN_RECORD: usize = 16;
 const CHUNK_RECORD: usize = 4;
 
 /// The content address of a blob: its XXH3-128 hash, little-endian.
@@ -95,7 +103,8 @@ pub struct Blob {
     pub start: u32,
     /// Length.
     pub len: u32,
-    /// Content address, checked on every read.
+    /// Content address, checked on every read (all zero in an index just decoded, until
+    /// [`ChunkIndex::attach_hashes`]).
     pub hash: BlobHash,
 }
 
@@ -175,18 +184,19 @@ impl ChunkIndex {
         out
     }
 
-    /// Like [`ChunkIndex::encode`], appended to `out` (one buffer, no copy of the records:
-    /// the index has one record per page of saved memory).
+    /// Like [`ChunkIndex::encode`], appended to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+        let runs = blob_runs(&self.blobs);
         out.reserve(
             INDEX_HEADER
                 + self.frames.len() * FRAME_RECORD
-                + self.blobs.len() * BLOB_RECORD
+                + runs.len() * RUN_RECORD
                 + self.starts.len() * CHUNK_RECORD,
         );
         out.extend_from_slice(INDEX_MAGIC);
         out.extend_from_slice(&count(self.frames.len()));
+        out.extend_from_slice(&count(runs.len()));
         out.extend_from_slice(&count(self.blobs.len()));
         out.extend_from_slice(&count(self.starts.len()));
         let crc_at = out.len();
@@ -199,11 +209,11 @@ impl ChunkIndex {
             rec[16..20].copy_from_slice(&f.stored_len.to_le_bytes());
             rec[20..].copy_from_slice(&f.raw_len.to_le_bytes());
         });
-        put_records(out, &self.blobs, BLOB_RECORD, |b, rec| {
-            rec[..4].copy_from_slice(&b.frame.to_le_bytes());
-            rec[4..8].copy_from_slice(&b.start.to_le_bytes());
-            rec[8..12].copy_from_slice(&b.len.to_le_bytes());
-            rec[12..].copy_from_slice(&b.hash);
+        put_records(out, &runs, RUN_RECORD, |r, rec| {
+            rec[..4].copy_from_slice(&r.frame.to_le_bytes());
+            rec[4..8].copy_from_slice(&r.start.to_le_bytes());
+            rec[8..12].copy_from_slice(&r.count.to_le_bytes());
+            rec[12..].copy_from_slice(&r.len.to_le_bytes());
         });
         put_records(out, &self.starts, CHUNK_RECORD, |s, rec| {
             rec.copy_from_slice(&s.to_le_bytes());
@@ -214,7 +224,8 @@ impl ChunkIndex {
 
     /// Decodes an index section, checking its size against `bytes` before allocating, its
     /// crc32c and every cross-reference (`packs` is the number of packs the manifest names).
-    /// `Err` says what is wrong and at which offset of the section.
+    /// The blobs' content addresses are left zero ([`ChunkIndex::attach_hashes`]). `Err`
+    /// says what is wrong and at which offset of the section.
     pub fn decode(bytes: &[u8], packs: usize) -> Result<ChunkIndex, (u64, String)> {
         if bytes.len() < INDEX_HEADER {
             return Err((0, "chunk index truncated".into()));
@@ -223,15 +234,22 @@ impl ChunkIndex {
             return Err((0, "chunk index: bad magic".into()));
         }
         let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
-        let (nframes, nblobs, nchunks, crc) = (word(8), word(12), word(16), word(20));
+        let (nframes, nruns, nblobs, nchunks, crc) =
+            (word(8), word(12), word(16), word(20), word(24));
         let need = nframes as u64 * FRAME_RECORD as u64
-            + nblobs as u64 * BLOB_RECORD as u64
+            + nruns as u64 * RUN_RECORD as u64
             + nchunks as u64 * CHUNK_RECORD as u64;
         let have = (bytes.len() - INDEX_HEADER) as u64;
         if need != have {
             return Err((
                 INDEX_HEADER as u64,
                 format!("chunk index announces {need} bytes of records but holds {have}"),
+            ));
+        }
+        if nblobs > MAX_BLOBS || nruns > nblobs {
+            return Err((
+                12,
+                format!("chunk index announces {nblobs} blobs in {nruns} runs"),
             ));
         }
         let records = &bytes[INDEX_HEADER..];
@@ -265,24 +283,40 @@ impl ChunkIndex {
             index.frames.push(f);
             at += FRAME_RECORD;
         }
-        for i in 0..nblobs {
-            let mut hash = [0u8; 16];
-            hash.copy_from_slice(&records[at + 12..at + 28]);
-            let b = Blob {
+        for i in 0..nruns {
+            let r = BlobRun {
                 frame: rword(at),
                 start: rword(at + 4),
-                len: rword(at + 8),
-                hash,
+                count: rword(at + 8),
+                len: rword(at + 12),
             };
             let frame = index
                 .frames
-                .get(b.frame as usize)
-                .ok_or_else(|| (at as u64, format!("blob {i} names frame {}", b.frame)))?;
-            if u64::from(b.start) + u64::from(b.len) > u64::from(frame.raw_len) {
-                return Err((at as u64, format!("blob {i} lies beyond its frame")));
+                .get(r.frame as usize)
+                .ok_or_else(|| (at as u64, format!("blob run {i} names frame {}", r.frame)))?;
+            let end = u64::from(r.start) + u64::from(r.count) * u64::from(r.len);
+            if r.count == 0 || r.len == 0 || end > u64::from(frame.raw_len) {
+                return Err((at as u64, format!("blob run {i} lies beyond its frame")));
             }
-            index.blobs.push(b);
-            at += BLOB_RECORD;
+            if index.blobs.len() as u64 + u64::from(r.count) > u64::from(nblobs) {
+                return Err((at as u64, format!("blob run {i} goes past {nblobs} blobs")));
+            }
+            index.blobs.extend((0..r.count).map(|k| Blob {
+                frame: r.frame,
+                start: r.start + k * r.len,
+                len: r.len,
+                hash: [0; 16],
+            }));
+            at += RUN_RECORD;
+        }
+        if index.blobs.len() != nblobs as usize {
+            return Err((
+                12,
+                format!(
+                    "chunk index announces {nblobs} blobs, its runs hold {}",
+                    index.blobs.len()
+                ),
+            ));
         }
         let mut previous = 0;
         for i in 0..nchunks {
@@ -300,5 +334,161 @@ impl ChunkIndex {
             }
         }
         Ok(index)
+    }
+
+    /// Puts each blob's content address in place, from `hashes_of(frame)`: the addresses of
+    /// the blobs a frame holds, in order (as its pack's trailer lists them; `None` for a
+    /// frame the trailer does not list). A frame's blobs follow each other from its start,
+    /// [`BLOB_LEN`] bytes each but the last; a blob that is not one of them is refused.
+    /// `Err` names the first blob without an address.
+    pub fn attach_hashes<'a>(
+        &mut self,
+        mut hashes_of: impl FnMut(&Frame) -> Option<&'a [BlobHash]>,
+    ) -> Result<(), usize> {
+        let mut last: Option<(u32, &'a [BlobHash])> = None;
+        for (i, b) in self.blobs.iter_mut().enumerate() {
+            let frame = self.frames.get(b.frame as usize).ok_or(i)?;
+            let hashes = match last {
+                Some((f, h)) if f == b.frame => h,
+                _ => {
+                    let h = hashes_of(frame).ok_or(i)?;
+                    last = Some((b.frame, h));
+                    h
+                }
+            };
+            let k = (b.start as usize) / BLOB_LEN;
+            let whole = (frame.raw_len - b.start.min(frame.raw_len)).min(BLOB_LEN as u32);
+            if !(b.start as usize).is_multiple_of(BLOB_LEN) || b.len != whole {
+                return Err(i);
+            }
+            b.hash = *hashes.get(k).ok_or(i)?;
+        }
+        Ok(())
+    }
+}
+
+/// Consecutive blobs of one frame, of one length, each right after the one before: one
+/// record of the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlobRun {
+    frame: u32,
+    start: u32,
+    count: u32,
+    len: u32,
+}
+
+/// `blobs` as runs ([`BlobRun`]), in order.
+fn blob_runs(blobs: &[Blob]) -> Vec<BlobRun> {
+    let mut runs: Vec<BlobRun> = Vec::new();
+    for b in blobs {
+        if let Some(r) = runs.last_mut()
+            && r.frame == b.frame
+            && r.len == b.len
+            && r.count < u32::MAX
+            && u64::from(r.start) + u64::from(r.count) * u64::from(r.len) == u64::from(b.start)
+        {
+            r.count += 1;
+            continue;
+        }
+        runs.push(BlobRun {
+            frame: b.frame,
+            start: b.start,
+            count: 1,
+            len: b.len,
+        });
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(frame: u32, start: u32, len: u32) -> Blob {
+        Blob {
+            frame,
+            start,
+            len,
+            hash: [0; 16],
+        }
+    }
+
+    fn sample() -> ChunkIndex {
+        let frame = |raw_len| Frame {
+            pack: 0,
+            offset: 16,
+            stored_len: raw_len,
+            raw_len,
+            zstd: false,
+        };
+        ChunkIndex {
+            frames: vec![frame(4 * 4096), frame(4096 + 100)],
+            // Two runs in frame 0 (a gap between), the short last blob of frame 1 on its own.
+            blobs: vec![
+                blob(0, 0, 4096),
+                blob(0, 4096, 4096),
+                blob(0, 3 * 4096, 4096),
+                blob(1, 0, 4096),
+                blob(1, 4096, 100),
+            ],
+            starts: vec![0, 3],
+        }
+    }
+
+    #[test]
+    fn blobs_in_runs_decode_back_the_same() {
+        let index = sample();
+        assert_eq!(blob_runs(&index.blobs).len(), 4);
+        let bytes = index.encode();
+        assert_eq!(
+            bytes.len(),
+            INDEX_HEADER + 2 * FRAME_RECORD + 4 * RUN_RECORD + 2 * 4
+        );
+        assert_eq!(ChunkIndex::decode(&bytes, 1), Ok(index));
+    }
+
+    #[test]
+    fn a_run_past_its_frame_or_more_blobs_than_announced_are_refused() {
+        let mut bytes = sample().encode();
+        // The first run's count (third word of the first run record): 5 pages in a 4-page
+        // frame.
+        let run = INDEX_HEADER + 2 * FRAME_RECORD;
+        bytes[run + 8..run + 12].copy_from_slice(&5u32.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[INDEX_HEADER..]);
+        bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+        let err = ChunkIndex::decode(&bytes, 1).unwrap_err();
+        assert!(err.1.contains("beyond its frame"), "{err:?}");
+        bytes[run + 8..run + 12].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[INDEX_HEADER..]);
+        bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+        let err = ChunkIndex::decode(&bytes, 1).unwrap_err();
+        assert!(err.1.contains("past 5 blobs"), "{err:?}");
+    }
+
+    #[test]
+    fn hashes_are_attached_by_place_in_the_frame_and_a_blob_off_the_grid_is_refused() {
+        let mut index = sample();
+        let h = |n: u8| [n; 16];
+        let f0 = [h(1), h(2), h(3), h(4)];
+        let f1 = [h(5), h(6)];
+        let mut frames_seen = 0;
+        index
+            .attach_hashes(|f| {
+                frames_seen += 1;
+                Some(if f.raw_len == 4 * 4096 {
+                    &f0[..]
+                } else {
+                    &f1[..]
+                })
+            })
+            .unwrap();
+        let got: Vec<u8> = index.blobs.iter().map(|b| b.hash[0]).collect();
+        assert_eq!(got, vec![1, 2, 4, 5, 6]);
+        assert_eq!(frames_seen, 2, "looked up once per run of one frame");
+        let mut shifted = sample();
+        shifted.blobs[1].start = 100;
+        assert_eq!(shifted.attach_hashes(|_| Some(&f0[..])), Err(1));
+        let mut unlisted = sample();
+        assert_eq!(unlisted.attach_hashes(|_| None), Err(0));
     }
 }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Format version of the manifest and page pack written by this build.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Regular files up to this size (1 MiB) get a content hash ([`FileId::blake3`]) at
 /// checkpoint time, checked at restart; larger ones are checked by size and mtime only.

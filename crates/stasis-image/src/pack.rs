@@ -1,10 +1,11 @@
 //! Pack files: compressed frames of new blobs, and the writer that deduplicates them.
 //!
-//! Layout: a 16-byte header (`STASISPK`, format version u32 LE, reserved u32), then frames.
-//! A frame is a 16-byte header (`CHNK`, stored length u32, raw length u32, flags u32 with bit 0
-//! = zstd) followed by the stored bytes. The generation's [`ChunkIndex`] says which blobs
-//! each frame holds and which frames make up each chunk; every blob is checked against its
-//! content address on every read.
+//! Layout: a 16-byte header (`STASISPK`, format version u32 LE, reserved u32), then frames,
+//! then the trailer. A frame is a 16-byte header (`CHNK`, stored length u32, raw length u32,
+//! flags u32 with bit 0 = zstd) followed by the stored bytes. The trailer lists the content
+//! address of every blob of every frame ([`PackHashes`]). A generation's [`ChunkIndex`] says
+//! which blobs of which frames make up each chunk; every blob is checked against its content
+//! address on every read.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -26,6 +27,12 @@ const FRAME_MAGIC: &[u8; 4] = b"CHNK";
 pub const HEADER_LEN: u64 = 16;
 /// Largest raw chunk or frame the format allows (a size cap for readers).
 pub const MAX_CHUNK: u32 = 16 << 20;
+/// Magic bytes that start the footer ending a pack.
+const TRAILER_MAGIC: &[u8; 8] = b"STASISHT";
+/// Length of the footer that ends a pack (see [`PackHashes`]).
+const FOOTER_LEN: u64 = 32;
+/// Length of a frame's record in the trailer.
+const TRAILER_FRAME: usize = 16;
 
 /// Whether frames are compressed when written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +200,8 @@ pub struct PackWriter {
     compressor: Option<Context<zstd::bulk::Compressor<'static>>>,
     /// Blobs stored ahead of the chunks that will use them ([`PackWriter::stage`]).
     staged: Vec<Blob>,
+    /// The content addresses of the blobs of the frames written so far, for the trailer.
+    hashes: PackHashes,
 }
 
 /// A zstd context kept for reuse (the crate's types do not implement `Debug`).
@@ -253,6 +262,7 @@ impl PackWriter {
             new_bytes: 0,
             compressor: None,
             staged: Vec::new(),
+            hashes: PackHashes::default(),
         })
     }
 
@@ -326,6 +336,7 @@ impl PackWriter {
         let fresh: &[u8] = fresh.as_deref().unwrap_or(&raw[..fresh_prefix]);
         if !fresh.is_empty() {
             let frame = u32::try_from(self.index.frames.len()).unwrap_or(u32::MAX - 1);
+            self.hashes.push_frame(self.offset, &fresh_hashes);
             self.write_frame(fresh)?;
             for b in &mut self.index.blobs[first_blob..] {
                 if b.frame == PENDING {
@@ -346,7 +357,22 @@ impl PackWriter {
     /// index.
     pub fn add_reused(&mut self, from: Reused, blobs: &[u32]) -> ImageResult<u32> {
         let first = self.index.blobs.len();
-        let added = self.append_reused(from, blobs);
+        let added = self.append_reused(from, blobs).and_then(|()| {
+            let size: u64 = self.index.blobs[first..]
+                .iter()
+                .map(|b| u64::from(b.len))
+                .sum();
+            match size > u64::from(MAX_CHUNK) {
+                true => Err(ImageError::TooLarge {
+                    path: self.path.clone(),
+                    what: "chunk",
+                    offset: self.offset,
+                    size,
+                    limit: u64::from(MAX_CHUNK),
+                }),
+                false => Ok(()),
+            }
+        });
         if added.is_err() {
             self.index.blobs.truncate(first);
         }
@@ -554,8 +580,11 @@ impl PackWriter {
         self.new_bytes
     }
 
-    /// Flushes and syncs the file; returns the index and the packs it names.
-    pub fn finish(self) -> ImageResult<Written> {
+    /// Writes the trailer, flushes and syncs the file; returns the index and the packs it
+    /// names.
+    pub fn finish(mut self) -> ImageResult<Written> {
+        let trailer_at = self.offset;
+        self.offset += self.hashes.write(&mut self.file, trailer_at)?;
         self.file.finish()?;
         crate::fault::point("pack-finished");
         Ok(Written {
@@ -579,6 +608,8 @@ pub struct PackReader {
     direct: Option<File>,
     /// The filesystem refused direct reads of it.
     direct_refused: bool,
+    /// Its trailer, once read ([`PackReader::hashes`]).
+    hashes: Option<PackHashes>,
 }
 
 impl PackReader {
@@ -616,7 +647,23 @@ impl PackReader {
             decompressor: None,
             direct: None,
             direct_refused: fault::armed_as("no-direct-io"),
+            hashes: None,
         })
+    }
+
+    /// The content addresses of the pack's blobs, from its trailer (read and checked at the
+    /// first call).
+    pub fn hashes(&mut self) -> ImageResult<&PackHashes> {
+        if self.hashes.is_none() {
+            let read = PackHashes::read(&self.file, &self.path, self.len)?;
+            self.hashes = Some(read);
+        }
+        Ok(self.hashes.as_ref().expect("read just above"))
+    }
+
+    /// The trailer, if [`PackReader::hashes`] read it.
+    pub fn hashes_read(&self) -> Option<&PackHashes> {
+        self.hashes.as_ref()
     }
 
     /// The pack opened again with `O_DIRECT` (at the first call); `None` where the
@@ -784,5 +831,146 @@ impl PackReader {
         // reading ahead of the frames that follow.
         let _ = stasis_sys::cache::drop_cached(&self.file, frame.offset, end - frame.offset);
         Ok(())
+    }
+}
+
+/// The trailer of a pack: the content address of every blob of every frame, so that an
+/// index need not repeat them for the blobs it shares with older generations.
+///
+/// Layout (at the end of the pack, after the last frame): for each frame in the order
+/// written, its offset (u64 LE), the index of its first address (u32) and its number of
+/// blobs (u32); then the addresses (16 bytes each); then a 32-byte footer: `STASISHT`, the
+/// number of frames (u32), the number of addresses (u32), the crc32c of everything from
+/// the first frame record on (u32), 0 (u32), and the offset of the first frame record (u64).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PackHashes {
+    /// Frame offsets, increasing.
+    offsets: Vec<u64>,
+    /// Index in `hashes` of each frame's first address, and one past the last frame's.
+    firsts: Vec<u32>,
+    hashes: Vec<BlobHash>,
+}
+
+impl PackHashes {
+    /// The addresses of the blobs of the frame at `offset`, in order; `None` for a frame
+    /// the pack does not hold.
+    pub fn of_frame(&self, offset: u64) -> Option<&[BlobHash]> {
+        let i = self.offsets.binary_search(&offset).ok()?;
+        let (a, b) = (self.firsts[i] as usize, self.firsts[i + 1] as usize);
+        self.hashes.get(a..b)
+    }
+
+    /// Adds the frame about to be written at `offset`, of blobs `hashes`.
+    fn push_frame(&mut self, offset: u64, hashes: &[BlobHash]) {
+        if self.firsts.is_empty() {
+            self.firsts.push(0);
+        }
+        self.offsets.push(offset);
+        self.hashes.extend_from_slice(hashes);
+        self.firsts
+            .push(u32::try_from(self.hashes.len()).unwrap_or(u32::MAX));
+    }
+
+    /// Appends the trailer to `file`, whose frames end at `at`; returns its length.
+    fn write(&self, file: &mut Sink, at: u64) -> ImageResult<u64> {
+        let mut records = Vec::with_capacity(self.offsets.len() * TRAILER_FRAME);
+        for (i, &offset) in self.offsets.iter().enumerate() {
+            records.extend_from_slice(&offset.to_le_bytes());
+            records.extend_from_slice(&self.firsts[i].to_le_bytes());
+            records.extend_from_slice(&(self.firsts[i + 1] - self.firsts[i]).to_le_bytes());
+        }
+        let hashes = self.hashes.as_flattened();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&records), hashes);
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+        let mut footer = Vec::with_capacity(FOOTER_LEN as usize);
+        footer.extend_from_slice(TRAILER_MAGIC);
+        footer.extend_from_slice(&count(self.offsets.len()));
+        footer.extend_from_slice(&count(self.hashes.len()));
+        footer.extend_from_slice(&crc.to_le_bytes());
+        footer.extend_from_slice(&0u32.to_le_bytes());
+        footer.extend_from_slice(&at.to_le_bytes());
+        file.write(&records)?;
+        file.write(hashes)?;
+        file.write(&footer)?;
+        Ok((records.len() + hashes.len() + footer.len()) as u64)
+    }
+
+    /// Reads and checks the trailer of the pack `file` (at `path`, `len` bytes long).
+    fn read(file: &File, path: &Path, len: u64) -> ImageResult<PackHashes> {
+        let corrupt = |offset: u64, what: &str| ImageError::Corrupt {
+            path: path.to_owned(),
+            offset,
+            what: format!("pack trailer: {what}"),
+        };
+        if len < HEADER_LEN + FOOTER_LEN {
+            return Err(ImageError::Truncated {
+                path: path.to_owned(),
+                offset: len,
+                expected: HEADER_LEN + FOOTER_LEN - len,
+            });
+        }
+        let footer_at = len - FOOTER_LEN;
+        let mut footer = [0u8; FOOTER_LEN as usize];
+        file.read_exact_at(&mut footer, footer_at)
+            .map_err(io(path))?;
+        if &footer[..8] != TRAILER_MAGIC {
+            return Err(ImageError::NoTrailer {
+                path: path.to_owned(),
+                len,
+            });
+        }
+        let word = |i: usize| u32::from_le_bytes(footer[i..i + 4].try_into().expect("4 bytes"));
+        let (frames, hashes, crc) = (word(8) as u64, word(12) as u64, word(16));
+        let at = u64::from_le_bytes(footer[24..32].try_into().expect("8 bytes"));
+        let size = frames * TRAILER_FRAME as u64 + hashes * 16;
+        if at < HEADER_LEN || at.checked_add(size) != Some(footer_at) {
+            return Err(corrupt(
+                footer_at,
+                "sizes do not add up to the pack's length",
+            ));
+        }
+        // The addresses are read straight into their table (16 MB at 4 GiB, on the way
+        // to a restarted job's first instruction): no copy.
+        let mut frame_records = vec![0u8; frames as usize * TRAILER_FRAME];
+        let mut out = PackHashes {
+            offsets: Vec::with_capacity(frames as usize),
+            firsts: Vec::with_capacity(frames as usize + 1),
+            hashes: vec![[0u8; 16]; hashes as usize],
+        };
+        file.read_exact_at(&mut frame_records, at)
+            .and_then(|()| {
+                let hashes_at = at + frame_records.len() as u64;
+                file.read_exact_at(out.hashes.as_flattened_mut(), hashes_at)
+            })
+            .map_err(io(path))?;
+        let crc_of =
+            crc32c::crc32c_append(crc32c::crc32c(&frame_records), out.hashes.as_flattened());
+        if crc_of != crc {
+            return Err(corrupt(at, "crc32c mismatch"));
+        }
+        out.firsts.push(0);
+        for (i, rec) in frame_records.chunks_exact(TRAILER_FRAME).enumerate() {
+            let offset = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"));
+            let first = u32::from_le_bytes(rec[8..12].try_into().expect("4 bytes"));
+            let count = u32::from_le_bytes(rec[12..16].try_into().expect("4 bytes"));
+            let previous = out.offsets.last().copied().unwrap_or(0);
+            let next = u64::from(first) + u64::from(count);
+            if offset < HEADER_LEN.max(previous + 1)
+                || offset >= at
+                || Some(&first) != out.firsts.last()
+                || next > hashes
+            {
+                return Err(corrupt(
+                    at + (i * TRAILER_FRAME) as u64,
+                    &format!("frame record {i}"),
+                ));
+            }
+            out.offsets.push(offset);
+            out.firsts.push(next as u32);
+        }
+        if u64::from(*out.firsts.last().expect("one at least")) != hashes {
+            return Err(corrupt(at, "frames do not account for every address"));
+        }
+        Ok(out)
     }
 }

@@ -231,10 +231,12 @@ fn truncation_is_reported() {
         .unwrap()
         .set_len(len - 10)
         .unwrap();
-    assert!(matches!(
-        verify(&dir).unwrap_err(),
-        ImageError::Truncated { .. }
-    ));
+    // Its end is the trailer of content addresses: missing, it is named.
+    let err = verify(&dir).unwrap_err();
+    assert!(
+        matches!(&err, ImageError::NoTrailer { path, .. } if *path == pack),
+        "{err}"
+    );
     let man = dir.join(MANIFEST_FILE);
     let mlen = std::fs::metadata(&man).unwrap().len();
     std::fs::OpenOptions::new()
@@ -792,11 +794,12 @@ fn damage_in_a_frame_read_ahead_is_reported() {
         );
         flip(&pack, frame.offset as usize + at);
     }
-    // A pack cut short: the read ahead comes back short, and the reading reports it.
+    // A pack cut short once open: the read ahead comes back short, and the reading
+    // reports it.
     let frame = frame_of(&m, 9);
+    let mut g = OpenGeneration::open(&dir).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
     f.set_len(frame.offset + 16 + 1000).unwrap();
-    let mut g = OpenGeneration::open(&dir).unwrap();
     g.read_ahead(9);
     let err = g.chunk(9).unwrap_err();
     assert!(
@@ -941,4 +944,91 @@ fn a_prepared_generation_is_in_place_only_once_finished() {
             .generation,
         3
     );
+}
+
+/// An incremental generation lists the blobs it shares as runs, without their content
+/// addresses (those lie in the trailer of the pack that holds them): after 1% of 4096 pages
+/// changed, its manifest is a small fraction of the 28 bytes per page it took before; both
+/// generations read back whole, and the older one can go.
+#[test]
+fn an_incremental_index_is_about_the_size_of_what_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    let pages = 4096;
+    let data = noise(pages * 4096, 5);
+    let mut w = GenerationWriter::begin(&job, Compression::None).unwrap();
+    // Stored as a pre-copy does: frames of 256 pages.
+    for part in data.chunks(256 * 4096) {
+        w.pack().stage(part).unwrap();
+    }
+    let mut runs = Vec::new();
+    for first in (0..pages as u32).step_by(1024) {
+        let blobs: Vec<u32> = (first..first + 1024).collect();
+        runs.push(w.pack().add_reused(Reused::Staged, &blobs).unwrap());
+    }
+    let (_, gen1) = w.finish(&mut manifest(runs[0])).unwrap();
+    let full_manifest = std::fs::metadata(gen1.join(MANIFEST_FILE)).unwrap().len();
+    // 1% of the pages changed, one here and there: each breaks a run of base blobs.
+    let mut changed = data.clone();
+    let mut w = GenerationWriter::begin(&job, Compression::None).unwrap();
+    let mut chunks = Vec::new();
+    let mut from = 0u32;
+    for k in (0..pages as u32).step_by(100) {
+        let page = &mut changed[k as usize * 4096..(k as usize + 1) * 4096];
+        page[..8].copy_from_slice(&u64::from(k).to_le_bytes());
+        page[8] ^= 0xff;
+        if k > from {
+            chunks.push(
+                w.pack()
+                    .add_reused(Reused::Base, &(from..k).collect::<Vec<_>>())
+                    .unwrap(),
+            );
+        }
+        chunks.push(w.pack().add(page).unwrap());
+        from = k + 1;
+    }
+    chunks.push(
+        w.pack()
+            .add_reused(Reused::Base, &(from..pages as u32).collect::<Vec<_>>())
+            .unwrap(),
+    );
+    let (_, gen2) = w.finish(&mut manifest(chunks[0])).unwrap();
+    let incremental = std::fs::metadata(gen2.join(MANIFEST_FILE)).unwrap().len();
+    let per_page_before = 28 * pages as u64;
+    assert!(
+        incremental < per_page_before / 4 && full_manifest < per_page_before / 20,
+        "manifests: {full_manifest} and {incremental} bytes for {pages} pages"
+    );
+    let mut g = OpenGeneration::open(&gen2).unwrap();
+    let all: Vec<u8> = chunks.iter().flat_map(|&c| g.chunk(c).unwrap()).collect();
+    assert!(
+        all == changed,
+        "the incremental generation reads back as the changed data"
+    );
+    stasis_image::generation::remove_generation(&job, 1).unwrap();
+    stasis_image::generation::collect_garbage(&job).unwrap();
+    let v = verify(&gen2).unwrap();
+    assert_eq!(v.raw_bytes, data.len() as u64);
+}
+
+/// The content addresses of a pack's blobs are checked when a generation is opened: a
+/// damaged byte among them, or in the trailer's frame records, is reported with the pack.
+#[test]
+fn damage_in_a_packs_trailer_names_the_pack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dir, _) = write_generation(&tmp.path().join("job"));
+    let pack = own_pack(&dir);
+    let len = std::fs::metadata(&pack).unwrap().len() as usize;
+    // The last address, the first frame record (its offset), and the footer's frame count.
+    for at in [len - 32 - 3, len - 32 - 16 - 16 * 4, len - 24] {
+        flip(&pack, at);
+        let err = OpenGeneration::open(&dir).unwrap_err();
+        assert!(
+            matches!(&err, ImageError::Corrupt { path, what, .. }
+                if *path == pack && what.contains("trailer")),
+            "byte {at} of {len}: {err}"
+        );
+        flip(&pack, at);
+    }
+    OpenGeneration::open(&dir).unwrap();
 }

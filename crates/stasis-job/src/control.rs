@@ -109,7 +109,8 @@ pub struct CheckpointReport {
     pub total_ms: f64,
     /// Bytes of page data captured (raw).
     pub memory_bytes: u64,
-    /// Bytes written to the pack.
+    /// Bytes the checkpoint wrote: its pack (page data and the trailer of content
+    /// addresses) and its manifest (with the chunk index).
     pub stored_bytes: u64,
     /// Bytes of private memory that write tracking knew unchanged since the generation
     /// this one builds on: not read again, only referenced (pages zero there and still

@@ -145,7 +145,7 @@ pub fn checkpoint_pid(spec: &JobSpec, pid: i32, kill: bool) -> JobResult<Checkpo
         frozen_ms,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         memory_bytes: manifest.chunks.raw_bytes(),
-        stored_bytes: manifest.chunks.stored_bytes_in(0) + stasis_image::pack::HEADER_LEN,
+        stored_bytes: stasis_image::generation::generation_size(&path),
         unchanged_bytes: 0,
         copied_bytes: 0,
         precopied_bytes: 0,

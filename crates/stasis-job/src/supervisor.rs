@@ -895,10 +895,10 @@ impl Supervisor {
             },
             &mut captured,
         );
-        let stored_bytes = writer.pack().bytes_written();
         // Written and synced while the flags are checked (smaps read again, on the helper
         // thread); put in place only once they are.
         let prepared = writer.prepare(&mut manifest);
+        let stored_bytes = writer.written_bytes();
         let waited_at = Instant::now();
         let flags_checked = flag_check.wait();
         tracing::debug!(

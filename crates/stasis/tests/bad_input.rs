@@ -215,7 +215,7 @@ fn truncated_pack_is_detected() {
         &[
             pack.to_str().unwrap(),
             "truncated",
-            &format!("offset {half}"),
+            &format!("ends at byte {half}"),
         ],
     );
     let text = fails_clean(&env, &["restart", &bad]);
