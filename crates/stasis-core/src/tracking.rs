@@ -32,7 +32,7 @@ use std::fs::File;
 use stasis_image::pack::{Base, BaseMemory, Reused};
 use stasis_sys::inject::Injector;
 use stasis_sys::process::{pidfd_getfd, pidfd_open};
-use stasis_sys::uffd::{self, USERFAULTFD_FLAGS, WriteTracker, written_ranges};
+use stasis_sys::uffd::{self, USERFAULTFD_FLAGS, WriteTracker, WrittenRange, written_ranges};
 use stasis_sys::{Errno, SysError};
 
 use crate::proc::MapEntry;
@@ -105,6 +105,9 @@ pub struct Unchanged {
     /// Where the blobs `base` names lie: the base generation's, or the writer's staged
     /// ones (a pre-copy of this very cut).
     reused: Reused,
+    /// What the written ranges held at the cut, as its scan found them (sorted, disjoint;
+    /// ranges carried from earlier cuts are not in it).
+    states: Vec<WrittenRange>,
 }
 
 fn contains(ranges: &[(u64, u64)], addr: u64) -> bool {
@@ -128,6 +131,16 @@ impl Unchanged {
             t: self.tracked.partition_point(|r| r.1 <= addr),
             w: self.written.partition_point(|r| r.1 <= addr),
             b: self.base.runs.partition_point(|r| r.1 <= addr),
+        }
+    }
+
+    /// Lookups of what written pages held at the cut, at increasing addresses from `addr`
+    /// on: in memory, swapped out, or nothing (as pagemap would tell of the frozen process,
+    /// without reading it page after page).
+    pub fn states(&self, addr: u64) -> States<'_> {
+        States {
+            s: &self.states,
+            i: self.states.partition_point(|r| r.end <= addr),
         }
     }
 
@@ -175,6 +188,24 @@ impl Unchanged {
             })
             .sum();
         self.tracked_pages() - overlap / PAGE
+    }
+}
+
+/// Lookups of [`Unchanged::states`] at increasing addresses.
+#[derive(Debug)]
+pub struct States<'a> {
+    s: &'a [WrittenRange],
+    i: usize,
+}
+
+impl States<'_> {
+    /// The range of written pages holding `addr` and its state at the cut, if the cut's
+    /// scan saw it; `addr` must not be below the previous one's.
+    pub fn at(&mut self, addr: u64) -> Option<WrittenRange> {
+        while self.s.get(self.i).is_some_and(|r| r.end <= addr) {
+            self.i += 1;
+        }
+        self.s.get(self.i).filter(|r| r.start <= addr).copied()
     }
 }
 
@@ -377,7 +408,11 @@ impl WriteTracking {
         let since = |t: &Self| t.processes.get(&pid).and_then(|t| t.since.clone());
         let before = since(self);
         let precopy = self.precopies.remove(&pid);
-        let (tracked, mut written) = match self.track(pid, maps, inj, Protect::No) {
+        let scanned = self.register(pid, maps, inj).and_then(|tracked| {
+            let (written, states) = written_and_states(pid, &tracked)?;
+            Ok((tracked, written, states))
+        });
+        let (tracked, mut written, states) = match scanned {
             Ok(x) => x,
             Err(e) => {
                 self.give_up(pid, &e);
@@ -410,6 +445,7 @@ impl WriteTracking {
             written: normalized(written),
             base,
             reused,
+            states,
         }
     }
 
@@ -682,6 +718,9 @@ pub(crate) enum Protect {
     All,
 }
 
+/// Written ranges, and the same as ranges of one state each ([`written_and_states`]).
+type WrittenAndStates = (Vec<(u64, u64)>, Vec<WrittenRange>);
+
 /// The pages of `ranges` of process `pid` written since they were last protected (or never
 /// protected), protected again in the same pass as `protect` says; with
 /// [`Protect::Existing`], only those that exist, which it protected, are listed.
@@ -720,6 +759,49 @@ pub(crate) fn written_in(
         }
     }
     Ok(written)
+}
+
+/// The pages of `ranges` of process `pid` written since they were last protected (or never
+/// protected), without protecting them: as ranges, and as ranges of one state each (in
+/// memory, swapped out, or not there), from one scan per span of ranges close together.
+fn written_and_states(pid: i32, ranges: &[(u64, u64)]) -> Result<WrittenAndStates, SysError> {
+    let path = format!("/proc/{pid}/pagemap");
+    let pagemap =
+        File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
+    let ranges = normalized(ranges.to_vec());
+    let mut states = Vec::new();
+    for (start, end) in spans(&ranges, SCAN_ACROSS) {
+        states.extend(uffd::written_states(&pagemap, pid, start, end)?);
+    }
+    let states = clipped(&states, &ranges);
+    let written = normalized(states.iter().map(|r| (r.start, r.end)).collect());
+    Ok((written, states))
+}
+
+/// The parts of `states` (sorted, disjoint) inside `ranges` (sorted, disjoint), each with
+/// its state.
+fn clipped(states: &[WrittenRange], ranges: &[(u64, u64)]) -> Vec<WrittenRange> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < states.len() && j < ranges.len() {
+        let (s, e) = (
+            states[i].start.max(ranges[j].0),
+            states[i].end.min(ranges[j].1),
+        );
+        if s < e {
+            out.push(WrittenRange {
+                start: s,
+                end: e,
+                ..states[i]
+            });
+        }
+        if states[i].end < ranges[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
 }
 
 /// The widest gap between two ranges that one listing scan covers both across (what lies
@@ -922,6 +1004,7 @@ mod tests {
             written,
             base: BaseMemory { runs },
             reused: Reused::Base,
+            states: Vec::new(),
         }
     }
 
@@ -996,6 +1079,36 @@ mod tests {
     }
 
     #[test]
+    fn states_are_clipped_to_the_tracked_ranges_and_looked_up_in_order() {
+        let state = |start, end, present| WrittenRange {
+            start,
+            end,
+            present,
+            swapped: false,
+        };
+        // A span scanned across two tracked ranges: what lies between is left out.
+        let scanned = [state(0x1000, 0x5000, true), state(0x5000, 0x9000, false)];
+        let tracked = [(0x2000, 0x4000), (0x6000, 0xa000)];
+        let states = clipped(&scanned, &tracked);
+        assert_eq!(
+            states,
+            vec![state(0x2000, 0x4000, true), state(0x6000, 0x9000, false)]
+        );
+        let u = Unchanged {
+            tracked: tracked.to_vec(),
+            written: vec![(0x2000, 0x4000), (0x6000, 0x9000)],
+            states,
+            ..Unchanged::default()
+        };
+        let mut s = u.states(0x1000);
+        assert_eq!(s.at(0x1000), None);
+        assert!(s.at(0x3000).is_some_and(|r| r.present));
+        assert_eq!(s.at(0x4000), None, "between the ranges");
+        assert!(s.at(0x8000).is_some_and(|r| !r.present && !r.swapped));
+        assert_eq!(s.at(0x9000), None, "written before, not by the cut's scan");
+    }
+
+    #[test]
     fn a_lookup_names_the_base_blob_of_the_page() {
         let u = Unchanged {
             tracked: vec![(0x10000, 0x20000)],
@@ -1004,6 +1117,7 @@ mod tests {
                 runs: vec![(0x10000, 0x14000, 7)],
             },
             reused: Reused::Base,
+            states: Vec::new(),
         };
         assert_eq!(u.lookup(0x10000), Some(Some(7)));
         assert_eq!(u.lookup(0x11000), Some(Some(8)));

@@ -163,6 +163,45 @@ pub fn written_ranges(
     ranges_in(pagemap, pid, (start, end), (PAGE_IS_WRITTEN, 0), protect)
 }
 
+/// A range of pages [`written_states`] found written, all in one state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenRange {
+    /// First page.
+    pub start: u64,
+    /// End of the last page.
+    pub end: u64,
+    /// In memory.
+    pub present: bool,
+    /// Swapped out (or another entry that is not a page, as pagemap's `PM_SWAP` says);
+    /// neither this nor `present`: no page (never touched, or dropped since).
+    pub swapped: bool,
+}
+
+/// Like [`written_ranges`] without protecting, telling apart the pages that are in memory,
+/// swapped out, or not there at all (in the same pass: the scan looks at every page
+/// table entry of a range it lists anyway).
+pub fn written_states(
+    pagemap: &File,
+    pid: i32,
+    start: u64,
+    end: u64,
+) -> SysResult<Vec<WrittenRange>> {
+    let want = Categories {
+        all_of: PAGE_IS_WRITTEN,
+        any_of: 0,
+        shown: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+    };
+    Ok(scan(pagemap, pid, (start, end), want, false)?
+        .into_iter()
+        .map(|r| WrittenRange {
+            start: r.start,
+            end: r.end,
+            present: r.categories & PAGE_IS_PRESENT != 0,
+            swapped: r.categories & PAGE_IS_SWAPPED != 0,
+        })
+        .collect())
+}
+
 /// Write-protects the pages of `[start, end)` written since they were last protected that
 /// exist (present or swapped out), through `pagemap`, in a range registered with a tracker;
 /// returns their ranges. Pages never touched are left unprotected, with no marker, and

@@ -6,12 +6,12 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use stasis_image::manifest::{Advice, PageRun, SharedMemory, Vma, VmaKind};
 use stasis_image::pack::{PackWriter, Reused};
 use stasis_sys::mem;
-use stasis_sys::uffd;
+use stasis_sys::uffd::{self, WrittenRange};
 
 use super::content::{FileContents, Found};
 use crate::error::{CoreError, CoreResult, io_err};
 use crate::proc::{self, MapEntry};
-use crate::tracking::{Cursor, Unchanged};
+use crate::tracking::{Cursor, States, Unchanged};
 
 const PAGE: u64 = 4096;
 /// Pages per chunk of saved memory (1 MiB).
@@ -183,6 +183,9 @@ fn walk_pages(
     // are looked at by a scan that skips what has no page tables.
     let scannable = m.inode == 0 && !m.shared && !matches!(source, Source::Copied(_));
     let addr_of = |i: usize| m.start + i as u64 * PAGE;
+    // What the written pages held at the cut, as its scan saw them: the frozen process
+    // itself is read (not a snapshot of it), so pagemap would tell the same.
+    let mut states = matches!(source, Source::Live).then(|| unchanged.states(m.start));
     let mut unchanged = unchanged.cursor(m.start);
     let mut i = 0;
     // Where the stretch of pages to read (not known unchanged) that page `i` is in ends:
@@ -190,7 +193,14 @@ fn walk_pages(
     let mut stop = 0;
     let page_of =
         |addr: u64| usize::try_from((addr.max(m.start) - m.start) / PAGE).unwrap_or(pages);
-    let entry = |pagemap: &mut PagemapWindow, i: usize, stop: usize| -> CoreResult<u64> {
+    let entry = |pagemap: &mut PagemapWindow,
+                 states: &mut Option<States<'_>>,
+                 i: usize,
+                 stop: usize|
+     -> CoreResult<u64> {
+        if let Some(state) = states.as_mut().and_then(|s| s.at(addr_of(i))) {
+            return Ok(state_entry(&state));
+        }
         match source {
             Source::Copied(c) => Ok(if c.contains(addr_of(i)) {
                 PM_PRESENT
@@ -218,6 +228,15 @@ fn walk_pages(
             }
         };
         next_stop(&unchanged, i, &mut stop);
+        // Written pages the cut found not there (never touched, or dropped): none to read.
+        if let Some(absent) = states
+            .as_mut()
+            .and_then(|s| s.at(addr_of(i)))
+            .filter(|s| !s.present && !s.swapped)
+        {
+            i = page_of(absent.end).clamp(i + 1, stop);
+            continue;
+        }
         if scannable {
             let next = pagemap.absent_until(i, stop)?;
             if next > i {
@@ -225,10 +244,14 @@ fn walk_pages(
                 continue;
             }
         }
-        let want = |pagemap: &mut PagemapWindow, i: usize, stop: usize| -> CoreResult<bool> {
-            Ok(wanted(entry(pagemap, i, stop)?) && !skip(base(addr_of(i))))
+        let want = |pagemap: &mut PagemapWindow,
+                    states: &mut Option<States<'_>>,
+                    i: usize,
+                    stop: usize|
+         -> CoreResult<bool> {
+            Ok(wanted(entry(pagemap, states, i, stop)?) && !skip(base(addr_of(i))))
         };
-        if !want(&mut pagemap, i, stop)? {
+        if !want(&mut pagemap, &mut states, i, stop)? {
             i += 1;
             continue;
         }
@@ -236,7 +259,7 @@ fn walk_pages(
         i += 1;
         while i < pages && i - start < RUN_PAGES && unchanged.at(addr_of(i)).is_none() {
             next_stop(&unchanged, i, &mut stop);
-            if !want(&mut pagemap, i, stop)? {
+            if !want(&mut pagemap, &mut states, i, stop)? {
                 break;
             }
             i += 1;
@@ -244,6 +267,15 @@ fn walk_pages(
         run(addr_of(start), i - start)?;
     }
     Ok(())
+}
+
+/// The pagemap entry bits ([`PM_PRESENT`], [`PM_SWAPPED`]) of a page in `state`.
+fn state_entry(state: &WrittenRange) -> u64 {
+    match (state.present, state.swapped) {
+        (true, _) => PM_PRESENT,
+        (false, true) => PM_SWAPPED,
+        (false, false) => 0,
+    }
 }
 
 /// Reads `data.len()` bytes at `addr` of process `pid` from `source`.
