@@ -247,6 +247,9 @@ fn attach_hashes(index: &mut ChunkIndex, packs: &mut [PackReader]) -> ImageResul
             .hashes_read()?
             .of_frame(f.offset)
     });
+    for pack in packs.iter_mut() {
+        pack.forget_hashes();
+    }
     attached.map_err(|blob| {
         let frame = index
             .blobs

@@ -246,7 +246,10 @@ impl ChunkIndex {
                 format!("chunk index announces {need} bytes of records but holds {have}"),
             ));
         }
-        if nblobs > MAX_BLOBS || nruns > nblobs {
+        // A run holds at most a frame's worth of whole blobs: the blob count is bounded by
+        // the records there are before anything is allocated for it.
+        let per_run = u64::from(MAX_CHUNK) / BLOB_LEN as u64;
+        if nblobs > MAX_BLOBS || nruns > nblobs || u64::from(nblobs) > u64::from(nruns) * per_run {
             return Err((
                 12,
                 format!("chunk index announces {nblobs} blobs in {nruns} runs"),
@@ -297,6 +300,15 @@ impl ChunkIndex {
             let end = u64::from(r.start) + u64::from(r.count) * u64::from(r.len);
             if r.count == 0 || r.len == 0 || end > u64::from(frame.raw_len) {
                 return Err((at as u64, format!("blob run {i} lies beyond its frame")));
+            }
+            // A frame's blobs lie at multiples of BLOB_LEN, all whole but its last.
+            let whole = r.len as usize == BLOB_LEN;
+            let tail = r.count == 1 && end == u64::from(frame.raw_len);
+            if !(r.start as usize).is_multiple_of(BLOB_LEN) || !(whole || tail) {
+                return Err((
+                    at as u64,
+                    format!("blob run {i} is not made of whole blobs of its frame"),
+                ));
             }
             if index.blobs.len() as u64 + u64::from(r.count) > u64::from(nblobs) {
                 return Err((at as u64, format!("blob run {i} goes past {nblobs} blobs")));
@@ -463,6 +475,20 @@ mod tests {
         bytes[24..28].copy_from_slice(&crc.to_le_bytes());
         let err = ChunkIndex::decode(&bytes, 1).unwrap_err();
         assert!(err.1.contains("past 5 blobs"), "{err:?}");
+    }
+
+    #[test]
+    fn a_blob_count_the_runs_cannot_hold_is_refused_before_allocating() {
+        let mut bytes = sample().encode();
+        bytes[16..20].copy_from_slice(&(MAX_BLOBS - 1).to_le_bytes());
+        let err = ChunkIndex::decode(&bytes, 1).unwrap_err();
+        assert!(err.1.contains("announces"), "{err:?}");
+        // Runs of 1-byte blobs (which no writer makes) are refused too.
+        let mut tiny = sample();
+        tiny.blobs = vec![blob(0, 0, 1), blob(0, 1, 1)];
+        tiny.starts = vec![0];
+        let err = ChunkIndex::decode(&tiny.encode(), 1).unwrap_err();
+        assert!(err.1.contains("whole blobs"), "{err:?}");
     }
 
     #[test]

@@ -666,6 +666,12 @@ impl PackReader {
         self.hashes.as_ref()
     }
 
+    /// Lets the trailer go once its addresses are in place (16 bytes per blob of the
+    /// pack, 16 MB for 4 GiB, which a restored job's supervisor need not keep).
+    pub fn forget_hashes(&mut self) {
+        self.hashes = None;
+    }
+
     /// The pack opened again with `O_DIRECT` (at the first call); `None` where the
     /// filesystem refuses direct reads. It is the file already open (reopened through
     /// `/proc/self/fd`), even if the pack was removed or replaced since.
@@ -923,10 +929,19 @@ impl PackHashes {
         let (frames, hashes, crc) = (word(8) as u64, word(12) as u64, word(16));
         let at = u64::from_le_bytes(footer[24..32].try_into().expect("8 bytes"));
         let size = frames * TRAILER_FRAME as u64 + hashes * 16;
-        if at < HEADER_LEN || at.checked_add(size) != Some(footer_at) {
+        if at < HEADER_LEN || at.checked_add(size) != Some(footer_at) || word(20) != 0 {
             return Err(corrupt(
                 footer_at,
                 "sizes do not add up to the pack's length",
+            ));
+        }
+        // Every frame has a header in the frames' part, and at most a frame's worth of
+        // blobs: bounds checked before the tables are allocated.
+        let per_frame = u64::from(MAX_CHUNK) / BLOB_LEN as u64;
+        if frames > (at - HEADER_LEN) / HEADER_LEN || hashes > frames * per_frame {
+            return Err(corrupt(
+                footer_at,
+                "more frames or addresses than the pack can hold",
             ));
         }
         // The addresses are read straight into their table (16 MB at 4 GiB, on the way
@@ -959,6 +974,7 @@ impl PackHashes {
                 || offset >= at
                 || Some(&first) != out.firsts.last()
                 || next > hashes
+                || u64::from(count) > per_frame
             {
                 return Err(corrupt(
                     at + (i * TRAILER_FRAME) as u64,
