@@ -409,7 +409,7 @@ impl WriteTracking {
         let before = since(self);
         let precopy = self.precopies.remove(&pid);
         let scanned = self.register(pid, maps, inj).and_then(|tracked| {
-            let (written, states) = written_and_states(pid, &tracked)?;
+            let (written, states) = written_and_states(&open_pagemap(pid)?, pid, &tracked)?;
             Ok((tracked, written, states))
         });
         let (tracked, mut written, states) = match scanned {
@@ -729,22 +729,10 @@ pub(crate) fn written_in(
     ranges: &[(u64, u64)],
     protect: Protect,
 ) -> Result<Vec<(u64, u64)>, SysError> {
-    let path = format!("/proc/{pid}/pagemap");
-    let pagemap =
-        File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
+    let pagemap = open_pagemap(pid)?;
     let mut written = Vec::new();
     match protect {
-        // Listing only: one scan per span of ranges close together rather than one per
-        // range (a process with 20,000 small mappings made as many calls at every cut).
-        // What lies between them is listed too (a mapping not tracked counts as written
-        // throughout) and left out again.
-        Protect::No => {
-            let ranges = normalized(ranges.to_vec());
-            for (start, end) in spans(&ranges, SCAN_ACROSS) {
-                written.extend(written_ranges(&pagemap, pid, start, end, false)?);
-            }
-            written = intersection(&written, &ranges);
-        }
+        Protect::No => written = written_and_states(&pagemap, pid, ranges)?.0,
         // Protecting: only within the ranges given (a mapping the program registered
         // with a userfaultfd of its own is not ours to touch).
         Protect::All => {
@@ -761,17 +749,27 @@ pub(crate) fn written_in(
     Ok(written)
 }
 
-/// The pages of `ranges` of process `pid` written since they were last protected (or never
-/// protected), without protecting them: as ranges, and as ranges of one state each (in
-/// memory, swapped out, or not there), from one scan per span of ranges close together.
-fn written_and_states(pid: i32, ranges: &[(u64, u64)]) -> Result<WrittenAndStates, SysError> {
+/// `/proc/PID/pagemap` of process `pid`.
+fn open_pagemap(pid: i32) -> Result<File, SysError> {
     let path = format!("/proc/{pid}/pagemap");
-    let pagemap =
-        File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))?;
+    File::open(&path).map_err(|e| SysError::new("open pagemap", pid, io_errno(&e)))
+}
+
+/// The pages of `ranges` of process `pid` written since they were last protected (or never
+/// protected), without protecting them (through its `pagemap`): as ranges, and as ranges of
+/// one state each (in memory, swapped out, or not there). One scan per span of ranges close
+/// together rather than one per range (a process with 20,000 small mappings made as many
+/// calls at every cut): what lies between them is listed too (a mapping not tracked counts
+/// as written throughout) and left out again.
+fn written_and_states(
+    pagemap: &File,
+    pid: i32,
+    ranges: &[(u64, u64)],
+) -> Result<WrittenAndStates, SysError> {
     let ranges = normalized(ranges.to_vec());
     let mut states = Vec::new();
     for (start, end) in spans(&ranges, SCAN_ACROSS) {
-        states.extend(uffd::written_states(&pagemap, pid, start, end)?);
+        states.extend(uffd::written_states(pagemap, pid, start, end)?);
     }
     let states = clipped(&states, &ranges);
     let written = normalized(states.iter().map(|r| (r.start, r.end)).collect());

@@ -111,10 +111,9 @@ fn newest_base(job_dir: &Path) -> Base {
     let Some(&n) = list_generations(job_dir).last() else {
         return Base::default();
     };
-    let Ok(m) = read_manifest(&generation_dir(job_dir, n).join(MANIFEST_FILE)) else {
+    let Ok(mut m) = read_manifest(&generation_dir(job_dir, n).join(MANIFEST_FILE)) else {
         return Base::default();
     };
-    let mut m = m;
     let packs = job_dir.join(PACKS_DIR);
     let readers = m
         .packs
@@ -240,7 +239,6 @@ fn attach_hashes(index: &mut ChunkIndex, packs: &mut [PackReader]) -> ImageResul
             pack.hashes()?;
         }
     }
-    let frames = index.frames.clone();
     let attached = index.attach_hashes(|f| {
         packs
             .get(f.pack as usize)?
@@ -254,7 +252,7 @@ fn attach_hashes(index: &mut ChunkIndex, packs: &mut [PackReader]) -> ImageResul
         let frame = index
             .blobs
             .get(blob)
-            .and_then(|b| frames.get(b.frame as usize));
+            .and_then(|b| index.frames.get(b.frame as usize));
         let pack = frame.and_then(|f| packs.get(f.pack as usize));
         ImageError::Corrupt {
             path: pack.map_or_else(PathBuf::new, |p| p.path().to_owned()),
@@ -856,11 +854,10 @@ impl OpenGeneration {
                 detail: "not a directory".into(),
             });
         }
-        let manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
+        let mut manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
         let packs_dir = dir
             .parent()
             .map_or_else(|| PathBuf::from(PACKS_DIR), |p| p.join(PACKS_DIR));
-        let mut manifest = manifest;
         let mut packs = manifest
             .packs
             .iter()
