@@ -153,6 +153,68 @@ pub fn own_bytes(addr: u64, len: usize) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
 }
 
+/// A mapping this process made for the kernel to describe (a probe of what its listings
+/// report), unmapped when dropped. Nothing reads or writes its memory through this type.
+#[derive(Debug)]
+pub struct ProbeMapping {
+    addr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl ProbeMapping {
+    fn map(len: usize, prot: i32, flags: i32, fd: i32) -> SysResult<ProbeMapping> {
+        // SAFETY: a new mapping at an address of the kernel's choosing (no MAP_FIXED), so no
+        // existing memory is replaced; it is only unmapped when this value drops.
+        let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) };
+        match std::ptr::NonNull::new(addr).filter(|_| addr != libc::MAP_FAILED) {
+            Some(addr) => Ok(ProbeMapping { addr, len }),
+            None => Err(SysError::last("mmap", 0)),
+        }
+    }
+
+    /// `len` bytes of private anonymous memory, readable and writable, mapped with the
+    /// extra `MAP_*` flags `extra` and then given `advice` (`MADV_*`), if any.
+    pub fn anonymous(len: usize, extra: i32, advice: Option<i32>) -> SysResult<ProbeMapping> {
+        let m = Self::map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra,
+            -1,
+        )?;
+        if let Some(advice) = advice {
+            // SAFETY: advice on a mapping this value owns and nothing else uses; none of the
+            // advice callers give frees or changes memory anyone reads.
+            let ret = unsafe { libc::madvise(m.addr.as_ptr(), len, advice) };
+            crate::error::check(ret.into(), "madvise", 0)?;
+        }
+        Ok(m)
+    }
+
+    /// The first `len` bytes of `file` (open read-only), mapped shared and read-only.
+    pub fn shared_read_only(file: &impl std::os::fd::AsFd, len: usize) -> SysResult<ProbeMapping> {
+        use std::os::fd::AsRawFd;
+        Self::map(
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_fd().as_raw_fd(),
+        )
+    }
+
+    /// Its first address.
+    pub fn start(&self) -> u64 {
+        self.addr.as_ptr() as u64
+    }
+}
+
+impl Drop for ProbeMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `map` and belongs to this value alone; no
+        // reference into it exists.
+        unsafe { libc::munmap(self.addr.as_ptr(), self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
