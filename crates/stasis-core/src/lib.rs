@@ -10,6 +10,7 @@ pub mod capture;
 pub mod error;
 pub mod freeze;
 pub mod helper;
+pub mod kernel_maps;
 pub mod lazy;
 pub mod proc;
 pub mod ptyqueue;

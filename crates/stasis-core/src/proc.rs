@@ -222,6 +222,21 @@ pub fn status_field(pid_path: &str, key: &str) -> CoreResult<String> {
         .to_owned())
 }
 
+/// Pages of anonymous memory of process `pid`, resident (`RssAnon`) or swapped out
+/// (`VmSwap`), from `/proc/PID/status`: what smaps' `Anonymous` and `Swap` add up to over
+/// the private mappings, without its page walk.
+pub fn anon_pages(pid: i32) -> CoreResult<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = read(&path)?;
+    let kb = |key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((kb("RssAnon:") + kb("VmSwap:")) / 4)
+}
+
 /// The innermost pid of a task (last `NSpid` entry): its id inside the job's namespace.
 pub fn ns_pid(pid_path: &str) -> CoreResult<i32> {
     let v = status_field(pid_path, "NSpid")?;

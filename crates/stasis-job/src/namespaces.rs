@@ -59,6 +59,7 @@ pub fn enter(offsets: (i64, i64)) -> NamespaceSetup {
         s.notes
             .push("no helper thread: checkpoints read mapping flags on one thread".into());
     }
+    stasis_core::kernel_maps::warm_up();
     match ns::unshare(ns::flags::PID) {
         Ok(()) => s.pid = true,
         Err(e) => s.notes.push(format!(

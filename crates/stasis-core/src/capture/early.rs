@@ -2,8 +2,11 @@
 //!
 //! Capture needs each mapping's `VmFlags` (don't-copy and wipe-on-fork decide what a
 //! snapshot can read; the advice is restored; grows-down, may-write), which only
-//! `/proc/PID/smaps` tells, and smaps walks the page tables: about 12 ms for 1 GiB, as
-//! much CPU time as the rest of an incremental checkpoint. While the job is frozen the
+//! `/proc/PID/smaps` tells without privileges, and smaps walks the page tables: about 12 ms
+//! for 1 GiB, as much CPU time as the rest of an incremental checkpoint. A supervisor that
+//! may load a BPF iterator reads them exactly while the job is frozen, in microseconds,
+//! from the kernel's own list ([`crate::kernel_maps`]); none of what follows applies then.
+//! Otherwise, while the job is frozen the
 //! mappings are read from `/proc/PID/maps` (no page walk) and take their flags from one
 //! of two places, chosen per process by [`EarlyMaps::plan`]:
 //!
@@ -87,8 +90,8 @@ pub struct EarlyMaps {
 /// Where a process's mapping flags came from at the cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FlagsFrom {
-    /// smaps read while frozen: exact.
-    Smaps,
+    /// Read while frozen, from smaps or the kernel's list ([`crate::kernel_maps`]): exact.
+    Exact,
     /// Read before the freeze: checked after the thaw.
     Early,
     /// Carried from the previous checkpoint: mended from smaps read while frozen.
@@ -99,6 +102,10 @@ impl EarlyMaps {
     /// Carries the flags `known` has for as many of `pids` as [`IN_FREEZE_BUDGET`] allows;
     /// reads the others' early.
     pub fn plan(pids: &[i32], known: &KnownFlags) -> Self {
+        if crate::kernel_maps::get().is_some() {
+            // Every process's flags are read exactly while frozen, in microseconds.
+            return EarlyMaps::default();
+        }
         let mut budget = IN_FREEZE_BUDGET;
         let mut out = EarlyMaps::default();
         for &pid in pids {
@@ -122,12 +129,18 @@ impl EarlyMaps {
         !self.carried.is_empty()
     }
 
-    /// The mappings of frozen process `pid` and where their flags came from: from
-    /// `/proc/PID/maps` with the flags read early when every mapping is still there, or
+    /// The mappings of frozen process `pid` and where their flags came from: from the
+    /// kernel's list where this supervisor may read it; from `/proc/PID/maps` with the
+    /// flags read early when every mapping is still there, or
     /// carried (a private mapping made since taking none: mended once smaps is read; not a
     /// shared one, whose may-write flag decides at once whether a file counts as written);
     /// else from smaps now.
     pub(crate) fn maps(&self, pid: i32) -> CoreResult<(Vec<MapEntry>, FlagsFrom)> {
+        if let Some(kernel) = crate::kernel_maps::get()
+            && let Some(maps) = kernel.maps(pid)?
+        {
+            return Ok((maps, FlagsFrom::Exact));
+        }
         if let Some(known) = self.early.get(&pid) {
             let (maps, unknown) = proc::maps_with_known_flags(pid, known)?;
             if unknown.is_empty() {
@@ -140,7 +153,7 @@ impl EarlyMaps {
                 return Ok((maps, FlagsFrom::Carried));
             }
         }
-        Ok((proc::maps(pid)?, FlagsFrom::Smaps))
+        Ok((proc::maps(pid)?, FlagsFrom::Exact))
     }
 }
 

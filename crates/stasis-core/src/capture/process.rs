@@ -67,18 +67,14 @@ pub struct JobTables<'a> {
 const COPY_SHARE: u64 = 64;
 
 /// The runs of pages of process `pid` to copy at the cut, when few enough (see
-/// [`COPY_SHARE`]); `deferred` are the mappings whose pages are pending, `maps` all of them.
+/// [`COPY_SHARE`]); `deferred` are the mappings whose pages are pending, `anon` the pages
+/// of anonymous memory of the process ([`proc::anon_pages`]).
 fn runs_to_copy(
     pid: i32,
-    maps: &[MapEntry],
+    anon: u64,
     deferred: &[(usize, MapEntry, VmaKind)],
     unchanged: &Unchanged,
 ) -> CoreResult<Option<Vec<(u64, usize)>>> {
-    let anon: u64 = maps
-        .iter()
-        .filter(|m| !m.shared)
-        .map(|m| m.anon_pages)
-        .sum();
     let known = unchanged.known_pages();
     // Written tracked pages (some perhaps not present) and untracked anonymous ones: when
     // even a fair share of those is too much, the exact count is not worth reading.
@@ -254,12 +250,11 @@ pub fn capture_process(
         }
         None => Unchanged::default(),
     };
+    let anon = match tables.tracking {
+        Some(_) => proc::anon_pages(pid)?,
+        None => 0,
+    };
     if tables.tracking.is_some() {
-        let anon: u64 = maps
-            .iter()
-            .filter(|m| !m.shared)
-            .map(|m| m.anon_pages)
-            .sum();
         let bound = anon * 4096 / COPY_SHARE;
         tables
             .copy_bounds
@@ -292,7 +287,7 @@ pub fn capture_process(
     let carried = flags_from == FlagsFrom::Carried;
     if tables.pending.is_some() {
         // Little to read: copy it now rather than pay for a snapshot.
-        let source = if let Some(runs) = runs_to_copy(pid, &maps, &deferred, &unchanged)? {
+        let source = if let Some(runs) = runs_to_copy(pid, anon, &deferred, &unchanged)? {
             let t_found = std::time::Instant::now();
             let pages = CopiedPages::gather(pid, &runs)?;
             let t_copied = std::time::Instant::now();

@@ -1,0 +1,292 @@
+//! A process's mappings with flags taken from the kernel's own list of them (a BPF
+//! iterator, [`stasis_sys::bpf`]) instead of `/proc/PID/smaps`, whose page walk costs
+//! about 10 ms per GiB of resident memory. Only a privileged supervisor can load the
+//! iterator; it is trusted once it agrees with smaps on probe mappings of every flag
+//! capture uses ([`CODES`]), made in the supervisor itself. Otherwise, and wherever a
+//! listing does not match `/proc/PID/maps`, smaps is read as before.
+
+use std::sync::OnceLock;
+
+use stasis_sys::bpf::{KernelVma, VmaLister, VmaProgram};
+use stasis_sys::mem::ProbeMapping;
+
+use crate::error::CoreResult;
+use crate::proc::{self, MapEntry};
+
+/// The `VmFlags` codes given from `vm_flags`, with their bits (the same on every x86_64
+/// kernel since 4.14; checked against smaps before use): may-write, grows-down,
+/// don't-copy, no-reserve, wipe-on-fork, don't-dump, huge-page, no-huge-page.
+pub const CODES: [(&str, u64); 8] = [
+    ("mw", 0x20),
+    ("gd", 0x100),
+    ("dc", 0x2_0000),
+    ("nr", 0x20_0000),
+    ("wf", 0x200_0000),
+    ("dd", 0x400_0000),
+    ("hg", 0x2000_0000),
+    ("nh", 0x4000_0000),
+];
+
+/// The iterator, once loaded and checked.
+#[derive(Debug)]
+pub struct KernelMaps {
+    lister: VmaLister,
+}
+
+static KERNEL_MAPS: OnceLock<Option<KernelMaps>> = OnceLock::new();
+static PROGRAM: OnceLock<Result<VmaProgram, String>> = OnceLock::new();
+
+/// Whether this process may load a tracing program: root of the first user namespace
+/// (a supervisor in a user namespace of its own has its capabilities there only), with
+/// `CAP_SYS_ADMIN` or `CAP_BPF`.
+fn privileged() -> bool {
+    stasis_sys::process::uid() == 0
+        && (stasis_sys::ns::has_effective_cap(21) || stasis_sys::ns::has_effective_cap(39))
+}
+
+/// The program built from the kernel's BTF (once; the slow part, a few milliseconds).
+fn program() -> &'static Result<VmaProgram, String> {
+    PROGRAM.get_or_init(|| VmaProgram::build().map_err(|e| e.to_string()))
+}
+
+/// The iterator, if this process may load it and it agrees with smaps (tried once; the
+/// first call waits for the try). The first call must come from the thread that lists
+/// mappings (a supervisor's own): the program's descriptor is in that thread's
+/// descriptor table, which the helper thread does not share.
+pub fn get() -> Option<&'static KernelMaps> {
+    KERNEL_MAPS
+        .get_or_init(|| match KernelMaps::load() {
+            Ok(k) => {
+                tracing::debug!("mapping flags come from the kernel's list of mappings");
+                Some(k)
+            }
+            Err(why) => {
+                tracing::debug!("mapping flags come from smaps: {why}");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// Builds the program on the helper thread, so that the first checkpoint finds the slow
+/// part done.
+pub fn warm_up() {
+    if privileged() {
+        drop(crate::helper::beside(|| {
+            program();
+        }));
+    }
+}
+
+fn codes(flags: u64) -> Vec<String> {
+    CODES
+        .iter()
+        .filter(|(_, bit)| flags & bit != 0)
+        .map(|(code, _)| (*code).to_owned())
+        .collect()
+}
+
+impl KernelMaps {
+    fn load() -> Result<KernelMaps, String> {
+        if std::env::var_os("STASIS_SMAPS_ONLY").is_some_and(|v| !v.is_empty() && v != "0") {
+            return Err("STASIS_SMAPS_ONLY is set".into());
+        }
+        if !privileged() {
+            return Err("not root with CAP_SYS_ADMIN or CAP_BPF".into());
+        }
+        let lister = program()
+            .as_ref()
+            .map_err(Clone::clone)?
+            .load()
+            .map_err(|e| e.to_string())?;
+        let k = KernelMaps { lister };
+        k.agrees_with_smaps()?;
+        Ok(k)
+    }
+
+    /// Makes a probe mapping of each flag in this process and checks that the iterator
+    /// and smaps give every mapping the same [`CODES`], and that each code was seen. A
+    /// listing that changed in between (another thread mapping memory) is tried again.
+    fn agrees_with_smaps(&self) -> Result<(), String> {
+        let page = 4096;
+        let mut probes = Vec::new();
+        let mut missing: Vec<&str> = Vec::new();
+        let anonymous = [
+            ("dc", 0, Some(libc::MADV_DONTFORK)),
+            ("wf", 0, Some(libc::MADV_WIPEONFORK)),
+            ("dd", 0, Some(libc::MADV_DONTDUMP)),
+            ("hg", 0, Some(libc::MADV_HUGEPAGE)),
+            ("nh", 0, Some(libc::MADV_NOHUGEPAGE)),
+            ("nr", libc::MAP_NORESERVE, None),
+            ("gd", libc::MAP_GROWSDOWN, None),
+        ];
+        for (code, extra, advice) in anonymous {
+            match ProbeMapping::anonymous(2 * page, extra, advice) {
+                Ok(p) => probes.push(p),
+                // A kernel without transparent huge pages refuses their advice: no
+                // process then has the flag.
+                Err(_) => missing.push(code),
+            }
+        }
+        // A mapping without may-write: a file opened read-only, mapped shared.
+        let exe = std::fs::File::open("/proc/self/exe").map_err(|e| e.to_string())?;
+        probes.push(ProbeMapping::shared_read_only(&exe, page).map_err(|e| e.to_string())?);
+        let me = std::process::id() as i32;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let smaps = proc::maps(me).map_err(|e| e.to_string())?;
+            let listed = self
+                .lister
+                .list(me, smaps.len() + 1)
+                .map_err(|e| e.to_string())?;
+            match compare(&smaps, &listed, &probes) {
+                Ok(seen) => {
+                    let unseen: Vec<&str> = CODES
+                        .iter()
+                        .map(|c| c.0)
+                        .filter(|c| !seen.contains(c) && !missing.contains(c))
+                        .collect();
+                    if unseen.is_empty() {
+                        return Ok(());
+                    }
+                    return Err(format!("no probe mapping showed {unseen:?}"));
+                }
+                Err(Mismatch::Flags(why)) => return Err(why),
+                Err(Mismatch::Listing(why)) => last = why,
+            }
+        }
+        Err(last)
+    }
+
+    /// The mappings of frozen process `pid` from `/proc/PID/maps`, with the flags of
+    /// [`CODES`] from the kernel's list; `None` when the two lists differ. Anonymous pages
+    /// are not counted (no page walk): a private writable mapping is taken to hold
+    /// anonymous pages all through.
+    pub fn maps(&self, pid: i32) -> CoreResult<Option<Vec<MapEntry>>> {
+        let mut maps = proc::maps_without_flags(pid)?;
+        let listed = match self.lister.list(pid, maps.len()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(pid, "the kernel's list of mappings: {e}");
+                return Ok(None);
+            }
+        };
+        let mut it = listed.iter().peekable();
+        for m in &mut maps {
+            match it.peek() {
+                Some(k) if k.start == m.start && k.end == m.end => {
+                    m.flags = codes(k.flags);
+                    it.next();
+                }
+                // The gate page shows in maps but is no mapping of the process.
+                _ if m.path == "[vsyscall]" => {}
+                _ => return Ok(None),
+            }
+            if !m.shared && m.prot & libc::PROT_WRITE != 0 {
+                m.anon_pages = (m.end - m.start) / 4096;
+            }
+        }
+        Ok(it.next().is_none().then_some(maps))
+    }
+}
+
+enum Mismatch {
+    /// The two listings have different mappings (they changed in between).
+    Listing(String),
+    /// A mapping has different flags: the iterator is not to be trusted.
+    Flags(String),
+}
+
+/// Compares smaps with the iterator's list, mapping by mapping; the codes seen set on some
+/// probe.
+fn compare(
+    smaps: &[MapEntry],
+    listed: &[KernelVma],
+    probes: &[ProbeMapping],
+) -> Result<Vec<&'static str>, Mismatch> {
+    let mut seen = Vec::new();
+    let known = |m: &MapEntry| -> Vec<String> {
+        let mut c: Vec<String> = m
+            .flags
+            .iter()
+            .filter(|f| CODES.iter().any(|(code, _)| code == f))
+            .cloned()
+            .collect();
+        c.sort();
+        c
+    };
+    let mut matched = 0;
+    for m in smaps.iter().filter(|m| m.path != "[vsyscall]") {
+        let Some(k) = listed.iter().find(|k| k.start == m.start && k.end == m.end) else {
+            return Err(Mismatch::Listing(format!(
+                "mapping {:x}-{:x} {} is not in the kernel's list",
+                m.start, m.end, m.path
+            )));
+        };
+        matched += 1;
+        let mut got = codes(k.flags);
+        got.sort();
+        let want = known(m);
+        if got != want {
+            return Err(Mismatch::Flags(format!(
+                "mapping {:x}-{:x} {}: smaps shows {want:?}, vm_flags {:#x} gives {got:?}",
+                m.start, m.end, m.path, k.flags
+            )));
+        }
+        if probes.iter().any(|p| p.start() == m.start) {
+            for (code, _) in CODES {
+                if want.iter().any(|w| w == code) && !seen.contains(&code) {
+                    seen.push(code);
+                }
+            }
+        }
+    }
+    if matched != listed.len() {
+        return Err(Mismatch::Listing("the kernel lists more mappings".into()));
+    }
+    if probes
+        .iter()
+        .any(|p| !smaps.iter().any(|m| m.start == p.start()))
+    {
+        return Err(Mismatch::Listing("a probe mapping is not listed".into()));
+    }
+    Ok(seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_root_the_kernels_list_gives_the_flags_smaps_gives() {
+        let Some(k) = get() else {
+            assert!(
+                !nix::unistd::geteuid().is_root()
+                    || std::env::var_os("STASIS_SMAPS_ONLY").is_some(),
+                "as root the iterator loads and agrees with smaps here"
+            );
+            return;
+        };
+        let dontfork = ProbeMapping::anonymous(3 * 4096, 0, Some(libc::MADV_DONTFORK)).unwrap();
+        let me = std::process::id() as i32;
+        // Other tests map memory meanwhile: compare two listings with the same mappings.
+        let (maps, smaps) = (0..20)
+            .find_map(|_| {
+                let maps = k.maps(me).unwrap()?;
+                let smaps = proc::maps(me).unwrap();
+                let same = maps.len() == smaps.len()
+                    && maps.iter().zip(&smaps).all(|(m, s)| m.same_mapping(s));
+                same.then_some((maps, smaps))
+            })
+            .expect("two listings alike");
+        let m = maps.iter().find(|m| m.start == dontfork.start()).unwrap();
+        assert_eq!(m.flags, ["mw", "dc"]);
+        assert_eq!(m.anon_pages, 3, "private writable: taken as all anonymous");
+        for (s, m) in smaps.iter().zip(&maps) {
+            assert!(s.same_for_capture(m), "{s:?} vs {m:?}");
+            for (code, _) in CODES {
+                assert_eq!(s.has_flag(code), m.has_flag(code), "{code} of {s:?}");
+            }
+        }
+    }
+}
