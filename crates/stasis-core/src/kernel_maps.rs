@@ -40,13 +40,28 @@ static PROGRAM: OnceLock<Result<VmaProgram, String>> = OnceLock::new();
 /// (a supervisor in a user namespace of its own has its capabilities there only), with
 /// `CAP_SYS_ADMIN` or `CAP_BPF`.
 fn privileged() -> bool {
-    stasis_sys::process::uid() == 0
+    !smaps_only()
+        && stasis_sys::process::uid() == 0
         && (stasis_sys::ns::has_effective_cap(21) || stasis_sys::ns::has_effective_cap(39))
+}
+
+/// Whether `STASIS_SMAPS_ONLY` asks for smaps alone (to compare the two, or should the
+/// iterator misbehave on some kernel).
+fn smaps_only() -> bool {
+    std::env::var_os("STASIS_SMAPS_ONLY").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// The program built from the kernel's BTF (once; the slow part, a few milliseconds).
 fn program() -> &'static Result<VmaProgram, String> {
-    PROGRAM.get_or_init(|| VmaProgram::build().map_err(|e| e.to_string()))
+    PROGRAM.get_or_init(|| {
+        let t0 = std::time::Instant::now();
+        let built = VmaProgram::build().map_err(|e| e.to_string());
+        tracing::debug!(
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "built the program that lists mappings"
+        );
+        built
+    })
 }
 
 /// The iterator, if this process may load it and it agrees with smaps (tried once; the
@@ -88,7 +103,7 @@ fn codes(flags: u64) -> Vec<String> {
 
 impl KernelMaps {
     fn load() -> Result<KernelMaps, String> {
-        if std::env::var_os("STASIS_SMAPS_ONLY").is_some_and(|v| !v.is_empty() && v != "0") {
+        if smaps_only() {
             return Err("STASIS_SMAPS_ONLY is set".into());
         }
         if !privileged() {
