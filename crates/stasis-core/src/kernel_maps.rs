@@ -6,6 +6,7 @@
 //! listing does not match `/proc/PID/maps`, smaps is read as before.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use stasis_sys::bpf::{KernelVma, VmaLister, VmaProgram};
 use stasis_sys::mem::ProbeMapping;
@@ -31,18 +32,24 @@ pub const CODES: [(&str, u64); 8] = [
 #[derive(Debug)]
 pub struct KernelMaps {
     lister: VmaLister,
+    /// Cleared when a listing fails (not when it merely differs from `/proc/PID/maps`):
+    /// checkpoints then read smaps the way that keeps the freeze short, as without it.
+    working: AtomicBool,
 }
 
 static KERNEL_MAPS: OnceLock<Option<KernelMaps>> = OnceLock::new();
 static PROGRAM: OnceLock<Result<VmaProgram, String>> = OnceLock::new();
 
 /// Whether this process may load a tracing program: root of the first user namespace
-/// (a supervisor in a user namespace of its own has its capabilities there only), with
-/// `CAP_SYS_ADMIN` or `CAP_BPF`.
+/// (in a user namespace of its own, root has its capabilities there only, and the kernel
+/// refuses), with `CAP_SYS_ADMIN`, or `CAP_BPF` and `CAP_PERFMON`.
 fn privileged() -> bool {
+    let cap = stasis_sys::ns::has_effective_cap;
     !smaps_only()
         && stasis_sys::process::uid() == 0
-        && (stasis_sys::ns::has_effective_cap(21) || stasis_sys::ns::has_effective_cap(39))
+        && (cap(21) || (cap(39) && cap(38)))
+        && std::fs::read_to_string("/proc/self/uid_map")
+            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
 }
 
 /// Whether `STASIS_SMAPS_ONLY` asks for smaps alone (to compare the two, or should the
@@ -64,11 +71,14 @@ fn program() -> &'static Result<VmaProgram, String> {
     })
 }
 
-/// The iterator, if this process may load it and it agrees with smaps (tried once; the
-/// first call waits for the try). The first call must come from the thread that lists
-/// mappings (a supervisor's own): the program's descriptor is in that thread's
-/// descriptor table, which the helper thread does not share.
+/// The iterator, if this process may load it and it agrees with smaps (tried once, by
+/// the first call from the process's main thread, which waits for the try), and no
+/// listing has failed since. Only on the main thread: the program's descriptor is in its
+/// descriptor table (a supervisor's helper thread has a table of its own).
 pub fn get() -> Option<&'static KernelMaps> {
+    if nix::unistd::gettid() != nix::unistd::getpid() {
+        return None;
+    }
     KERNEL_MAPS
         .get_or_init(|| match KernelMaps::load() {
             Ok(k) => {
@@ -81,6 +91,7 @@ pub fn get() -> Option<&'static KernelMaps> {
             }
         })
         .as_ref()
+        .filter(|k| k.working.load(Ordering::Relaxed))
 }
 
 /// Builds the program on the helper thread, so that the first checkpoint finds the slow
@@ -114,7 +125,10 @@ impl KernelMaps {
             .map_err(Clone::clone)?
             .load()
             .map_err(|e| e.to_string())?;
-        let k = KernelMaps { lister };
+        let k = KernelMaps {
+            lister,
+            working: AtomicBool::new(true),
+        };
         k.agrees_with_smaps()?;
         Ok(k)
     }
@@ -143,17 +157,25 @@ impl KernelMaps {
                 Err(_) => missing.push(code),
             }
         }
-        // A mapping without may-write: a file opened read-only, mapped shared.
-        let exe = std::fs::File::open("/proc/self/exe").map_err(|e| e.to_string())?;
-        probes.push(ProbeMapping::shared_read_only(&exe, page).map_err(|e| e.to_string())?);
+        // A mapping without may-write: a file opened read-only, mapped shared (`[vvar]`
+        // lacks it too, should this be refused).
+        if let Ok(exe) = std::fs::File::open("/proc/self/exe")
+            && let Ok(p) = ProbeMapping::shared_read_only(&exe, page)
+        {
+            probes.push(p);
+        }
         let me = std::process::id() as i32;
         let mut last = String::new();
         for _ in 0..5 {
             let smaps = proc::maps(me).map_err(|e| e.to_string())?;
-            let listed = self
-                .lister
-                .list(me, smaps.len() + 1)
-                .map_err(|e| e.to_string())?;
+            // More mappings than smaps showed: another thread mapped memory in between.
+            let listed = match self.lister.list(me, smaps.len() + 1) {
+                Ok(l) => l,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
             match compare(&smaps, &listed, &probes) {
                 Ok(seen) => {
                     let unseen: Vec<&str> = CODES
@@ -175,14 +197,19 @@ impl KernelMaps {
 
     /// The mappings of frozen process `pid` from `/proc/PID/maps`, with the flags of
     /// [`CODES`] from the kernel's list; `None` when the two lists differ. Anonymous pages
-    /// are not counted (no page walk): a private writable mapping is taken to hold
-    /// anonymous pages all through.
+    /// are not counted (no page walk: `anon_pages` is 0); the choice between copying at
+    /// the cut and a snapshot then counts the pages of mappings write tracking does not
+    /// cover exactly.
     pub fn maps(&self, pid: i32) -> CoreResult<Option<Vec<MapEntry>>> {
         let mut maps = proc::maps_without_flags(pid)?;
         let listed = match self.lister.list(pid, maps.len()) {
             Ok(l) => l,
             Err(e) => {
-                tracing::debug!(pid, "the kernel's list of mappings: {e}");
+                tracing::warn!(
+                    pid,
+                    "the kernel's list of mappings failed, smaps from now: {e}"
+                );
+                self.working.store(false, Ordering::Relaxed);
                 return Ok(None);
             }
         };
@@ -196,9 +223,6 @@ impl KernelMaps {
                 // The gate page shows in maps but is no mapping of the process.
                 _ if m.path == "[vsyscall]" => {}
                 _ => return Ok(None),
-            }
-            if !m.shared && m.prot & libc::PROT_WRITE != 0 {
-                m.anon_pages = (m.end - m.start) / 4096;
             }
         }
         Ok(it.next().is_none().then_some(maps))
@@ -274,13 +298,16 @@ mod tests {
 
     #[test]
     fn as_root_the_kernels_list_gives_the_flags_smaps_gives() {
-        let Some(k) = get() else {
-            assert!(
-                !nix::unistd::geteuid().is_root()
-                    || std::env::var_os("STASIS_SMAPS_ONLY").is_some(),
-                "as root the iterator loads and agrees with smaps here"
-            );
-            return;
+        // Loaded here, on the test's thread, which lists too (`get` is for the main thread).
+        let k = match KernelMaps::load() {
+            Ok(k) => k,
+            Err(why) => {
+                assert!(
+                    !privileged(),
+                    "as root the iterator loads and agrees with smaps: {why}"
+                );
+                return;
+            }
         };
         let dontfork = ProbeMapping::anonymous(3 * 4096, 0, Some(libc::MADV_DONTFORK)).unwrap();
         let me = std::process::id() as i32;
@@ -296,7 +323,7 @@ mod tests {
             .expect("two listings alike");
         let m = maps.iter().find(|m| m.start == dontfork.start()).unwrap();
         assert_eq!(m.flags, ["mw", "dc"]);
-        assert_eq!(m.anon_pages, 3, "private writable: taken as all anonymous");
+        assert_eq!(m.anon_pages, 0, "not counted");
         for (s, m) in smaps.iter().zip(&maps) {
             assert!(s.same_for_capture(m), "{s:?} vs {m:?}");
             for (code, _) in CODES {

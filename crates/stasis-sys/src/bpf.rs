@@ -233,9 +233,12 @@ impl VmaProgram {
         match load(&mut []) {
             Ok(prog) => Ok(VmaLister { prog }),
             Err(err) => {
-                // Again with the verifier's log, to say why.
+                // Again with the verifier's log, to say why (or to load it after all, the
+                // first try having failed for a passing reason such as a signal).
                 let mut log = vec![0u8; 1 << 16];
-                let _ = load(&mut log);
+                if let Ok(prog) = load(&mut log) {
+                    return Ok(VmaLister { prog });
+                }
                 let text =
                     String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)])
                         .lines()

@@ -76,7 +76,8 @@ fn runs_to_copy(
     unchanged: &Unchanged,
 ) -> CoreResult<Option<Vec<(u64, usize)>>> {
     let known = unchanged.known_pages();
-    // Written tracked pages (some perhaps not present) and untracked anonymous ones: when
+    // Written tracked pages (some perhaps not present) and untracked anonymous ones (as
+    // smaps last counted them; 0 where the flags came from the kernel's list): when
     // even a fair share of those is too much, the exact count is not worth reading.
     let untracked: u64 = deferred
         .iter()
