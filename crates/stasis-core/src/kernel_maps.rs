@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use stasis_sys::bpf::{KernelVma, VmaLister, VmaProgram};
+use stasis_sys::bpf::{VmaLister, VmaProgram};
 use stasis_sys::mem::ProbeMapping;
 
 use crate::error::CoreResult;
@@ -45,8 +45,7 @@ static PROGRAM: OnceLock<Result<VmaProgram, String>> = OnceLock::new();
 /// refuses), with `CAP_SYS_ADMIN`, or `CAP_BPF` and `CAP_PERFMON`.
 fn privileged() -> bool {
     let cap = stasis_sys::ns::has_effective_cap;
-    !smaps_only()
-        && stasis_sys::process::uid() == 0
+    stasis_sys::process::uid() == 0
         && (cap(21) || (cap(39) && cap(38)))
         && std::fs::read_to_string("/proc/self/uid_map")
             .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
@@ -97,7 +96,7 @@ pub fn get() -> Option<&'static KernelMaps> {
 /// Builds the program on the helper thread, so that the first checkpoint finds the slow
 /// part done.
 pub fn warm_up() {
-    if privileged() {
+    if !smaps_only() && privileged() {
         drop(crate::helper::beside(|| {
             program();
         }));
@@ -118,7 +117,11 @@ impl KernelMaps {
             return Err("STASIS_SMAPS_ONLY is set".into());
         }
         if !privileged() {
-            return Err("not root with CAP_SYS_ADMIN or CAP_BPF".into());
+            return Err(
+                "not root of the first user namespace with CAP_SYS_ADMIN (or CAP_BPF and \
+                 CAP_PERFMON)"
+                    .into(),
+            );
         }
         let lister = program()
             .as_ref()
@@ -168,15 +171,19 @@ impl KernelMaps {
         let mut last = String::new();
         for _ in 0..5 {
             let smaps = proc::maps(me).map_err(|e| e.to_string())?;
-            // More mappings than smaps showed: another thread mapped memory in between.
-            let listed = match self.lister.list(me, smaps.len() + 1) {
-                Ok(l) => l,
-                Err(e) => {
+            // Lists that differ: another thread mapped memory in between.
+            let merged = match self.merged(me).map_err(|e| e.to_string())? {
+                Merged::Alike(m) => m,
+                Merged::Differ => {
+                    last = "the kernel's list and maps differ".into();
+                    continue;
+                }
+                Merged::Failed(e) => {
                     last = e.to_string();
                     continue;
                 }
             };
-            match compare(&smaps, &listed, &probes) {
+            match compare(&smaps, &merged, &probes) {
                 Ok(seen) => {
                     let unseen: Vec<&str> = CODES
                         .iter()
@@ -195,23 +202,13 @@ impl KernelMaps {
         Err(last)
     }
 
-    /// The mappings of frozen process `pid` from `/proc/PID/maps`, with the flags of
-    /// [`CODES`] from the kernel's list; `None` when the two lists differ. Anonymous pages
-    /// are not counted (no page walk: `anon_pages` is 0); the choice between copying at
-    /// the cut and a snapshot then counts the pages of mappings write tracking does not
-    /// cover exactly.
-    pub fn maps(&self, pid: i32) -> CoreResult<Option<Vec<MapEntry>>> {
+    /// `/proc/PID/maps` of process `pid`, each mapping with the flags of [`CODES`] from
+    /// the kernel's list (and `anon_pages` 0: not counted).
+    fn merged(&self, pid: i32) -> CoreResult<Merged> {
         let mut maps = proc::maps_without_flags(pid)?;
         let listed = match self.lister.list(pid, maps.len()) {
             Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(
-                    pid,
-                    "the kernel's list of mappings failed, smaps from now: {e}"
-                );
-                self.working.store(false, Ordering::Relaxed);
-                return Ok(None);
-            }
+            Err(e) => return Ok(Merged::Failed(e)),
         };
         let mut it = listed.iter().peekable();
         for m in &mut maps {
@@ -222,11 +219,44 @@ impl KernelMaps {
                 }
                 // The gate page shows in maps but is no mapping of the process.
                 _ if m.path == "[vsyscall]" => {}
-                _ => return Ok(None),
+                _ => return Ok(Merged::Differ),
             }
         }
-        Ok(it.next().is_none().then_some(maps))
+        Ok(match it.next() {
+            None => Merged::Alike(maps),
+            Some(_) => Merged::Differ,
+        })
     }
+
+    /// The mappings of frozen process `pid` from `/proc/PID/maps`, with the flags of
+    /// [`CODES`] from the kernel's list; `None` when the two lists differ, or the listing
+    /// failed (which turns the iterator off). Anonymous pages are not counted (no page
+    /// walk: `anon_pages` is 0); the choice between copying at the cut and a snapshot then
+    /// counts the pages of mappings write tracking does not cover exactly.
+    pub fn maps(&self, pid: i32) -> CoreResult<Option<Vec<MapEntry>>> {
+        Ok(match self.merged(pid)? {
+            Merged::Alike(maps) => Some(maps),
+            Merged::Differ => None,
+            Merged::Failed(e) => {
+                tracing::warn!(
+                    pid,
+                    "the kernel's list of mappings failed, smaps from now: {e}"
+                );
+                self.working.store(false, Ordering::Relaxed);
+                None
+            }
+        })
+    }
+}
+
+/// What [`KernelMaps::merged`] found.
+enum Merged {
+    /// Both lists have the same mappings: maps with their flags.
+    Alike(Vec<MapEntry>),
+    /// The lists have different mappings.
+    Differ,
+    /// The kernel's listing failed.
+    Failed(stasis_sys::SysError),
 }
 
 enum Mismatch {
@@ -236,56 +266,38 @@ enum Mismatch {
     Flags(String),
 }
 
-/// Compares smaps with the iterator's list, mapping by mapping; the codes seen set on some
-/// probe.
+/// Compares smaps with the same mappings as [`KernelMaps::merged`] gave them, mapping by
+/// mapping; the codes seen set on some probe.
 fn compare(
     smaps: &[MapEntry],
-    listed: &[KernelVma],
+    merged: &[MapEntry],
     probes: &[ProbeMapping],
 ) -> Result<Vec<&'static str>, Mismatch> {
-    let mut seen = Vec::new();
-    let known = |m: &MapEntry| -> Vec<String> {
-        let mut c: Vec<String> = m
-            .flags
-            .iter()
-            .filter(|f| CODES.iter().any(|(code, _)| code == f))
-            .cloned()
-            .collect();
-        c.sort();
-        c
-    };
-    let mut matched = 0;
-    for m in smaps.iter().filter(|m| m.path != "[vsyscall]") {
-        let Some(k) = listed.iter().find(|k| k.start == m.start && k.end == m.end) else {
-            return Err(Mismatch::Listing(format!(
-                "mapping {:x}-{:x} {} is not in the kernel's list",
-                m.start, m.end, m.path
-            )));
-        };
-        matched += 1;
-        let mut got = codes(k.flags);
-        got.sort();
-        let want = known(m);
-        if got != want {
-            return Err(Mismatch::Flags(format!(
-                "mapping {:x}-{:x} {}: smaps shows {want:?}, vm_flags {:#x} gives {got:?}",
-                m.start, m.end, m.path, k.flags
-            )));
-        }
-        if probes.iter().any(|p| p.start() == m.start) {
-            for (code, _) in CODES {
-                if want.iter().any(|w| w == code) && !seen.contains(&code) {
-                    seen.push(code);
-                }
-            }
-        }
+    let alike =
+        smaps.len() == merged.len() && smaps.iter().zip(merged).all(|(s, m)| s.same_mapping(m));
+    if !alike {
+        return Err(Mismatch::Listing("smaps and maps differ".into()));
     }
-    if matched != listed.len() {
-        return Err(Mismatch::Listing("the kernel lists more mappings".into()));
+    let mut seen = Vec::new();
+    for (s, m) in smaps.iter().zip(merged) {
+        let want: Vec<String> = CODES
+            .iter()
+            .filter(|(c, _)| s.has_flag(c))
+            .map(|(c, _)| (*c).to_owned())
+            .collect();
+        if m.flags != want {
+            return Err(Mismatch::Flags(format!(
+                "mapping {:x}-{:x} {}: smaps shows {want:?}, vm_flags give {:?}",
+                s.start, s.end, s.path, m.flags
+            )));
+        }
+        if probes.iter().any(|p| p.start() == s.start) {
+            seen.extend(CODES.iter().map(|c| c.0).filter(|c| s.has_flag(c)));
+        }
     }
     if probes
         .iter()
-        .any(|p| !smaps.iter().any(|m| m.start == p.start()))
+        .any(|p| !smaps.iter().any(|s| s.start == p.start()))
     {
         return Err(Mismatch::Listing("a probe mapping is not listed".into()));
     }

@@ -137,12 +137,13 @@ impl Btf {
     /// The byte offset of member `member` in structure or union `id`, looking into
     /// anonymous structures and unions (`None` when it has none, or is a bit field).
     fn offset_in(&self, id: u32, member: &str, depth: u32) -> Option<u32> {
-        let (_, info, _) = self.record(self.resolve(id)?)?;
+        let id = self.resolve(id)?;
+        let (_, info, _) = self.record(id)?;
         let kind = (info >> 24) & 0x1f;
         if depth > 8 || !(kind == STRUCT || kind == UNION) {
             return None;
         }
-        let at = self.starts[self.resolve(id)? as usize - 1] + 12;
+        let at = self.starts[id as usize - 1] + 12;
         let bitfields = info >> 31 == 1;
         for i in 0..(info & 0xffff) as usize {
             let m = at + 12 * i;

@@ -2,8 +2,9 @@
 //!
 //! Every raw system call Stasis makes lives here, behind a small safe API: ptrace and
 //! injected system calls, reading and writing another process's memory, creating processes
-//! with chosen pids, namespaces, pidfds, a BPF iterator of a process's mappings, page-cache control, asynchronous direct reads and
-//! writes of image files, and a few descriptor operations the `nix` crate does not cover.
+//! with chosen pids, namespaces, pidfds, a BPF iterator of a process's mappings, page-cache
+//! control, asynchronous direct reads and writes of image files, and a few descriptor
+//! operations the `nix` crate does not cover.
 //! Each `unsafe` block carries a `// SAFETY:` line saying why it is sound.
 #![allow(unsafe_code)]
 

@@ -251,11 +251,9 @@ pub fn capture_process(
         }
         None => Unchanged::default(),
     };
-    let anon = match tables.tracking {
-        Some(_) => proc::anon_pages(pid)?,
-        None => 0,
-    };
+    let mut anon = 0;
     if tables.tracking.is_some() {
+        anon = proc::anon_pages(pid)?;
         let bound = anon * 4096 / COPY_SHARE;
         tables
             .copy_bounds
