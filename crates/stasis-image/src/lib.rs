@@ -8,6 +8,7 @@
 //! and synced ([`generation`]). The format is documented in `docs/image-format.md`.
 #![forbid(unsafe_code)]
 
+pub mod compress;
 pub mod error;
 pub mod fault;
 pub mod generation;

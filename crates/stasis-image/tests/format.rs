@@ -108,7 +108,7 @@ fn frame_of(m: &Manifest, c: u32) -> stasis_image::index::Frame {
 
 /// Writes a generation with one compressible and one incompressible chunk.
 fn write_generation(job: &Path) -> (u32, std::path::PathBuf, Vec<u8>) {
-    let mut w = GenerationWriter::begin(job, Compression::Zstd(1)).unwrap();
+    let mut w = GenerationWriter::begin(job, Compression::FAST).unwrap();
     let mut noise = vec![0u8; 8192];
     let mut x: u32 = 1;
     for b in &mut noise {
@@ -365,7 +365,7 @@ fn noise(len: usize, mut x: u64) -> Vec<u8> {
 }
 
 fn write_one(job: &Path, data: &[u8], incremental: bool) -> std::path::PathBuf {
-    let mut w = GenerationWriter::begin_with(job, Compression::Zstd(1), incremental).unwrap();
+    let mut w = GenerationWriter::begin_with(job, Compression::FAST, incremental).unwrap();
     let c = w.pack().add(data).unwrap();
     w.finish(&mut manifest(c)).unwrap().1
 }
@@ -543,7 +543,7 @@ fn chunks_made_of_base_blobs_read_back_as_the_base_pages() {
     let gen1 = write_one(&job, &data, true);
     let m1 = read_manifest(&gen1.join(MANIFEST_FILE)).unwrap();
 
-    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let mut w = GenerationWriter::begin(&job, Compression::FAST).unwrap();
     assert_eq!(w.pack().base().name(), Some(m1.packs[0].as_str()));
     let base = &w.pack().base().memory[&2];
     // The manifest's one run starts at 0x10000: page k is blob k.
@@ -589,7 +589,7 @@ fn chunks_made_of_staged_blobs_read_back_as_the_staged_pages() {
     let tmp = tempfile::tempdir().unwrap();
     let job = tmp.path().join("job");
     let data = noise(8 * 4096, 21);
-    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let mut w = GenerationWriter::begin(&job, Compression::FAST).unwrap();
     let first = w.pack().stage(&data[..4 * 4096]).unwrap();
     let second = w.pack().stage(&data[4 * 4096..]).unwrap();
     assert_eq!((first, second), (0, 4));
@@ -663,7 +663,7 @@ fn a_writer_starts_from_what_the_last_one_carried_only_while_its_generation_is_n
     let write = |data: &[u8], carried| {
         writes.set(writes.get() + 1);
         let n = writes.get();
-        let mut w = GenerationWriter::begin_after(&job, Compression::Zstd(1), carried).unwrap();
+        let mut w = GenerationWriter::begin_after(&job, Compression::FAST, carried).unwrap();
         let base = w.pack().base().name().map(str::to_owned);
         for k in 0..n {
             w.pack().add(&noise(4096, u64::from(n * 100 + k))).unwrap();
@@ -722,7 +722,7 @@ fn takes_direct_io(dir: &Path) -> bool {
 fn write_mixed() -> (tempfile::TempDir, std::path::PathBuf, Vec<Vec<u8>>, bool) {
     let tmp = tempfile::tempdir().unwrap();
     let direct = takes_direct_io(tmp.path());
-    let mut w = GenerationWriter::begin(&tmp.path().join("job"), Compression::Zstd(1)).unwrap();
+    let mut w = GenerationWriter::begin(&tmp.path().join("job"), Compression::FAST).unwrap();
     let mut contents = Vec::new();
     for k in 0..12u64 {
         let data = match k % 3 {
@@ -897,7 +897,7 @@ fn a_prepared_generation_is_in_place_only_once_finished() {
             .count()
     };
 
-    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let mut w = GenerationWriter::begin(&job, Compression::FAST).unwrap();
     let c = w.pack().add(&data).unwrap();
     let mut m = manifest(c);
     w.prepare(&mut m).unwrap();
@@ -911,7 +911,7 @@ fn a_prepared_generation_is_in_place_only_once_finished() {
     assert!(list_generations(&job).is_empty());
     assert_eq!(packs(&job), 0, "the dropped writer's pack is removed");
 
-    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let mut w = GenerationWriter::begin(&job, Compression::FAST).unwrap();
     let c = w.pack().add(&data).unwrap();
     let mut m = manifest(c);
     w.prepare(&mut m).unwrap();
@@ -927,12 +927,12 @@ fn a_prepared_generation_is_in_place_only_once_finished() {
     assert_eq!(packs(&job), 1);
 
     // Number 2 taken by another writer between prepare and finish: the next one.
-    let mut w = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let mut w = GenerationWriter::begin(&job, Compression::FAST).unwrap();
     let c = w.pack().add(&data).unwrap();
     let mut m = manifest(c);
     w.prepare(&mut m).unwrap();
     assert_eq!(m.job.generation, 2);
-    let mut other = GenerationWriter::begin(&job, Compression::Zstd(1)).unwrap();
+    let mut other = GenerationWriter::begin(&job, Compression::FAST).unwrap();
     let c2 = other.pack().add(&data).unwrap();
     assert_eq!(other.finish(&mut manifest(c2)).unwrap().0, 2);
     let (n, dir) = w.finish(&mut m).unwrap();
@@ -1031,4 +1031,115 @@ fn damage_in_a_packs_trailer_names_the_pack() {
         flip(&pack, at);
     }
     OpenGeneration::open(&dir).unwrap();
+}
+
+/// Writes `chunks` with `compression` into a new generation of `job`; returns its
+/// directory and manifest.
+fn write_chunks(
+    job: &Path,
+    compression: Compression,
+    chunks: &[Vec<u8>],
+) -> (std::path::PathBuf, Manifest) {
+    let mut w = GenerationWriter::begin(job, compression).unwrap();
+    for (i, data) in chunks.iter().enumerate() {
+        assert_eq!(w.pack().add(data).unwrap() as usize, i);
+    }
+    let (_, dir) = w.finish(&mut manifest(0)).unwrap();
+    let m = read_manifest(&dir.join(MANIFEST_FILE)).unwrap();
+    (dir, m)
+}
+
+/// Compressible chunks (4-bit values: no repeats, but half their bits are zero) alternating
+/// with noise, each chunk 256 KiB of distinct pages.
+fn alternating(n: u64) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|k| match k % 2 {
+            0 => noise(256 << 10, k + 100).iter().map(|b| b & 0x0f).collect(),
+            _ => noise(256 << 10, k + 100),
+        })
+        .collect()
+}
+
+/// The pack's frames, by offset, do not overlap and lie between its header and trailer;
+/// every chunk reads back as written and the generation verifies.
+fn check_frames_and_contents(dir: &Path, m: &Manifest, chunks: &[Vec<u8>]) {
+    let mut frames = m.chunks.frames.clone();
+    frames.sort_by_key(|f| f.offset);
+    let mut end = 16;
+    for f in &frames {
+        assert!(f.offset >= end, "frames overlap: {frames:?}");
+        if !f.zstd {
+            assert_eq!(
+                f.stored_len, f.raw_len,
+                "a raw frame stores its bytes: {f:?}"
+            );
+        }
+        end = f.offset + 16 + u64::from(f.stored_len);
+    }
+    let mut g = OpenGeneration::open(dir).unwrap();
+    for (c, data) in chunks.iter().enumerate() {
+        assert_eq!(&g.chunk(c as u32).unwrap(), data, "chunk {c}");
+    }
+    let v = verify(dir).unwrap();
+    assert_eq!(v.chunks, chunks.len(), "{v:?}");
+}
+
+/// Every mode stores what it was given. `small` waits for the compressor: every
+/// compressible frame is compressed, no noise frame is. `none` compresses nothing. `fast`
+/// hands the first frames to the compression thread (the first two are always taken) and
+/// places frames as they come back, in whatever order that is.
+#[test]
+fn compression_modes_store_frames_as_compression_pays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chunks = alternating(24);
+    let compressed = |m: &Manifest, c: u32| frame_of(m, c).zstd;
+
+    let (dir, m) = write_chunks(&tmp.path().join("small"), Compression::SMALL, &chunks);
+    check_frames_and_contents(&dir, &m, &chunks);
+    for c in 0..24u32 {
+        // Noise never pays, so probes are spaced: compressible frames keep paying and
+        // reset the spacing before it skips any.
+        assert_eq!(compressed(&m, c), c % 2 == 0, "small, chunk {c}");
+    }
+    let small = verify(&dir).unwrap().stored_bytes;
+
+    let (dir, m) = write_chunks(&tmp.path().join("none"), Compression::None, &chunks);
+    check_frames_and_contents(&dir, &m, &chunks);
+    assert!((0..24).all(|c| !compressed(&m, c)));
+    let none = verify(&dir).unwrap().stored_bytes;
+    assert!(small < none * 4 / 5, "small {small}, none {none}");
+
+    let (dir, m) = write_chunks(&tmp.path().join("fast"), Compression::FAST, &chunks);
+    check_frames_and_contents(&dir, &m, &chunks);
+    assert!(
+        compressed(&m, 0),
+        "the first frame goes to the compression thread"
+    );
+    assert!((0..24).filter(|c| c % 2 == 1).all(|c| !compressed(&m, c)));
+}
+
+/// A writer dropped before it finished (a checkpoint that failed) with frames at the
+/// compression thread leaves the thread to the next writer, which compresses as before.
+#[test]
+fn a_writer_dropped_with_frames_under_way_leaves_the_compressor_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chunks = alternating(8);
+    for round in 0..3 {
+        let mut w =
+            GenerationWriter::begin(&tmp.path().join("dropped"), Compression::SMALL).unwrap();
+        for data in &chunks {
+            w.pack().add(data).unwrap();
+        }
+        drop(w);
+        let (dir, m) = write_chunks(
+            &tmp.path().join(format!("after{round}")),
+            Compression::SMALL,
+            &chunks,
+        );
+        check_frames_and_contents(&dir, &m, &chunks);
+        assert!(
+            frame_of(&m, 0).zstd && frame_of(&m, 6).zstd,
+            "round {round}"
+        );
+    }
 }

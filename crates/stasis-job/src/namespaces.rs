@@ -54,12 +54,17 @@ pub fn enter(offsets: (i64, i64)) -> NamespaceSetup {
         )),
     }
     // The last moment a thread can be made: not before the user namespace (unsharing it
-    // takes a single thread), not after the pid and time namespaces for our children.
+    // takes a single thread), not after the pid and time namespaces for our children
+    // (clone of a thread then fails with EINVAL).
     if !stasis_core::helper::start() {
         s.notes
             .push("no helper thread: checkpoints read mapping flags on one thread".into());
     }
     stasis_core::kernel_maps::warm_up();
+    if !stasis_image::compress::start_thread() {
+        s.notes
+            .push("no compression thread: checkpoints compress on one thread".into());
+    }
     match ns::unshare(ns::flags::PID) {
         Ok(()) => s.pid = true,
         Err(e) => s.notes.push(format!(

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, assert_all_pass, program, stasis_bin};
+use common::{EXIT_CHECKPOINTED, Env, assert_all_pass, program, stasis_bin};
 use serde_json::Value;
 
 fn json(text: &str) -> Value {
@@ -504,4 +504,84 @@ fn cross_user_control_is_refused(env: &Env, name: &str, sock_dir: &Path, sock: &
         "no checkpoint was taken for uid 65534"
     );
     assert_eq!(st["latest_generation"], 2);
+}
+
+/// The names of the threads of process `pid`.
+fn thread_names(pid: i64) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `--compress` decides what a checkpoint stores: `small` compresses every frame of
+/// half-compressible numbers, `none` stores them raw; both images verify. The supervisor
+/// made its compression thread before its namespaces (after them the kernel refuses new
+/// threads). A mode it does not know is refused, naming the choices.
+#[test]
+fn compress_modes_decide_what_a_checkpoint_stores() {
+    let env = Env::new();
+    let mut stored = Vec::new();
+    for mode in ["small", "none"] {
+        let name = env.name(&format!("compress-{mode}"));
+        let dir = env.work.join(&name);
+        fs::create_dir_all(&dir).unwrap();
+        let args = [
+            "bench-workload",
+            "--mib",
+            "16",
+            "--pattern",
+            "mixed",
+            "--dir",
+        ];
+        let mut args: Vec<&str> = args.to_vec();
+        args.push(dir.to_str().unwrap());
+        let mut job = env.start_with(&name, &["--compress", mode], &stasis_bin(), &args);
+        let _guard = KillOnDrop(&env, name.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dir.join("ready").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the workload did not fill its memory"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let st = env.status(&name);
+        let supervisor = st["supervisor_pid"].as_i64().expect("supervisor_pid");
+        assert!(
+            thread_names(supervisor).iter().any(|t| t == "stasis-zstd"),
+            "the supervisor's threads: {:?}",
+            thread_names(supervisor)
+        );
+        assert!(
+            !st["namespaces"]["notes"]
+                .to_string()
+                .contains("compression"),
+            "{st}"
+        );
+        let report = env.checkpoint(&name, true);
+        stored.push(report["stored_bytes"].as_u64().expect("stored_bytes"));
+        assert_eq!(job.wait(), EXIT_CHECKPOINTED, "{}", env.stderr(&job));
+        let verified = env.ok(&["verify", env.job_dir(&name).to_str().unwrap()]);
+        assert!(verified.contains("every checksum matches"), "{verified}");
+    }
+    let (small, none) = (stored[0], stored[1]);
+    assert!(none >= 16 << 20, "stored raw: {none}");
+    assert!(small < none * 7 / 10, "small {small}, none {none}");
+    let o = env.stasis(&[
+        "run",
+        "--compress",
+        "bogus",
+        "--name",
+        "x",
+        "--",
+        "/bin/true",
+    ]);
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{text}");
+    assert!(text.contains("bogus") && text.contains("small"), "{text}");
 }

@@ -19,9 +19,25 @@ pub struct ImageArgs {
     /// Root directory of job images (default: $STASIS_IMAGES, else ~/.local/state/stasis/images).
     #[arg(long, env = "STASIS_IMAGES")]
     pub images: Option<PathBuf>,
-    /// Store page data uncompressed.
+    /// How page data is compressed: `fast` (zstd on the spare core, never holding up a
+    /// checkpoint much; data it cannot keep up with is stored raw), `small` (every frame
+    /// compressed, however long it takes: for slow or remote disks) or `none`.
+    #[arg(long, value_enum, default_value_t = CompressMode::Fast)]
+    pub compress: CompressMode,
+    /// Store page data uncompressed (the same as `--compress none`).
     #[arg(long)]
     pub no_compress: bool,
+}
+
+/// The choices of `--compress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompressMode {
+    /// zstd's fast level on the spare core; frames it cannot keep up with are stored raw.
+    Fast,
+    /// zstd level 3 on every frame.
+    Small,
+    /// No compression.
+    None,
 }
 
 impl ImageArgs {
@@ -33,10 +49,10 @@ impl ImageArgs {
                 .images
                 .clone()
                 .unwrap_or_else(paths::default_images_root),
-            compression: if self.no_compress {
-                Compression::None
-            } else {
-                Compression::Zstd(1)
+            compression: match (self.no_compress, self.compress) {
+                (true, _) | (false, CompressMode::None) => Compression::None,
+                (false, CompressMode::Fast) => Compression::FAST,
+                (false, CompressMode::Small) => Compression::SMALL,
             },
             policy: CheckpointPolicy::default(),
         }
