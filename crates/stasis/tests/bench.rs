@@ -30,8 +30,8 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(
         rows.len(),
-        5,
-        "2 sizes + compressible, sparse, 4 processes: {report}"
+        7,
+        "2 sizes + compressible, mixed (compressed and not), sparse, 4 processes: {report}"
     );
     for r in rows {
         for key in [
@@ -81,6 +81,18 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
             "the workload's memory loads lazily: {random}"
         );
     }
+    // Numbers half compressible: stored raw with `--compress none`, never larger with the
+    // default; the two compared under the table.
+    let mixed = |mode: &str| {
+        rows.iter()
+            .find(|r| r["pattern"] == "mixed" && r["compress"] == mode)
+            .unwrap_or_else(|| panic!("a mixed row with --compress {mode}: {report}"))
+    };
+    let bytes = |r: &serde_json::Value| r["checkpoint_bytes"].as_u64().unwrap();
+    let (fast, none) = (mixed("fast"), mixed("none"));
+    assert!(bytes(none) >= 8 << 20, "stored raw: {none}");
+    assert!(bytes(fast) <= bytes(none), "{fast}\n{none}");
+    assert!(out.contains("compression on 8 MiB of numbers"), "{out}");
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(
         chart.starts_with("<svg") && chart.contains("polyline"),

@@ -26,7 +26,8 @@ pub struct Args {
     /// Memory sizes in MiB of the single-process random workloads.
     #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [64u64, 256, 1024, 4096])]
     sizes: Vec<u64>,
-    /// Size in MiB of the extra workloads: compressible, sparse, and a 4-process job.
+    /// Size in MiB of the extra workloads: compressible, half-compressible numbers (with
+    /// default compression and with none), sparse, and a 4-process job.
     #[arg(long, default_value_t = 256)]
     extra_size: u64,
     /// Directory for images and baselines (default: a new directory under the temp dir).
@@ -44,6 +45,8 @@ struct Case {
     mib: u64,
     pattern: &'static str,
     procs: usize,
+    /// `--compress` of the job.
+    compress: &'static str,
 }
 
 fn stasis(images: &Path, args: &[&str]) -> Result<String> {
@@ -179,7 +182,7 @@ fn timed_shell(script: &str) -> Result<f64> {
 
 fn measure(c: &Case, base: &Path) -> Result<Value> {
     let images = base.join("images");
-    let name = format!("bench-{}-{}-{}", c.mib, c.pattern, c.procs);
+    let name = format!("bench-{}-{}-{}-{}", c.mib, c.pattern, c.procs, c.compress);
     let work = base.join(&name);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -191,6 +194,8 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
         &[
             "run",
             "--detach",
+            "--compress",
+            c.compress,
             "--name",
             &name,
             "--",
@@ -263,6 +268,7 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
             "mib": c.mib,
             "pattern": c.pattern,
             "procs": c.procs,
+            "compress": c.compress,
             "in_app_stall_ms": stall_us / 1e3,
             "frozen_ms": full["frozen_ms"],
             "checkpoint_ms": full["total_ms"],
@@ -358,10 +364,14 @@ fn table(rows: &[Value]) -> String {
     );
     for r in rows {
         let mb = |k: &str| num(r, k) / 1048576.0;
+        let workload = match r["compress"].as_str() {
+            Some("fast") | None => r["pattern"].as_str().unwrap_or("").to_owned(),
+            Some(other) => format!("{},{other}", r["pattern"].as_str().unwrap_or("")),
+        };
         t.push_str(&format!(
             "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>8.1} {:>6.1}% {:>7.1}M {:>7.1} {:>7.1} {:>8.1} {:>7.1} {:>6.1} {:>9.1}\n",
             r["mib"],
-            r["pattern"].as_str().unwrap_or(""),
+            workload,
             r["procs"],
             num(r, "in_app_stall_ms"),
             num(r, "frozen_ms"),
@@ -382,6 +392,26 @@ fn table(rows: &[Value]) -> String {
         ));
     }
     t
+}
+
+/// The default compression against none on the same half-compressible workload.
+fn compression_line(rows: &[Value]) -> Option<String> {
+    let find = |mode: &str| {
+        rows.iter()
+            .find(|r| r["pattern"] == "mixed" && r["compress"] == mode)
+    };
+    let (fast, none) = (find("fast")?, find("none")?);
+    let mb = |r: &Value| num(r, "checkpoint_bytes") / 1048576.0;
+    Some(format!(
+        "compression on {} MiB of numbers half compressible: default {:.1} ms, {:.1} MiB; --compress none {:.1} ms, {:.1} MiB (time x{:.2}, bytes x{:.2})",
+        fast["mib"],
+        num(fast, "checkpoint_ms"),
+        mb(fast),
+        num(none, "checkpoint_ms"),
+        mb(none),
+        num(fast, "checkpoint_ms") / num(none, "checkpoint_ms"),
+        mb(fast) / mb(none),
+    ))
 }
 
 fn svg(rows: &[Value]) -> String {
@@ -475,13 +505,21 @@ pub fn run(a: Args, json_out: bool) -> Result<i32> {
             mib,
             pattern: "random",
             procs: 1,
+            compress: "fast",
         })
         .collect();
-    for (pattern, procs) in [("compressible", 1), ("sparse", 1), ("random", 4)] {
+    for (pattern, procs, compress) in [
+        ("compressible", 1, "fast"),
+        ("mixed", 1, "fast"),
+        ("mixed", 1, "none"),
+        ("sparse", 1, "fast"),
+        ("random", 4, "fast"),
+    ] {
         cases.push(Case {
             mib: a.extra_size,
             pattern,
             procs,
+            compress,
         });
     }
     let mut rows = Vec::new();
@@ -519,6 +557,9 @@ pub fn run(a: Args, json_out: bool) -> Result<i32> {
         println!("{report}");
     } else {
         print!("{}", table(&rows));
+        if let Some(line) = compression_line(&rows) {
+            println!("{line}");
+        }
         for k in &skipped {
             println!(
                 "skipped: {} MiB {} x{}: {}",

@@ -1,6 +1,6 @@
 //! `stasis bench-workload` (hidden): the program `stasis bench` checkpoints.
 //!
-//! It fills MIB of memory (random, compressible or sparse), then a thread timestamps a
+//! It fills MIB of memory (random, compressible, mixed or sparse), then a thread timestamps a
 //! tight loop with `CLOCK_MONOTONIC` and keeps the largest gap it sees: the stall the
 //! program itself observes. Control files in `--dir`: `reset` (start a new measurement),
 //! `touch` (change 1% of the pages, then `touched` appears), `report` (the largest gap in
@@ -23,7 +23,8 @@ pub struct Args {
     /// Memory to fill, in MiB.
     #[arg(long)]
     mib: usize,
-    /// `random`, `compressible` or `sparse` (one page in 16 touched).
+    /// `random`, `compressible`, `mixed` (numbers: 32 random bits in every 64, about half
+    /// compressible) or `sparse` (one page in 16 touched).
     #[arg(long, default_value = "random")]
     pattern: String,
     /// Processes (the others are children of the first, each with its share of memory).
@@ -54,6 +55,13 @@ fn fill(buf: &mut [u8], pattern: &str, seed: u64) {
             let text = b"stasis checkpoints whole jobs; this line repeats. ";
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = text[i % text.len()] ^ u8::from(i % 4096 == 0);
+            }
+        }
+        "mixed" => {
+            fill_random(buf, seed | 1);
+            for word in buf.chunks_mut(8) {
+                let n = word.len().min(4);
+                word[..n].fill(0);
             }
         }
         "sparse" => {
