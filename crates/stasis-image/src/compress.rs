@@ -17,7 +17,7 @@
 
 use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::index::BlobHash;
 
@@ -51,8 +51,8 @@ pub(crate) struct Done {
     /// Whether compression saved at least 1/8 (then [`Done::stored`] is the compressed
     /// bytes).
     pub pays: bool,
-    /// How long the worker took to compress it.
-    pub elapsed: Duration,
+    /// The CPU time the worker took to compress it.
+    pub cpu: Duration,
 }
 
 impl Done {
@@ -90,7 +90,13 @@ impl Worker {
         let (outbox, done) = sync_channel::<Done>(DEPTH);
         std::thread::Builder::new()
             .name("stasis-zstd".into())
-            .spawn(move || compress_loop(&inbox, &outbox))?;
+            .spawn(move || {
+                // A descriptor table of its own (it never holds one): while the table is
+                // shared, the kernel makes every growth of it wait for an RCU grace period
+                // (15 ms on our virtual machines), as for the helper thread.
+                let _ = stasis_sys::fd::own_table_with_stdio_only();
+                compress_loop(&inbox, &outbox)
+            })?;
         Ok(Worker {
             jobs,
             done,
@@ -104,10 +110,10 @@ impl Worker {
 fn compress_loop(inbox: &Receiver<Job>, outbox: &SyncSender<Done>) {
     let mut context: Context = None;
     while let Ok(mut job) = inbox.recv() {
-        let started = Instant::now();
+        let started = stasis_sys::process::thread_cpu_ns();
         let pays = compress(&mut context, job.level, &job.raw, &mut job.out);
-        let elapsed = started.elapsed();
-        if outbox.send(Done { job, pays, elapsed }).is_err() {
+        let cpu = Duration::from_nanos(stasis_sys::process::thread_cpu_ns() - started);
+        if outbox.send(Done { job, pays, cpu }).is_err() {
             return;
         }
     }
@@ -125,12 +131,23 @@ pub(crate) fn compress(context: &mut Context, level: i32, raw: &[u8], out: &mut 
     let Some((_, c)) = context else {
         return false;
     };
-    // Room for what pays and no more: zstd gives up once its output would not fit.
+    if raw.len() <= 8 {
+        return false;
+    }
+    // Room for what pays and no more: zstd gives up once its output would not fit (a
+    // buffer recycled from a raw frame has more room than that).
     let room = raw.len() - raw.len() / 8 - 1;
-    out.clear();
-    out.reserve(room);
-    let fits = raw.len() > 8 && c.compress_to_buffer(raw, out).is_ok();
-    fits && out.len() <= room
+    out.resize(room, 0);
+    match c.compress_to_buffer(raw, &mut out[..room]) {
+        Ok(n) => {
+            out.truncate(n);
+            true
+        }
+        Err(_) => {
+            out.clear();
+            false
+        }
+    }
 }
 
 /// Makes the compression thread now, if none is kept: a process that is about to lose the

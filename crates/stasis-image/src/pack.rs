@@ -13,6 +13,7 @@ use std::io::{Read, Seek};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::compress::{self, Done, Pipeline};
 use crate::error::{ImageError, ImageResult, io};
@@ -64,7 +65,8 @@ impl Compression {
         wait: false,
     };
     /// For images whose size matters more than the time taken (a slow or remote disk):
-    /// zstd level 3 on every frame.
+    /// zstd level 3, every frame tried (but for the probing of data that does not
+    /// compress at all).
     pub const SMALL: Compression = Compression::Zstd {
         level: 3,
         wait: true,
@@ -78,6 +80,9 @@ impl Compression {
 /// Python heap (a dict of 1.5 million entries, 7.4 times smaller) saves 0.86 GB/s, numbers
 /// half of whose bytes compress 0.19 GB/s, repeated text 17 GB/s.
 const MIN_SAVING_RATE: f64 = 5e8;
+/// Frames smaller than this are compressed by the writer itself (handing them to the
+/// compression thread and back costs more than compressing them).
+const SMALL_FRAME: usize = 64 << 10;
 /// Frames stored raw at most between two probes of data not worth compressing: a probe of
 /// numbers compressing at 0.5 GB/s costs four times what storing the frame raw does.
 const MAX_BACKOFF: u32 = 128;
@@ -237,8 +242,9 @@ pub struct PackWriter {
     imported: Vec<u32>,
     /// Frames still to store without trying compression (it did not pay lately).
     skip: u32,
-    /// Grows with every frame in a row that does not compress (1, 2, 4 … 32): from 2 on,
-    /// that many frames are stored without trying; back to 0 once compression pays.
+    /// Grows with every frame in a row that does not compress (1, 2, 4 … 128; from 16 on
+    /// for one that compresses too slowly): from 2 on, that many frames are stored without
+    /// trying; back to 0 once compression pays ([`PackWriter::note_compressed`]).
     backoff: u32,
     /// Raw bytes of blobs written (not deduplicated).
     new_bytes: u64,
@@ -586,16 +592,19 @@ impl PackWriter {
             Compression::Zstd { level, wait } => (level, wait),
             Compression::None => return self.place(frame, raw, false, raw.len(), &hashes),
         };
-        if self.pipeline.is_none() && !self.no_pipeline {
+        // Small frames (an incremental checkpoint's runs of changed pages) cost more to
+        // hand over than to compress.
+        let small = raw.len() < SMALL_FRAME;
+        if self.pipeline.is_none() && !self.no_pipeline && !small {
             self.pipeline = Pipeline::take();
             self.no_pipeline = self.pipeline.is_none();
         }
-        if wait {
+        if wait && !small {
             while self.pipeline.as_ref().is_some_and(Pipeline::busy) {
                 self.place_ready(true)?;
             }
         }
-        let hashes = match self.pipeline.as_mut().filter(|p| !p.busy()) {
+        let hashes = match self.pipeline.as_mut().filter(|p| !small && !p.busy()) {
             Some(p) => match p.send(frame, hashes, raw, level) {
                 Ok(()) => return Ok(()),
                 Err(hashes) => {
@@ -606,15 +615,16 @@ impl PackWriter {
             None => hashes,
         };
         let compresses_fast = self.saving_rate.is_some_and(|r| r >= INLINE_SAVING_RATE);
-        if !(self.no_pipeline || wait || compresses_fast) {
+        if !(small || self.no_pipeline || wait || compresses_fast) {
             return self.place(frame, raw, false, raw.len(), &hashes);
         }
         let (context, out) = &mut self.inline;
-        let started = std::time::Instant::now();
+        let started = stasis_sys::process::thread_cpu_ns();
         let pays = compress::compress(&mut context.0, level, raw, out);
+        let cpu = Duration::from_nanos(stasis_sys::process::thread_cpu_ns() - started);
         let saved = if pays { raw.len() - out.len() } else { 0 };
         let out = std::mem::take(out);
-        self.note_compressed(saved, started.elapsed());
+        self.note_compressed(raw.len(), saved, cpu);
         let placed = match pays {
             true => self.place(frame, &out, true, raw.len(), &hashes),
             false => self.place(frame, raw, false, raw.len(), &hashes),
@@ -651,7 +661,7 @@ impl PackWriter {
 
     /// Places a frame back from the compression thread.
     fn place_done(&mut self, done: &Done) -> ImageResult<()> {
-        self.note_compressed(done.saved(), done.elapsed);
+        self.note_compressed(done.job.raw.len(), done.saved(), done.cpu);
         let job = &done.job;
         self.place(
             job.frame,
@@ -662,21 +672,24 @@ impl PackWriter {
         )
     }
 
-    /// Notes a frame's compression: `saved` bytes (0: it did not pay) in `took`.
+    /// Notes a frame's compression: of `raw` bytes, `saved` (0: it did not pay), in `cpu`
+    /// time.
     ///
-    /// Data that does not compress (random, already compressed) or, unless every frame
-    /// waits for the compressor, compresses too slowly for what it saves, is probed rather
-    /// than compressed frame after frame: one such frame proves little; from the second in
-    /// a row on, frames are stored raw between probes, spaced further and further apart
-    /// (up to every 129th frame).
-    fn note_compressed(&mut self, saved: usize, took: std::time::Duration) {
-        let rate = saved as f64 / took.as_secs_f64().max(1e-9);
+    /// Data that does not compress (random, already compressed) is probed rather than
+    /// compressed frame after frame: one frame that does not pay proves little; from the
+    /// second in a row on, frames are stored raw between probes, spaced further and
+    /// further apart (2, 4 … 128 frames). Unless every frame waits for the compressor,
+    /// data that compresses too slowly for what it saves ([`MIN_SAVING_RATE`]) is probed
+    /// the same way from its first frame on, 16 to 128 frames apart (frames smaller than
+    /// [`SMALL_FRAME`] are not judged by speed: zstd's cost per call weighs too much in
+    /// them).
+    fn note_compressed(&mut self, raw: usize, saved: usize, cpu: Duration) {
+        let rate = saved as f64 / cpu.as_secs_f64().max(1e-9);
         self.saving_rate = Some(self.saving_rate.map_or(rate, |mean| (mean + rate) / 2.0));
         let waits = matches!(self.compression, Compression::Zstd { wait: true, .. });
-        let slow = saved > 0 && !waits && rate < MIN_SAVING_RATE;
+        let slow = saved > 0 && !waits && raw >= SMALL_FRAME && rate < MIN_SAVING_RATE;
         self.backoff = match (saved > 0 && !slow, self.backoff) {
             (true, _) => 0,
-            // Data that compresses, slowly, is known for what it is at once.
             (false, b) if slow => (b * 2).clamp(SLOW_BACKOFF, MAX_BACKOFF),
             (false, 0) => 1,
             (false, b) => (b * 2).min(MAX_BACKOFF),

@@ -354,6 +354,12 @@ pub fn prlimit(pid: i32, resource: u32, new: Option<(u64, u64)>) -> SysResult<(u
     Ok((old.rlim_cur, old.rlim_max))
 }
 
+/// CPU time the calling thread has used, in nanoseconds (`CLOCK_THREAD_CPUTIME_ID`): what
+/// a piece of work cost, whatever else wanted the cores meanwhile.
+pub fn thread_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
 /// Monotonic or boot-time clock of this process, in nanoseconds.
 pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {

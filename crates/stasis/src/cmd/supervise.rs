@@ -19,22 +19,24 @@ pub struct ImageArgs {
     /// Root directory of job images (default: $STASIS_IMAGES, else ~/.local/state/stasis/images).
     #[arg(long, env = "STASIS_IMAGES")]
     pub images: Option<PathBuf>,
-    /// How page data is compressed: `fast` (zstd on the spare core, never holding up a
-    /// checkpoint much; data it cannot keep up with is stored raw), `small` (every frame
-    /// compressed, however long it takes: for slow or remote disks) or `none`.
+    /// How page data is compressed: `fast` (zstd on a thread beside the writer, never
+    /// holding up a checkpoint much; data it cannot keep up with, or that compresses slowly
+    /// for what it saves, is stored raw), `small` (every frame tried, however long it takes:
+    /// for slow or remote disks) or `none`.
     #[arg(long, value_enum, default_value_t = CompressMode::Fast)]
     pub compress: CompressMode,
     /// Store page data uncompressed (the same as `--compress none`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "compress")]
     pub no_compress: bool,
 }
 
 /// The choices of `--compress`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CompressMode {
-    /// zstd's fast level on the spare core; frames it cannot keep up with are stored raw.
+    /// zstd level 1 on a thread beside the writer; frames it cannot keep up with are
+    /// stored raw.
     Fast,
-    /// zstd level 3 on every frame.
+    /// zstd level 3, every frame tried.
     Small,
     /// No compression.
     None,
