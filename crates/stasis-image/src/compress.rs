@@ -110,8 +110,10 @@ impl Worker {
 fn compress_loop(inbox: &Receiver<Job>, outbox: &SyncSender<Done>) {
     let mut context: Context = None;
     while let Ok(mut job) = inbox.recv() {
+        // Timed without making the context (the first frame's, or a new level's).
+        let c = compressor(&mut context, job.level);
         let started = stasis_sys::process::thread_cpu_ns();
-        let pays = compress(&mut context, job.level, &job.raw, &mut job.out);
+        let pays = c.is_some_and(|c| compress(c, &job.raw, &mut job.out));
         let cpu = Duration::from_nanos(stasis_sys::process::thread_cpu_ns() - started);
         if outbox.send(Done { job, pays, cpu }).is_err() {
             return;
@@ -122,15 +124,24 @@ fn compress_loop(inbox: &Receiver<Job>, outbox: &SyncSender<Done>) {
 /// A zstd context, made for a level and kept while that level is asked for.
 pub(crate) type Context = Option<(i32, zstd::bulk::Compressor<'static>)>;
 
-/// Compresses `raw` into `out` at `level` with `context` (made or remade for the level);
-/// whether the result saves at least 1/8 (else `out` holds nothing of use).
-pub(crate) fn compress(context: &mut Context, level: i32, raw: &[u8], out: &mut Vec<u8>) -> bool {
+/// The compressor of `context` for `level`, made (or remade for another level) if need be.
+pub(crate) fn compressor(
+    context: &mut Context,
+    level: i32,
+) -> Option<&mut zstd::bulk::Compressor<'static>> {
     if context.as_ref().is_none_or(|(l, _)| *l != level) {
         *context = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
     }
-    let Some((_, c)) = context else {
-        return false;
-    };
+    context.as_mut().map(|(_, c)| c)
+}
+
+/// Compresses `raw` into `out` with `c`; whether the result saves at least 1/8 (else `out`
+/// holds nothing of use).
+pub(crate) fn compress(
+    c: &mut zstd::bulk::Compressor<'static>,
+    raw: &[u8],
+    out: &mut Vec<u8>,
+) -> bool {
     if raw.len() <= 8 {
         return false;
     }

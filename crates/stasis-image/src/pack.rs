@@ -252,8 +252,11 @@ pub struct PackWriter {
     pipeline: Option<Pipeline>,
     /// Whether the compression thread could not be had (frames are compressed here).
     no_pipeline: bool,
-    /// Bytes compression saved per second it took, a running mean over recent frames.
-    saving_rate: Option<f64>,
+    /// What compression of recent frames took and saved: frames of [`SMALL_FRAME`] or
+    /// more (timed in CPU time on the compression thread), and smaller ones (timed by the
+    /// clock on the writer's: reading a thread's CPU time is a system call, 1-2 us for
+    /// two, as much as compressing a page takes).
+    measured: [Measured; 2],
     /// The context for frames compressed by the writer itself, and its output buffer.
     inline: (Context<compress::Context>, Vec<u8>),
     /// Blobs stored ahead of the chunks that will use them ([`PackWriter::stage`]).
@@ -268,6 +271,40 @@ struct Context<T>(T);
 impl<T> std::fmt::Debug for Context<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("zstd context")
+    }
+}
+
+/// What compression of recent frames took and saved: sums that halve whenever the raw
+/// bytes tried pass [`Measured::WINDOW`], so that they follow the data, and that one frame
+/// timed badly (an interrupt, a page fault in the middle of a small one) moves little.
+#[derive(Debug, Default, Clone, Copy)]
+struct Measured {
+    raw: f64,
+    saved: f64,
+    secs: f64,
+}
+
+impl Measured {
+    /// Raw bytes the sums cover at most, about.
+    const WINDOW: f64 = 4.0 * 1048576.0;
+    /// Raw bytes tried before the rate is trusted: a megabyte of small frames is about
+    /// 250 calls, which a few timed badly do not sway.
+    const EVIDENCE: f64 = 1048576.0;
+
+    fn add(&mut self, raw: usize, saved: usize, took: Duration) {
+        self.raw += raw as f64;
+        self.saved += saved as f64;
+        self.secs += took.as_secs_f64();
+        if self.raw > Self::WINDOW {
+            self.raw /= 2.0;
+            self.saved /= 2.0;
+            self.secs /= 2.0;
+        }
+    }
+
+    /// Bytes saved per second of compression, once enough was tried.
+    fn rate(&self) -> Option<f64> {
+        (self.raw >= Self::EVIDENCE).then(|| self.saved / self.secs.max(1e-9))
     }
 }
 
@@ -320,7 +357,7 @@ impl PackWriter {
             new_bytes: 0,
             pipeline: None,
             no_pipeline: false,
-            saving_rate: None,
+            measured: [Measured::default(); 2],
             inline: (Context(None), Vec::new()),
             staged: Vec::new(),
             hashes: PackHashes::default(),
@@ -614,17 +651,21 @@ impl PackWriter {
             },
             None => hashes,
         };
-        let compresses_fast = self.saving_rate.is_some_and(|r| r >= INLINE_SAVING_RATE);
+        let compresses_fast = self.measured[0]
+            .rate()
+            .is_some_and(|r| r >= INLINE_SAVING_RATE);
         if !(small || self.no_pipeline || wait || compresses_fast) {
             return self.place(frame, raw, false, raw.len(), &hashes);
         }
         let (context, out) = &mut self.inline;
-        let started = stasis_sys::process::thread_cpu_ns();
-        let pays = compress::compress(&mut context.0, level, raw, out);
-        let cpu = Duration::from_nanos(stasis_sys::process::thread_cpu_ns() - started);
+        // By the clock (see `measured`).
+        let c = compress::compressor(&mut context.0, level);
+        let started = std::time::Instant::now();
+        let pays = c.is_some_and(|c| compress::compress(c, raw, out));
+        let took = started.elapsed();
         let saved = if pays { raw.len() - out.len() } else { 0 };
         let out = std::mem::take(out);
-        self.note_compressed(raw.len(), saved, cpu);
+        self.note_compressed(raw.len(), saved, took);
         let placed = match pays {
             true => self.place(frame, &out, true, raw.len(), &hashes),
             false => self.place(frame, raw, false, raw.len(), &hashes),
@@ -672,22 +713,22 @@ impl PackWriter {
         )
     }
 
-    /// Notes a frame's compression: of `raw` bytes, `saved` (0: it did not pay), in `cpu`
-    /// time.
+    /// Notes a frame's compression: of `raw` bytes, `saved` (0: it did not pay) in `took`
+    /// (CPU time on the compression thread, time by the clock on the writer's).
     ///
     /// Data that does not compress (random, already compressed) is probed rather than
     /// compressed frame after frame: one frame that does not pay proves little; from the
     /// second in a row on, frames are stored raw between probes, spaced further and
     /// further apart (2, 4 … 128 frames). Unless every frame waits for the compressor,
-    /// data that compresses too slowly for what it saves ([`MIN_SAVING_RATE`]) is probed
-    /// the same way from its first frame on, 16 to 128 frames apart (frames smaller than
-    /// [`SMALL_FRAME`] are not judged by speed: zstd's cost per call weighs too much in
-    /// them).
-    fn note_compressed(&mut self, raw: usize, saved: usize, cpu: Duration) {
-        let rate = saved as f64 / cpu.as_secs_f64().max(1e-9);
-        self.saving_rate = Some(self.saving_rate.map_or(rate, |mean| (mean + rate) / 2.0));
+    /// data that compresses too slowly for what it saves is probed the same way, 16 to 128
+    /// frames apart: bytes saved per second over recent frames ([`Measured`], frames that
+    /// did not pay included, and zstd's cost per call, which weighs in small frames) below
+    /// [`MIN_SAVING_RATE`].
+    fn note_compressed(&mut self, raw: usize, saved: usize, took: Duration) {
+        let measured = &mut self.measured[usize::from(raw < SMALL_FRAME)];
+        measured.add(raw, saved, took);
         let waits = matches!(self.compression, Compression::Zstd { wait: true, .. });
-        let slow = saved > 0 && !waits && raw >= SMALL_FRAME && rate < MIN_SAVING_RATE;
+        let slow = saved > 0 && !waits && measured.rate().is_some_and(|r| r < MIN_SAVING_RATE);
         self.backoff = match (saved > 0 && !slow, self.backoff) {
             (true, _) => 0,
             (false, b) if slow => (b * 2).clamp(SLOW_BACKOFF, MAX_BACKOFF),

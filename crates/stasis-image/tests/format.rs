@@ -1052,15 +1052,10 @@ fn write_chunks(
 /// Compressible chunks (4-bit values: no repeats, but half their bits are zero) alternating
 /// with noise, each chunk 256 KiB of distinct pages.
 fn alternating(n: u64) -> Vec<Vec<u8>> {
-    alternating_of(n, 256 << 10)
-}
-
-/// Like [`alternating`], chunks of `len` bytes.
-fn alternating_of(n: u64, len: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|k| match k % 2 {
-            0 => noise(len, k + 100).iter().map(|b| b & 0x0f).collect(),
-            _ => noise(len, k + 100),
+            0 => noise(256 << 10, k + 100).iter().map(|b| b & 0x0f).collect(),
+            _ => noise(256 << 10, k + 100),
         })
         .collect()
 }
@@ -1122,8 +1117,17 @@ fn compression_modes_store_frames_as_compression_pays() {
     );
     assert!((0..24).filter(|c| c % 2 == 1).all(|c| !compressed(&m, c)));
 
-    // Small frames (8 KiB) are compressed by the writer itself, each as it pays.
-    let chunks = alternating_of(24, 8192);
+    // Small frames (8 KiB) are compressed by the writer itself, each as it pays (96 KiB of
+    // them tried: too few to judge their speed by, which a megabyte decides).
+    let chunks: Vec<Vec<u8>> = (0..24u64)
+        .map(|k| match k % 2 {
+            0 => format!("chunk {k} of text that repeats itself; ")
+                .repeat(300)
+                .into_bytes()[..8192]
+                .to_vec(),
+            _ => noise(8192, k + 100),
+        })
+        .collect();
     let (dir, m) = write_chunks(&tmp.path().join("fast-small"), Compression::FAST, &chunks);
     check_frames_and_contents(&dir, &m, &chunks);
     for c in 0..24u32 {
