@@ -253,9 +253,10 @@ pub struct PackWriter {
     /// Whether the compression thread could not be had (frames are compressed here).
     no_pipeline: bool,
     /// What compression of recent frames took and saved: frames of [`SMALL_FRAME`] or
-    /// more (timed in CPU time on the compression thread), and smaller ones (timed by the
-    /// clock on the writer's: reading a thread's CPU time is a system call, 1-2 us for
-    /// two, as much as compressing a page takes).
+    /// more (timed in CPU time on the compression thread, by the clock when the writer
+    /// compresses one itself), and smaller ones (timed by the clock on the writer's:
+    /// reading a thread's CPU time is a system call, 1-2 us for two, as much as
+    /// compressing a page takes).
     measured: [Measured; 2],
     /// The context for frames compressed by the writer itself, and its output buffer.
     inline: (Context<compress::Context>, Vec<u8>),
