@@ -51,6 +51,29 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
             assert!(v.is_finite() && v > 0.0, "{key} measured: {r}");
         }
         assert!(r["checkpoint_bytes"].as_u64().unwrap() > 0, "{r}");
+        // Restarting, loading, reading and filling are timed three times; the median is
+        // the one in the middle.
+        for (runs, median) in [
+            ("restart_runs_ms", "restart_ms"),
+            ("residency_runs_ms", "residency_ms"),
+            ("cat_runs_ms", "cat_ms"),
+            ("fill_runs_ms", "fill_ms"),
+        ] {
+            let mut v: Vec<f64> = r[runs]
+                .as_array()
+                .unwrap_or_else(|| panic!("{runs} listed: {r}"))
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(v.len(), 3, "{runs}: {r}");
+            assert!(v.iter().all(|x| x.is_finite() && *x > 0.0), "{runs}: {r}");
+            v.sort_by(f64::total_cmp);
+            assert_eq!(
+                r[median].as_f64(),
+                Some(v[1]),
+                "{median} is the median: {r}"
+            );
+        }
         assert_eq!(
             r["restarts_read_disk"], true,
             "the image was dropped from the page cache before restarts: {r}"
@@ -93,6 +116,10 @@ fn bench_measures_every_workload_and_writes_json_and_svg() {
     assert!(bytes(none) >= 8 << 20, "stored raw: {none}");
     assert!(bytes(fast) <= bytes(none), "{fast}\n{none}");
     assert!(out.contains("compression on 8 MiB of numbers"), "{out}");
+    assert!(
+        out.contains("medians of 3 runs (ms): 8 MiB resident"),
+        "the spread of the repeated timings is printed: {out}"
+    );
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(
         chart.starts_with("<svg") && chart.contains("polyline"),

@@ -8,7 +8,10 @@
 //! and `restart --detach --eager`. Baselines on the same bytes in the same directory: `dd
 //! conv=fsync` (writing) and `cat` to `/dev/null` (reading); and the time to fill as much
 //! fresh memory in a plain process (the least a restore's loading can cost). Restarts and
-//! `cat` read the image from the disk: its files are dropped from the page cache first. Prints a table,
+//! `cat` read the image from the disk: its files are dropped from the page cache first.
+//! Reading and loading an image, and filling fresh memory, are timed [`REPEATS`] times and
+//! reported as medians (every time in the JSON): on our virtual machines, filling fresh
+//! memory takes several times as long at random moments, in any program. Prints a table,
 //! writes JSON and an SVG chart.
 
 use std::path::{Path, PathBuf};
@@ -39,6 +42,20 @@ pub struct Args {
     /// Where to write the SVG chart.
     #[arg(long, default_value = "bench.svg")]
     svg_out: PathBuf,
+}
+
+/// How many times lazy restarts, `cat` and the fill of fresh memory are timed per workload.
+const REPEATS: usize = 3;
+
+/// The median of `v` (the mean of the middle two for an even count; NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 struct Case {
@@ -237,15 +254,27 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(200));
         // Restarts read the image from the disk (as on another machine), not the cache.
         let job_images = images.join(&name);
-        // Lazy restart (where allowed): running at once, memory loading behind.
-        let mut cold = drop_cached(&job_images);
-        let t = Instant::now();
-        stasis(&images, &["restart", &name, "--detach"])?;
-        let restart_ms = ms(t.elapsed());
-        let memory = wait_loaded(&name)?;
-        let residency_ms = restart_ms + memory["loaded_after_ms"].as_f64().unwrap_or(f64::NAN);
-        let _ = stasis(&images, &["kill", &name]);
-        wait_ended(&images, &name)?;
+        // Lazy restart (where allowed): running at once, memory loading behind. Timed
+        // [`REPEATS`] times: the median is reported.
+        let mut cold = true;
+        let mut lazy = Vec::new();
+        for _ in 0..REPEATS {
+            cold &= drop_cached(&job_images);
+            let t = Instant::now();
+            stasis(&images, &["restart", &name, "--detach"])?;
+            let restart_ms = ms(t.elapsed());
+            let memory = wait_loaded(&name)?;
+            let _ = stasis(&images, &["kill", &name]);
+            wait_ended(&images, &name)?;
+            lazy.push((restart_ms, memory));
+        }
+        let restarts: Vec<f64> = lazy.iter().map(|(r, _)| *r).collect();
+        let loads: Vec<f64> = lazy
+            .iter()
+            .map(|(_, m)| num(m, "loaded_after_ms"))
+            .collect();
+        let residencies: Vec<f64> = restarts.iter().zip(&loads).map(|(r, l)| r + l).collect();
+        let memory = &lazy[0].1;
         // Eager restart: all memory loaded before the job runs.
         cold &= drop_cached(&job_images);
         let t = Instant::now();
@@ -261,9 +290,16 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
             base.join("dd.out").display()
         ))?;
         let _ = std::fs::remove_file(base.join("dd.out"));
-        cold &= drop_cached(&job_images);
-        let cat = timed_shell(&format!("cat '{}' > /dev/null", pack.display()))?;
-        let fill = fill_fresh_memory(full["memory_bytes"].as_u64().unwrap_or(0));
+        let mut cats = Vec::new();
+        for _ in 0..REPEATS {
+            cold &= drop_cached(&job_images);
+            cats.push(timed_shell(&format!(
+                "cat '{}' > /dev/null",
+                pack.display()
+            ))?);
+        }
+        let bytes = full["memory_bytes"].as_u64().unwrap_or(0);
+        let fills: Vec<f64> = (0..REPEATS).map(|_| fill_fresh_memory(bytes)).collect();
         Ok(json!({
             "mib": c.mib,
             "pattern": c.pattern,
@@ -279,16 +315,20 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
             "incremental_stall_ms": incr_stall_us / 1e3,
             "incremental_unchanged_bytes": incr["unchanged_bytes"],
             "kill_checkpoint_ms": kill["total_ms"],
-            "restart_ms": restart_ms,
+            "restart_ms": median(&restarts),
+            "restart_runs_ms": restarts,
             "restart_lazy": memory["lazy"],
-            "residency_ms": residency_ms,
-            "lazy_load_ms": memory["loaded_after_ms"],
+            "residency_ms": median(&residencies),
+            "residency_runs_ms": residencies,
+            "lazy_load_ms": median(&loads),
             "lazy_bytes": memory["total_bytes"],
             "eager_restart_ms": eager_restart_ms,
             "image_bytes": stored,
             "dd_fsync_ms": dd,
-            "cat_ms": cat,
-            "fill_ms": fill,
+            "cat_ms": median(&cats),
+            "cat_runs_ms": cats,
+            "fill_ms": median(&fills),
+            "fill_runs_ms": fills,
             "restarts_read_disk": cold,
         }))
     })();
@@ -392,6 +432,37 @@ fn table(rows: &[Value]) -> String {
         ));
     }
     t
+}
+
+/// The spread of the repeated timings behind the table's medians, per single-process
+/// random workload.
+fn repeats_line(rows: &[Value]) -> String {
+    let range = |r: &Value, k: &str| {
+        let v: Vec<f64> = r[k]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.0}-{hi:.0}")
+    };
+    let parts: Vec<String> = rows
+        .iter()
+        .filter(|r| r["pattern"] == "random" && r["procs"] == 1)
+        .map(|r| {
+            format!(
+                "{} MiB resident {}, cat {}, fill {}",
+                r["mib"],
+                range(r, "residency_runs_ms"),
+                range(r, "cat_runs_ms"),
+                range(r, "fill_runs_ms")
+            )
+        })
+        .collect();
+    format!(
+        "restart, resident, cat and fill are medians of {REPEATS} runs (ms): {}",
+        parts.join("; ")
+    )
 }
 
 /// The default compression against none on the same half-compressible workload.
@@ -557,6 +628,7 @@ pub fn run(a: Args, json_out: bool) -> Result<i32> {
         println!("{report}");
     } else {
         print!("{}", table(&rows));
+        println!("{}", repeats_line(&rows));
         if let Some(line) = compression_line(&rows) {
             println!("{line}");
         }
