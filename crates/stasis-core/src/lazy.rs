@@ -59,10 +59,13 @@ pub(crate) struct LazyProcess {
     /// Where `mremap` moved pages to since the restart.
     pub moved: Vec<(u64, u64)>,
     /// Made by a fork while loading (its pid unknown: it is not handed over to write
-    /// tracking, see [`PendingMemory::hand_over`]).
+    /// tracking, see [`PendingMemory::begin_hand_over`]).
     pub forked: bool,
     /// How far the pieces were asked for ahead of loading.
     pub asked: AskedTo,
+    /// Once loaded, while being handed over to write tracking: the pages the next cut must
+    /// read (see [`PendingMemory::hand_over_slice`]).
+    pub handing: Option<Vec<(u64, u64)>>,
 }
 
 /// Addresses up to which a process's pieces were asked for ahead of loading.
@@ -195,11 +198,11 @@ impl LazyProcess {
                 moved: self.moved.clone(),
                 forked: true,
                 asked: self.asked,
+                handing: None,
             }),
             LazyEvent::Remap { from, to, len } => {
                 self.ranges = moved(&self.ranges, from, to, len);
-                // Pages moved keep their write protection: to write tracking they would
-                // look unchanged at an address the generation has other pages at.
+                // Noted for the hand-over to write tracking.
                 self.moved = moved(&self.moved, from, to, len);
                 self.moved.push((to, to + len));
                 for (s, p) in cut(&mut self.pending, from, from + len) {
@@ -268,7 +271,7 @@ impl PendingMemory {
     }
 
     /// Loads about `budget` bytes in the background (serving faults between pieces); lets
-    /// go of the processes that have all their memory (but those [`PendingMemory::hand_over`]
+    /// go of the processes that have all their memory (but those [`PendingMemory::begin_hand_over`]
     /// wants). Returns whether everything is loaded.
     pub fn prefetch(&mut self, image: &mut OpenGeneration, budget: u64) -> CoreResult<bool> {
         let mut done = 0;
@@ -324,18 +327,21 @@ impl PendingMemory {
         self.processes.iter().all(|p| p.pending.is_empty())
     }
 
-    /// With every page loaded and the job frozen: hands the restored processes' memory over
-    /// to write tracking and closes every userfaultfd (which unregisters the mappings). A
-    /// process that recorded the pages it wrote while they loaded is tracked from the
-    /// generation it was restored from: those pages, any it had zeroed or dropped, pages
-    /// moved by `mremap`, and everything outside the mappings that loaded lazily are read
-    /// at the next checkpoint; the others are known unchanged. `frozen` names the frozen
-    /// processes.
-    pub fn hand_over(self, tracking: &mut WriteTracking, frozen: &FrozenJob) {
-        let Some(base) = self.base else {
-            return;
-        };
-        for p in self.processes {
+    /// Hand-over to write tracking, first step, with every page loaded and the job frozen
+    /// (`frozen` names its processes): each process that recorded the pages it wrote while
+    /// they loaded gets a tracker, registered for now on its other mappings only. Returns
+    /// whether any process is being handed over (if none, nothing more is to be done but
+    /// drop this, which closes the userfaultfds).
+    ///
+    /// The hand-over then goes one slice at a time ([`PendingMemory::hand_over_slice`]),
+    /// the job running in between: moving a range from a userfaultfd to a tracker walks
+    /// every page twice (taking the protection off, about 21 ms per GiB here, and putting
+    /// it on again, about 11), and all at once that would stop the program for that long.
+    pub fn begin_hand_over(&mut self, tracking: &mut WriteTracking, frozen: &FrozenJob) -> bool {
+        if self.base.is_none() {
+            return false;
+        }
+        for p in &mut self.processes {
             let main = frozen
                 .processes
                 .iter()
@@ -347,32 +353,81 @@ impl PendingMemory {
             else {
                 continue;
             };
-            let LazyProcess {
-                fd,
-                pid,
-                ranges,
-                moved,
-                ..
-            } = p;
-            // Written, zero-filled or dropped since filled (write-protected).
-            let written = written_in(pid, &ranges, Protect::No).map_err(|source| CoreError::Sys {
-                context: format!("listing pages process {pid} wrote while its memory loaded"),
-                source,
-            });
-            // Closing it unregisters the mappings, the job still frozen.
-            drop(fd);
-            let handed = written.and_then(|mut written| {
-                written.extend(moved);
-                let maps = proc::maps_without_flags(pid)?;
-                let insn = vdso::syscall_insn(pid, &maps)?;
+            let begun = proc::maps_without_flags(p.pid).and_then(|maps| {
+                let insn = vdso::syscall_insn(p.pid, &maps)?;
                 let mut inj = Injector::new(main, insn);
-                tracking.adopt(pid, &maps, &mut inj, &base, written, Some(&ranges));
-                Ok(())
+                Ok(tracking.begin_hand_over(p.pid, &maps, &mut inj))
             });
-            if let Err(e) = handed {
-                tracing::debug!(pid, error = %e, "lazily restored memory not handed over to write tracking");
+            match begun {
+                Ok(found) => p.handing = found,
+                Err(e) => {
+                    tracing::debug!(pid = p.pid, error = %e, "lazily restored memory not handed over to write tracking");
+                }
             }
         }
+        self.processes.iter().any(|p| p.handing.is_some())
+    }
+
+    /// Hand-over, with the job frozen: moves about `budget` bytes of the ranges still
+    /// registered on the userfaultfds to write tracking. For each slice, the pages written,
+    /// zero-filled or dropped since they were filled (those no longer write-protected) are
+    /// noted to be read at the next cut; then the slice is unregistered (which takes the
+    /// protection off every page), registered with the process's tracker and protected
+    /// again. Returns whether everything is handed over: then the processes are tracked
+    /// from the generation they were restored from, and this is to be dropped.
+    pub fn hand_over_slice(&mut self, tracking: &mut WriteTracking, budget: u64) -> bool {
+        let mut left = budget;
+        for p in &mut self.processes {
+            let Some(mut written) = p.handing.take() else {
+                continue;
+            };
+            let mut going = true;
+            while left > 0 {
+                let Some(&(start, e)) = p.ranges.first() else {
+                    break;
+                };
+                let end = e.min(start.saturating_add(left));
+                let noted = written_in(p.pid, &[(start, end)], Protect::No)
+                    .and_then(|w| p.fd.unregister(start, end).map(|()| w));
+                match noted {
+                    Ok(w) => written.extend(w),
+                    Err(e) => {
+                        tracing::debug!(pid = p.pid, error = %e, "lazily restored memory not handed over to write tracking");
+                        tracking.forget(p.pid);
+                        going = false;
+                        break;
+                    }
+                }
+                p.ranges = without(&p.ranges, start, end);
+                if !tracking.hand_over_range(p.pid, start, end) {
+                    going = false;
+                    break;
+                }
+                left -= end - start;
+            }
+            if going {
+                p.handing = Some(written);
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        let done = self
+            .processes
+            .iter()
+            .all(|p| p.handing.is_none() || p.ranges.is_empty());
+        if done && let Some(base) = &self.base {
+            for p in &mut self.processes {
+                if let Some(mut written) = p.handing.take() {
+                    // Pages moved by `mremap` kept their protection: to write tracking
+                    // they would look unchanged at an address the generation has other
+                    // pages at.
+                    written.extend(p.moved.iter().copied());
+                    tracking.end_hand_over(p.pid, base, written);
+                }
+            }
+        }
+        done
     }
 
     /// Loads everything now.

@@ -558,42 +558,80 @@ impl WriteTracking {
         inj: &mut Injector,
         generation: &str,
     ) {
-        self.adopt(pid, maps, inj, generation, Vec::new(), None);
-    }
-
-    /// Process `pid` (frozen) holds generation `generation`'s memory — everywhere, or in
-    /// `known` only — but for the pages of `written`: tracks it anew (dropping its tracker,
-    /// if any) from that generation on. At the next checkpoint it reads `written`, and
-    /// outside `known` every page the new tracker found (pages never touched stay
-    /// unprotected, looked at by every cut).
-    pub(crate) fn adopt(
-        &mut self,
-        pid: i32,
-        maps: &[MapEntry],
-        inj: &mut Injector,
-        generation: &str,
-        mut written: Vec<(u64, u64)>,
-        known: Option<&[(u64, u64)]>,
-    ) {
         if self.unsupported {
             return;
         }
         self.processes.remove(&pid);
         match self.track(pid, maps, inj, Protect::Existing) {
-            Ok((_, unprotected)) => {
-                if let Some(known) = known {
-                    let known = normalized(known.to_vec());
-                    for (s, e) in unprotected {
-                        written.extend(outside(&known, s, e));
-                    }
-                }
+            Ok(_) => {
                 if let Some(t) = self.processes.get_mut(&pid) {
                     t.since = Some(generation.to_owned());
-                    t.carry = normalized(written);
                 }
             }
             Err(e) => self.give_up(pid, &e),
         }
+    }
+
+    /// Hand-over of lazily restored memory ([`crate::lazy`]), first step, with process
+    /// `pid` frozen: tracks it anew (dropping its tracker, if any), trusting nothing yet.
+    /// Its mappings still registered with the userfaultfd that loads them are left out
+    /// (they come one slice at a time, [`WriteTracking::hand_over_range`]); the others are
+    /// registered and protected. Returns the pages found there, which the next cut reads
+    /// (that memory was restored eagerly or is new), or `None` when the process is not
+    /// tracked. `inj` runs calls in the process.
+    pub(crate) fn begin_hand_over(
+        &mut self,
+        pid: i32,
+        maps: &[MapEntry],
+        inj: &mut Injector,
+    ) -> Option<Vec<(u64, u64)>> {
+        if self.unsupported {
+            return None;
+        }
+        self.processes.remove(&pid);
+        match self.track(pid, maps, inj, Protect::Existing) {
+            Ok((_, found)) => self.processes.contains_key(&pid).then_some(found),
+            Err(e) => {
+                self.give_up(pid, &e);
+                None
+            }
+        }
+    }
+
+    /// Hand-over, with process `pid` frozen: `[start, end)`, just unregistered from the
+    /// userfaultfd that loaded it, holds what was restored there but for the pages the
+    /// caller found written: registers it with the tracker and protects its pages. On
+    /// failure the process is not tracked any more; returns whether it still is.
+    pub(crate) fn hand_over_range(&mut self, pid: i32, start: u64, end: u64) -> bool {
+        let Some(t) = self.processes.get(&pid) else {
+            return false;
+        };
+        let protected = t
+            .tracker
+            .register(start, end)
+            .and_then(|()| written_in(pid, &[(start, end)], Protect::Existing));
+        match protected {
+            Ok(_) => true,
+            Err(e) => {
+                self.give_up(pid, &e);
+                false
+            }
+        }
+    }
+
+    /// Hand-over done for process `pid`: it is tracked from generation `generation` on, and
+    /// the next cut reads the pages of `written` (those it wrote, dropped or moved while
+    /// its memory loaded, and those [`WriteTracking::begin_hand_over`] returned).
+    pub(crate) fn end_hand_over(&mut self, pid: i32, generation: &str, written: Vec<(u64, u64)>) {
+        if let Some(t) = self.processes.get_mut(&pid) {
+            t.since = Some(generation.to_owned());
+            t.carry = normalized(written);
+        }
+    }
+
+    /// Process `pid` is not tracked (a hand-over could not go on).
+    pub(crate) fn forget(&mut self, pid: i32) {
+        self.processes.remove(&pid);
     }
 
     fn give_up(&mut self, pid: i32, e: &SysError) {
@@ -677,28 +715,6 @@ impl WriteTracking {
         }
         Ok(tracked)
     }
-}
-
-/// The parts of `[start, end)` outside `ranges` (sorted, disjoint).
-fn outside(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut at = start;
-    for &(s, e) in ranges {
-        if e <= at {
-            continue;
-        }
-        if s >= end {
-            break;
-        }
-        if s > at {
-            out.push((at, s));
-        }
-        at = at.max(e);
-    }
-    if at < end {
-        out.push((at, end));
-    }
-    out
 }
 
 /// How [`written_in`] protects the pages it finds written.
@@ -948,15 +964,6 @@ mod tests {
             intersection(&listed, &tracked),
             vec![(5, 10), (12, 15), (40, 45), (55, 60)]
         );
-    }
-
-    #[test]
-    fn outside_leaves_the_gaps_between_ranges() {
-        let r = [(10, 20), (30, 40)];
-        assert_eq!(outside(&r, 0, 50), vec![(0, 10), (20, 30), (40, 50)]);
-        assert_eq!(outside(&r, 12, 18), vec![]);
-        assert_eq!(outside(&r, 15, 35), vec![(20, 30)]);
-        assert_eq!(outside(&[], 5, 6), vec![(5, 6)]);
     }
 
     #[test]

@@ -94,6 +94,19 @@ pub struct MemoryRestore {
     pub faults: u64,
     /// Milliseconds from the job running to all its memory loaded (once it is).
     pub loaded_after_ms: Option<f64>,
+    /// Milliseconds from the job running to its memory handed over to write tracking, once
+    /// it is (after loading, a slice at a time, the job frozen for each).
+    #[serde(default)]
+    pub handed_over_after_ms: Option<f64>,
+    /// Being handed over to write tracking right now (from the moment it is loaded).
+    #[serde(default)]
+    pub handing_over: bool,
+    /// Slices of that hand-over so far.
+    #[serde(default)]
+    pub hand_over_slices: u32,
+    /// The longest the job stood frozen for one of them, milliseconds.
+    #[serde(default)]
+    pub hand_over_frozen_ms: f64,
 }
 
 /// What a checkpoint did and cost.

@@ -88,10 +88,30 @@ struct LazyLoad {
     /// Load in the background (else only what the job touches, until a checkpoint: the
     /// `no-prefetch` test point).
     background: bool,
+    /// Once loaded: handing the memory over to write tracking, one slice at a time.
+    handing: Option<HandOver>,
+}
+
+/// A hand-over of loaded memory to write tracking under way.
+#[derive(Debug)]
+struct HandOver {
+    /// When the next slice is due.
+    next: Instant,
+    /// Bytes per slice.
+    slice: u64,
+    /// How long the job runs between two slices.
+    gap: Duration,
+    /// Write tracking has been given the processes (at the first slice).
+    begun: bool,
 }
 
 /// Bytes loaded between two looks at the control socket and signals.
 const PREFETCH_SLICE: u64 = 8 << 20;
+/// Bytes of loaded memory handed over to write tracking per freeze of the job: about 2 ms
+/// of page-table walking here.
+const HAND_OVER_SLICE: u64 = 64 << 20;
+/// How long the job runs between two slices of the hand-over.
+const HAND_OVER_GAP: Duration = Duration::from_millis(5);
 
 /// A running supervisor.
 #[derive(Debug)]
@@ -351,6 +371,7 @@ impl Supervisor {
                         image,
                         since: Instant::now(),
                         background: !fault::reached("no-prefetch"),
+                        handing: None,
                     });
                 }
                 if let Some(t) = tracking.as_mut() {
@@ -422,6 +443,7 @@ impl Supervisor {
                 if let Some(l) = &self.lazy {
                     let p = l.memory.progress();
                     (m.loaded_bytes, m.total_bytes, m.faults) = (p.loaded, p.total, p.faults);
+                    m.handing_over = l.handing.is_some();
                 }
                 m
             }),
@@ -444,6 +466,9 @@ impl Supervisor {
             // While memory loads in the background, never wait: loading goes on between the
             // other work.
             let timeout = match &self.lazy {
+                Some(LazyLoad {
+                    handing: Some(h), ..
+                }) => poll_timeout(Some(next_due.map_or(h.next, |d| d.min(h.next)))),
                 Some(l) if l.background => PollTimeout::ZERO,
                 _ => poll_timeout(next_due),
             };
@@ -498,6 +523,10 @@ impl Supervisor {
         let Some(l) = self.lazy.as_mut() else {
             return Ok(());
         };
+        if l.handing.is_some() {
+            self.hand_over(budget == u64::MAX);
+            return Ok(());
+        }
         let result = if budget == u64::MAX {
             l.memory.finish(&mut l.image).map(|()| true)
         } else if l.background {
@@ -519,8 +548,21 @@ impl Supervisor {
                     (m.loaded_bytes, m.total_bytes, m.faults) = (p.loaded, p.total, p.faults);
                     m.loaded_after_ms = Some(ms);
                 }
-                if let Some(l) = self.lazy.take() {
-                    self.hand_over(l);
+                if self.tracking.is_some() {
+                    let slice = if fault::armed_as("small-hand-over") {
+                        (1 << 20, Duration::from_millis(20))
+                    } else {
+                        (HAND_OVER_SLICE, HAND_OVER_GAP)
+                    };
+                    l.handing = Some(HandOver {
+                        next: Instant::now(),
+                        slice: slice.0,
+                        gap: slice.1,
+                        begun: false,
+                    });
+                    self.hand_over(budget == u64::MAX);
+                } else {
+                    self.lazy = None;
                 }
                 Ok(())
             }
@@ -547,43 +589,63 @@ impl Supervisor {
         }
     }
 
-    /// All memory is loaded: hands it over to write tracking (the job frozen meanwhile, for
-    /// a few milliseconds), so that the next checkpoint reads only what the job wrote since
-    /// the restart; without tracking the userfaultfds are just closed.
-    fn hand_over(&mut self, mut l: LazyLoad) {
-        if self.tracking.is_none() {
+    /// All memory is loaded: hands it over to write tracking, a slice at a time (or all
+    /// that is left, with `all`: a checkpoint is about to freeze the job anyway), so that
+    /// the next checkpoint reads only what the job wrote since the restart. Between slices
+    /// the job runs for a while, and the faults on pages never saved are served. Done (or
+    /// failed: then nothing is trusted), the userfaultfds are closed.
+    fn hand_over(&mut self, all: bool) {
+        let (Some(l), Some(tracking)) = (self.lazy.as_mut(), self.tracking.as_mut()) else {
+            self.lazy = None;
+            return;
+        };
+        let Some(h) = l.handing.as_mut() else {
+            return;
+        };
+        if !all && Instant::now() < h.next {
+            let _ = l.memory.serve(&mut l.image);
             return;
         }
+        let budget = if all { u64::MAX } else { h.slice };
         let supervisor = i32::try_from(std::process::id()).unwrap_or(0);
         let init = self.init.as_ref().map(|i| i.pid);
         let t0 = Instant::now();
         // Pages never saved are still served (zeros) until the job is frozen: a thread
         // waiting for one in a system call stops only once it has it.
+        let (memory, image) = (&mut l.memory, &mut l.image);
         let mut serve = || {
-            let _ = l.memory.serve(&mut l.image);
+            let _ = memory.serve(image);
         };
-        let frozen = freeze_job_serving(supervisor, init, self.pid, &mut serve);
-        match (frozen, self.tracking.as_mut()) {
-            (Ok(frozen), Some(tracking)) => {
-                l.memory.hand_over(tracking, &frozen);
-                if let Err(e) = frozen.thaw(&HashMap::new()) {
-                    log(&format!(
-                        "stasis: job {:?}: resuming after handing its memory over to write tracking: {e}",
-                        self.spec.name
-                    ));
-                }
-                tracing::debug!(
-                    "memory handed over to write tracking, job frozen {:.1} ms",
-                    t0.elapsed().as_secs_f64() * 1e3
-                );
-            }
-            (Err(e), _) => {
+        let frozen = match freeze_job_serving(supervisor, init, self.pid, &mut serve) {
+            Ok(f) => f,
+            Err(e) => {
                 tracing::debug!("memory not handed over to write tracking: {e}");
                 self.note_exit(&e);
+                self.lazy = None;
+                return;
             }
-            (Ok(frozen), None) => {
-                let _ = frozen.thaw(&HashMap::new());
+        };
+        let going = h.begun || l.memory.begin_hand_over(tracking, &frozen);
+        h.begun = true;
+        let done = !going || l.memory.hand_over_slice(tracking, budget);
+        if let Err(e) = frozen.thaw(&HashMap::new()) {
+            log(&format!(
+                "stasis: job {:?}: resuming after handing a slice of its memory over to write tracking: {e}",
+                self.spec.name
+            ));
+        }
+        let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+        h.next = Instant::now() + h.gap;
+        if let Some(m) = self.memory.as_mut() {
+            m.hand_over_slices += 1;
+            m.hand_over_frozen_ms = m.hand_over_frozen_ms.max(frozen_ms);
+            if done && going {
+                m.handed_over_after_ms = Some(l.since.elapsed().as_secs_f64() * 1e3);
             }
+        }
+        if done {
+            tracing::debug!("memory handed over to write tracking");
+            self.lazy = None;
         }
     }
 

@@ -13,22 +13,13 @@ mod common;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use common::{EXIT_CHECKPOINTED, Env, Job, assert_all_pass, program};
+use common::{EXIT_CHECKPOINTED, Env, Job, assert_all_pass, is_root, program};
 use serde_json::Value;
 use stasis_image::generation::read_manifest;
 
 /// Size of t_lazy's region, MiB.
 const REGION_MIB: u64 = 64;
 const NO_PREFETCH: &[(&str, &str)] = &[("STASIS_FAULT", "no-prefetch")];
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        .unwrap_or(false)
-}
 
 /// Starts t_lazy, waits for READY and stops it with `checkpoint --kill` (generation 1).
 fn stopped_lazy(env: &Env, prefix: &str) -> Job {

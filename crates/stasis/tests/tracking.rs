@@ -410,3 +410,69 @@ fn pages_written_during_checkpoints_come_back_as_at_the_cut() {
     assert_eq!(job.wait(), EXIT_CHECKPOINTED);
     restart_and_check(&env, &job);
 }
+
+/// The status's account of restarted job `job`'s memory once it is loaded and no longer
+/// being handed over to write tracking.
+fn memory_once_handed_over(env: &Env, job: &mut Job) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let o = env.stasis(&["--json", "status", &job.name]);
+        if o.status.success() {
+            let v: Value = serde_json::from_slice(&o.stdout).expect("status prints JSON");
+            let m = v["memory"].clone();
+            if m["loaded_after_ms"].is_number() && m["handing_over"] == false {
+                return m;
+            }
+        }
+        assert!(
+            job.child.try_wait().expect("restart command").is_none(),
+            "the restart ended: {}",
+            env.stderr(job)
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "memory never handed over to write tracking: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A lazily restarted job's memory, once loaded, goes over to write tracking a slice at a
+/// time while the job runs (here 1 MiB at a time, 20 ms apart: the `small-hand-over` test
+/// point), and t_churn writes all along on both sides of the moving boundary: the next
+/// checkpoint still knows most pages unchanged, and restarted from the one after it the
+/// program finds every page as it wrote it. (Without `CAP_SYS_PTRACE` the restart is
+/// eager and there is nothing to hand over; the rest holds all the same.)
+#[test]
+fn memory_handed_over_slice_by_slice_while_written_restarts_exactly() {
+    let env = Env::new();
+    let name = env.name("churn-handover");
+    let mut job = env.start(
+        &name,
+        &program("t_churn", false),
+        &[env.work.to_str().unwrap()],
+    );
+    env.wait_output(&job, "READY\n");
+    env.checkpoint(&name, true);
+    assert_eq!(job.wait(), EXIT_CHECKPOINTED);
+    let vars = [("STASIS_FAULT", "small-hand-over")];
+    let mut restarted = env.restart_with_env(&job, &[], &vars);
+    let m = memory_once_handed_over(&env, &mut restarted);
+    if m["lazy"] == true {
+        // t_churn's 64 MiB region alone is 64 slices.
+        let slices = m["hand_over_slices"].as_u64().unwrap_or(0);
+        assert!(slices >= 64, "{m}");
+        assert!(m["handed_over_after_ms"].is_number(), "{m}");
+    } else {
+        assert!(!common::is_root(), "root restarts lazily: {m}");
+    }
+    let report = env.checkpoint(&name, false);
+    assert!(
+        unchanged_pages(&report) > 1024,
+        "tracking knows pages unchanged after the hand-over: {report}"
+    );
+    env.checkpoint(&name, true);
+    assert_eq!(restarted.wait(), EXIT_CHECKPOINTED, "{}", env.stderr(&job));
+    restart_and_check(&env, &job);
+}

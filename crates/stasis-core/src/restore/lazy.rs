@@ -165,6 +165,7 @@ impl LazyPlan {
             moved: Vec::new(),
             forked: false,
             asked: Default::default(),
+            handing: None,
         }))
     }
 }

@@ -61,6 +61,12 @@ pub fn run(a: Args, json: bool) -> Result<i32> {
                                 .unwrap_or_default()
                         ),
                     });
+                    if let Some(ms) = m.handed_over_after_ms {
+                        t.push_str(&format!(
+                            "\ntracking:     memory handed over to write tracking after {ms:.0} ms, in {} slices (job frozen at most {:.1} ms for one)",
+                            m.hand_over_slices, m.hand_over_frozen_ms
+                        ));
+                    }
                 }
                 for n in &ns.notes {
                     t.push_str(&format!("\nnote:         {n}"));

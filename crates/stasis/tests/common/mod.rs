@@ -12,6 +12,16 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+/// Whether the tests run as root (effective uid 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        .unwrap_or(false)
+}
+
 /// The `stasis` binary under test (`$STASIS_TEST_BIN` overrides, for the unprivileged run).
 pub fn stasis_bin() -> PathBuf {
     std::env::var_os("STASIS_TEST_BIN").map_or_else(
