@@ -100,6 +100,18 @@ fn wait_for(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Waits until `path` is gone (taken by the workload).
+fn wait_gone(path: &Path, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while path.exists() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
 /// The largest stall in microseconds the workload in `work` saw since its last reset.
 fn reported_stall(work: &Path) -> Result<f64> {
     let _ = std::fs::remove_file(work.join("stall"));
@@ -111,9 +123,10 @@ fn reported_stall(work: &Path) -> Result<f64> {
         .unwrap_or(f64::NAN))
 }
 
-/// Waits until restarted job `name` has all its memory; returns the status's account of it.
-/// Polled slowly: each `status` is a process on the cores loading shares; the supervisor
-/// itself times loading (`loaded_after_ms`, from the moment the job runs).
+/// Waits until restarted job `name` has all its memory, handed over to write tracking;
+/// returns the status's account of it. Polled slowly: each `status` is a process on the
+/// cores loading shares; the supervisor itself times loading (`loaded_after_ms`, from the
+/// moment the job runs).
 fn wait_loaded(name: &str) -> Result<Value> {
     // Asked from here, not by running `stasis status`: starting a process every 50 ms took
     // the one core the loading job leaves free from the supervisor loading it.
@@ -124,11 +137,11 @@ fn wait_loaded(name: &str) -> Result<Value> {
             Response::Status(s) => serde_json::to_value(&s.memory)?,
             other => bail!("job {name}: unexpected answer to status: {other:?}"),
         };
-        if m["loaded_after_ms"].is_number() {
+        if m["loaded_after_ms"].is_number() && m["handing_over"] != true {
             return Ok(m);
         }
         if Instant::now() > deadline {
-            bail!("job {name}: memory still loading after 300 s: {m}");
+            bail!("job {name}: memory still loading or handed over after 300 s: {m}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -263,15 +276,28 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
             let t = Instant::now();
             stasis(&images, &["restart", &name, "--detach"])?;
             let restart_ms = ms(t.elapsed());
+            // The stall the program sees while its memory loads and goes over to write
+            // tracking (measured from the moment it takes the reset).
+            std::fs::write(work.join("reset"), "")?;
+            wait_gone(
+                &work.join("reset"),
+                "the restarted workload to start measuring",
+            )?;
             let memory = wait_loaded(&name)?;
+            let stall_ms = reported_stall(&work)? / 1e3;
             let _ = stasis(&images, &["kill", &name]);
             wait_ended(&images, &name)?;
-            lazy.push((restart_ms, memory));
+            lazy.push((restart_ms, memory, stall_ms));
         }
-        let restarts: Vec<f64> = lazy.iter().map(|(r, _)| *r).collect();
+        let restarts: Vec<f64> = lazy.iter().map(|(r, _, _)| *r).collect();
         let loads: Vec<f64> = lazy
             .iter()
-            .map(|(_, m)| num(m, "loaded_after_ms"))
+            .map(|(_, m, _)| num(m, "loaded_after_ms"))
+            .collect();
+        let lazy_stalls: Vec<f64> = lazy.iter().map(|(_, _, s)| *s).collect();
+        let hand_over_frozen: Vec<f64> = lazy
+            .iter()
+            .map(|(_, m, _)| num(m, "hand_over_frozen_ms"))
             .collect();
         let residencies: Vec<f64> = restarts.iter().zip(&loads).map(|(r, l)| r + l).collect();
         let memory = &lazy[0].1;
@@ -321,6 +347,10 @@ fn measure(c: &Case, base: &Path) -> Result<Value> {
             "residency_ms": median(&residencies),
             "residency_runs_ms": residencies,
             "lazy_load_ms": median(&loads),
+            "lazy_stall_ms": median(&lazy_stalls),
+            "lazy_stall_runs_ms": lazy_stalls,
+            "hand_over_frozen_ms": median(&hand_over_frozen),
+            "hand_over_slices": memory["hand_over_slices"],
             "lazy_bytes": memory["total_bytes"],
             "eager_restart_ms": eager_restart_ms,
             "image_bytes": stored,
@@ -400,7 +430,7 @@ fn num(v: &Value, k: &str) -> f64 {
 
 fn table(rows: &[Value]) -> String {
     let mut t = String::from(
-        "workload                  stall  frozen  ckpt    dd-fsync ratio  bytes      1%-stall 1%-ckpt  1%/full 1%-bytes   kill    restart resident eager   cat(disk) fill(mem)\n",
+        "workload                  stall  frozen  ckpt    dd-fsync ratio  bytes      1%-stall 1%-ckpt  1%/full 1%-bytes   kill    restart resident ld-stall eager   cat(disk) fill(mem)\n",
     );
     for r in rows {
         let mb = |k: &str| num(r, k) / 1048576.0;
@@ -409,7 +439,7 @@ fn table(rows: &[Value]) -> String {
             Some(other) => format!("{},{other}", r["pattern"].as_str().unwrap_or("")),
         };
         t.push_str(&format!(
-            "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>8.1} {:>6.1}% {:>7.1}M {:>7.1} {:>7.1} {:>8.1} {:>7.1} {:>6.1} {:>9.1}\n",
+            "{:>5} MiB {:<13} x{} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>5.2}  {:>7.1}M {:>8.1} {:>8.1} {:>6.1}% {:>7.1}M {:>7.1} {:>7.1} {:>8.1} {:>8.1} {:>7.1} {:>6.1} {:>9.1}\n",
             r["mib"],
             workload,
             r["procs"],
@@ -426,6 +456,7 @@ fn table(rows: &[Value]) -> String {
             num(r, "kill_checkpoint_ms"),
             num(r, "restart_ms"),
             num(r, "residency_ms"),
+            num(r, "lazy_stall_ms"),
             num(r, "eager_restart_ms"),
             num(r, "cat_ms"),
             num(r, "fill_ms"),
@@ -451,16 +482,17 @@ fn repeats_line(rows: &[Value]) -> String {
         .filter(|r| r["pattern"] == "random" && r["procs"] == 1)
         .map(|r| {
             format!(
-                "{} MiB resident {}, cat {}, fill {}",
+                "{} MiB resident {}, stall while loading {}, cat {}, fill {}",
                 r["mib"],
                 range(r, "residency_runs_ms"),
+                range(r, "lazy_stall_runs_ms"),
                 range(r, "cat_runs_ms"),
                 range(r, "fill_runs_ms")
             )
         })
         .collect();
     format!(
-        "restart, resident, cat and fill are medians of {REPEATS} runs (ms): {}",
+        "restart, resident, ld-stall (the stall the program saw while its memory loaded and went over to write tracking), cat and fill are medians of {REPEATS} runs (ms): {}",
         parts.join("; ")
     )
 }
