@@ -23,7 +23,7 @@ use stasis_sys::{Errno, SysError};
 
 use crate::error::{CoreError, CoreResult};
 use crate::freeze::FrozenJob;
-use crate::tracking::{Protect, WriteTracking, written_in};
+use crate::tracking::{Protect, WriteTracking, normalized, written_in};
 use crate::{proc, vdso};
 
 const PAGE: u64 = 4096;
@@ -368,25 +368,37 @@ impl PendingMemory {
         self.processes.iter().any(|p| p.handing.is_some())
     }
 
-    /// Hand-over, with the job frozen: moves about `budget` bytes of the ranges still
-    /// registered on the userfaultfds to write tracking. For each slice, the pages written,
-    /// zero-filled or dropped since they were filled (those no longer write-protected) are
-    /// noted to be read at the next cut; then the slice is unregistered (which takes the
-    /// protection off every page), registered with the process's tracker and protected
-    /// again. Returns whether everything is handed over: then the processes are tracked
-    /// from the generation they were restored from, and this is to be dropped.
-    pub fn hand_over_slice(&mut self, tracking: &mut WriteTracking, budget: u64) -> bool {
+    /// Hand-over, with the job frozen: moves whole ranges still registered on the
+    /// userfaultfds to write tracking, about `budget` bytes (at least one range, however
+    /// large). For each, the pages written, zero-filled or dropped since they were filled
+    /// (those no longer write-protected) are noted to be read at the next cut; then the
+    /// range is unregistered (which takes the protection off every page), registered with
+    /// the process's tracker and protected again. A slice never cuts a mapping: the two
+    /// halves would be two mappings to the kernel meanwhile, and the program's `mremap`
+    /// across them would fail (`EFAULT`). Returns `None` while there is more to hand over;
+    /// once everything is, the processes are tracked from the generation they were
+    /// restored from, this is to be dropped, and it returns how many processes are tracked
+    /// so (those that failed on the way are not).
+    pub fn hand_over_slice(&mut self, tracking: &mut WriteTracking, budget: u64) -> Option<usize> {
         let mut left = budget;
-        for p in &mut self.processes {
+        let mut any = false;
+        'processes: for p in &mut self.processes {
             let Some(mut written) = p.handing.take() else {
                 continue;
             };
+            // Touching ranges may be one mapping: they go together.
+            p.ranges = normalized(std::mem::take(&mut p.ranges));
             let mut going = true;
-            while left > 0 {
-                let Some(&(start, e)) = p.ranges.first() else {
-                    break;
-                };
-                let end = e.min(start.saturating_add(left));
+            while let Some(&(start, end)) = p.ranges.first() {
+                if any && end - start > left {
+                    p.handing = Some(written);
+                    break 'processes;
+                }
+                any = true;
+                left = left.saturating_sub(end - start);
+                // `ranges` is exactly what is registered on this userfaultfd (the events
+                // keep it so): unregistering takes the protection off whatever is
+                // registered in the range, a tracker's registration included.
                 let noted = written_in(p.pid, &[(start, end)], Protect::No)
                     .and_then(|w| p.fd.unregister(start, end).map(|()| w));
                 match noted {
@@ -398,36 +410,34 @@ impl PendingMemory {
                         break;
                     }
                 }
-                p.ranges = without(&p.ranges, start, end);
+                p.ranges.remove(0);
                 if !tracking.hand_over_range(p.pid, start, end) {
                     going = false;
                     break;
                 }
-                left -= end - start;
             }
             if going {
                 p.handing = Some(written);
-            }
-            if left == 0 {
-                break;
             }
         }
         let done = self
             .processes
             .iter()
             .all(|p| p.handing.is_none() || p.ranges.is_empty());
-        if done && let Some(base) = &self.base {
-            for p in &mut self.processes {
-                if let Some(mut written) = p.handing.take() {
-                    // Pages moved by `mremap` kept their protection: to write tracking
-                    // they would look unchanged at an address the generation has other
-                    // pages at.
-                    written.extend(p.moved.iter().copied());
-                    tracking.end_hand_over(p.pid, base, written);
-                }
+        if !done {
+            return None;
+        }
+        let mut handed = 0;
+        for p in &mut self.processes {
+            if let (Some(mut written), Some(base)) = (p.handing.take(), &self.base) {
+                // Pages moved by `mremap` kept their protection: to write tracking they
+                // would look unchanged at an address the generation has other pages at.
+                written.extend(p.moved.iter().copied());
+                tracking.end_hand_over(p.pid, base, written);
+                handed += 1;
             }
         }
-        done
+        Some(handed)
     }
 
     /// Loads everything now.

@@ -16,8 +16,8 @@
 //! through unseen); nor `slow-precopy`: it waits a second after a pre-copy, before the
 //! cut (the job's writes in between must be read at the cut); nor `no-direct-io`: every
 //! pack is written as on a filesystem that refuses direct I/O; nor `small-hand-over`: a
-//! lazily restarted job's memory, once loaded, is handed over to write tracking 1 MiB at
-//! a time, 20 ms apart (its writes meanwhile land on both sides of the moving boundary).
+//! lazily restarted job's memory, once loaded, is handed over to write tracking one
+//! mapping at a time, 300 ms apart (its changes meanwhile land on both sides).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};

@@ -107,8 +107,8 @@ struct HandOver {
 
 /// Bytes loaded between two looks at the control socket and signals.
 const PREFETCH_SLICE: u64 = 8 << 20;
-/// Bytes of loaded memory handed over to write tracking per freeze of the job: about 2 ms
-/// of page-table walking here.
+/// Bytes of loaded memory handed over to write tracking per freeze of the job, in whole
+/// mappings (at least one, however large): about 2 ms of page-table walking here.
 const HAND_OVER_SLICE: u64 = 64 << 20;
 /// How long the job runs between two slices of the hand-over.
 const HAND_OVER_GAP: Duration = Duration::from_millis(5);
@@ -550,7 +550,7 @@ impl Supervisor {
                 }
                 if self.tracking.is_some() {
                     let slice = if fault::armed_as("small-hand-over") {
-                        (1 << 20, Duration::from_millis(20))
+                        (1, Duration::from_millis(300))
                     } else {
                         (HAND_OVER_SLICE, HAND_OVER_GAP)
                     };
@@ -627,7 +627,11 @@ impl Supervisor {
         };
         let going = h.begun || l.memory.begin_hand_over(tracking, &frozen);
         h.begun = true;
-        let done = !going || l.memory.hand_over_slice(tracking, budget);
+        let outcome = if going {
+            l.memory.hand_over_slice(tracking, budget)
+        } else {
+            Some(0)
+        };
         if let Err(e) = frozen.thaw(&HashMap::new()) {
             log(&format!(
                 "stasis: job {:?}: resuming after handing a slice of its memory over to write tracking: {e}",
@@ -639,12 +643,12 @@ impl Supervisor {
         if let Some(m) = self.memory.as_mut() {
             m.hand_over_slices += 1;
             m.hand_over_frozen_ms = m.hand_over_frozen_ms.max(frozen_ms);
-            if done && going {
+            if outcome.is_some_and(|handed| handed > 0) {
                 m.handed_over_after_ms = Some(l.since.elapsed().as_secs_f64() * 1e3);
             }
         }
-        if done {
-            tracing::debug!("memory handed over to write tracking");
+        if let Some(handed) = outcome {
+            tracing::debug!(processes = handed, "memory handed over to write tracking");
             self.lazy = None;
         }
     }
