@@ -356,7 +356,7 @@ impl PendingMemory {
             let begun = proc::maps_without_flags(p.pid).and_then(|maps| {
                 let insn = vdso::syscall_insn(p.pid, &maps)?;
                 let mut inj = Injector::new(main, insn);
-                Ok(tracking.begin_hand_over(p.pid, &maps, &mut inj))
+                Ok(tracking.track_anew(p.pid, &maps, &mut inj))
             });
             match begun {
                 Ok(found) => p.handing = found,
@@ -382,42 +382,56 @@ impl PendingMemory {
     pub fn hand_over_slice(&mut self, tracking: &mut WriteTracking, budget: u64) -> Option<usize> {
         let mut left = budget;
         let mut any = false;
-        'processes: for p in &mut self.processes {
+        for p in &mut self.processes {
             let Some(mut written) = p.handing.take() else {
                 continue;
             };
             // Touching ranges may be one mapping: they go together.
             p.ranges = normalized(std::mem::take(&mut p.ranges));
-            let mut going = true;
-            while let Some(&(start, end)) = p.ranges.first() {
+            let mut n = 0;
+            let mut full = false;
+            while let Some(&(start, end)) = p.ranges.get(n) {
                 if any && end - start > left {
-                    p.handing = Some(written);
-                    break 'processes;
+                    full = true;
+                    break;
                 }
                 any = true;
                 left = left.saturating_sub(end - start);
-                // `ranges` is exactly what is registered on this userfaultfd (the events
-                // keep it so): unregistering takes the protection off whatever is
-                // registered in the range, a tracker's registration included.
-                let noted = written_in(p.pid, &[(start, end)], Protect::No)
-                    .and_then(|w| p.fd.unregister(start, end).map(|()| w));
-                match noted {
-                    Ok(w) => written.extend(w),
-                    Err(e) => {
-                        tracing::debug!(pid = p.pid, error = %e, "lazily restored memory not handed over to write tracking");
-                        tracking.forget(p.pid);
-                        going = false;
-                        break;
-                    }
-                }
-                p.ranges.remove(0);
-                if !tracking.hand_over_range(p.pid, start, end) {
-                    going = false;
+                n += 1;
+            }
+            let slice: Vec<(u64, u64)> = p.ranges.drain(..n).collect();
+            if slice.is_empty() {
+                p.handing = Some(written);
+                if full {
                     break;
                 }
+                continue;
             }
+            // `ranges` is exactly what is registered on this userfaultfd (the events keep
+            // it so): unregistering takes the protection off whatever is registered in a
+            // range, a tracker's registration included.
+            let noted = written_in(p.pid, &slice, Protect::No).and_then(|w| {
+                slice
+                    .iter()
+                    .try_for_each(|&(start, end)| p.fd.unregister(start, end))
+                    .map(|()| w)
+            });
+            let going = match noted {
+                Ok(w) => {
+                    written.extend(w);
+                    tracking.hand_over_ranges(p.pid, &slice)
+                }
+                Err(e) => {
+                    tracing::debug!(pid = p.pid, error = %e, "lazily restored memory not handed over to write tracking");
+                    tracking.forget(p.pid);
+                    false
+                }
+            };
             if going {
                 p.handing = Some(written);
+            }
+            if full {
+                break;
             }
         }
         let done = self
@@ -433,7 +447,7 @@ impl PendingMemory {
                 // Pages moved by `mremap` kept their protection: to write tracking they
                 // would look unchanged at an address the generation has other pages at.
                 written.extend(p.moved.iter().copied());
-                tracking.end_hand_over(p.pid, base, written);
+                tracking.trust_from(p.pid, base, written);
                 handed += 1;
             }
         }

@@ -558,28 +558,17 @@ impl WriteTracking {
         inj: &mut Injector,
         generation: &str,
     ) {
-        if self.unsupported {
-            return;
-        }
-        self.processes.remove(&pid);
-        match self.track(pid, maps, inj, Protect::Existing) {
-            Ok(_) => {
-                if let Some(t) = self.processes.get_mut(&pid) {
-                    t.since = Some(generation.to_owned());
-                }
-            }
-            Err(e) => self.give_up(pid, &e),
+        if self.track_anew(pid, maps, inj).is_some() {
+            self.trust_from(pid, generation, Vec::new());
         }
     }
 
-    /// Hand-over of lazily restored memory ([`crate::lazy`]), first step, with process
-    /// `pid` frozen: tracks it anew (dropping its tracker, if any), trusting nothing yet.
-    /// Its mappings still registered with the userfaultfd that loads them are left out
-    /// (they come one slice at a time, [`WriteTracking::hand_over_range`]); the others are
-    /// registered and protected. Returns the pages found there, which the next cut reads
-    /// (that memory was restored eagerly or is new), or `None` when the process is not
-    /// tracked. `inj` runs calls in the process.
-    pub(crate) fn begin_hand_over(
+    /// With process `pid` frozen: tracks it anew (dropping its tracker, if any), trusting
+    /// nothing yet: registers its trackable mappings and protects their pages. Mappings
+    /// registered with another userfaultfd are left out (those loading lazily come later,
+    /// [`WriteTracking::hand_over_ranges`]). Returns the pages found unprotected, or `None`
+    /// when the process is not tracked. `inj` runs calls in the process.
+    pub(crate) fn track_anew(
         &mut self,
         pid: i32,
         maps: &[MapEntry],
@@ -598,18 +587,19 @@ impl WriteTracking {
         }
     }
 
-    /// Hand-over, with process `pid` frozen: `[start, end)`, just unregistered from the
-    /// userfaultfd that loaded it, holds what was restored there but for the pages the
-    /// caller found written: registers it with the tracker and protects its pages. On
-    /// failure the process is not tracked any more; returns whether it still is.
-    pub(crate) fn hand_over_range(&mut self, pid: i32, start: u64, end: u64) -> bool {
+    /// Hand-over of lazily restored memory ([`crate::lazy`]), with process `pid` frozen:
+    /// `ranges`, just unregistered from the userfaultfd that loaded them, hold what was
+    /// restored there but for the pages the caller found written: registers them with the
+    /// tracker and protects their pages. On failure the process is not tracked any more;
+    /// returns whether it still is.
+    pub(crate) fn hand_over_ranges(&mut self, pid: i32, ranges: &[(u64, u64)]) -> bool {
         let Some(t) = self.processes.get(&pid) else {
             return false;
         };
-        let protected = t
-            .tracker
-            .register(start, end)
-            .and_then(|()| written_in(pid, &[(start, end)], Protect::Existing));
+        let protected = ranges
+            .iter()
+            .try_for_each(|&(start, end)| t.tracker.register(start, end))
+            .and_then(|()| written_in(pid, ranges, Protect::Existing));
         match protected {
             Ok(_) => true,
             Err(e) => {
@@ -619,13 +609,13 @@ impl WriteTracking {
         }
     }
 
-    /// Hand-over done for process `pid`: it is tracked from generation `generation` on, and
-    /// the next cut reads the pages of `written` (those it wrote, dropped or moved while
-    /// its memory loaded, and those [`WriteTracking::begin_hand_over`] returned).
-    pub(crate) fn end_hand_over(&mut self, pid: i32, generation: &str, written: Vec<(u64, u64)>) {
+    /// Process `pid` (tracked anew, [`WriteTracking::track_anew`]) holds generation
+    /// `generation`'s memory but for the pages of `carry`: tracking dates from that
+    /// generation, and the next cut reads `carry`.
+    pub(crate) fn trust_from(&mut self, pid: i32, generation: &str, carry: Vec<(u64, u64)>) {
         if let Some(t) = self.processes.get_mut(&pid) {
             t.since = Some(generation.to_owned());
-            t.carry = normalized(written);
+            t.carry = normalized(carry);
         }
     }
 

@@ -90,24 +90,21 @@ fn stasis_json(images: &Path, args: &[&str]) -> Result<Value> {
 }
 
 fn wait_for(path: &Path, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !path.exists() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
+    wait_until(|| path.exists(), what)
 }
 
 /// Waits until `path` is gone (taken by the workload).
 fn wait_gone(path: &Path, what: &str) -> Result<()> {
+    wait_until(|| !path.exists(), what)
+}
+
+fn wait_until(done: impl Fn() -> bool, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
-    while path.exists() {
+    while !done() {
         if Instant::now() > deadline {
             bail!("timed out waiting for {what}");
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
 }
