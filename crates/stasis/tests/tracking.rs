@@ -411,17 +411,16 @@ fn pages_written_during_checkpoints_come_back_as_at_the_cut() {
     restart_and_check(&env, &job);
 }
 
-/// The status's account of restarted job `job`'s memory once it is loaded and no longer
-/// being handed over to write tracking.
-fn memory_once_handed_over(env: &Env, job: &mut Job) -> Value {
+/// The status's account of restarted job `job`'s memory once `ready` holds for it (polled
+/// every 10 ms, for up to a minute; the supervisor answers once the job runs).
+fn memory_once(env: &Env, job: &mut Job, ready: impl Fn(&Value) -> bool) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let o = env.stasis(&["--json", "status", &job.name]);
         if o.status.success() {
             let v: Value = serde_json::from_slice(&o.stdout).expect("status prints JSON");
-            let m = v["memory"].clone();
-            if m["loaded_after_ms"].is_number() && m["handing_over"] == false {
-                return m;
+            if ready(&v["memory"]) {
+                return v["memory"].clone();
             }
         }
         assert!(
@@ -431,11 +430,18 @@ fn memory_once_handed_over(env: &Env, job: &mut Job) -> Value {
         );
         assert!(
             std::time::Instant::now() < deadline,
-            "memory never handed over to write tracking: {}",
+            "the restart's memory never got there: {}",
             String::from_utf8_lossy(&o.stdout)
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// [`memory_once`] the memory is loaded and no longer being handed over to write tracking.
+fn memory_once_handed_over(env: &Env, job: &mut Job) -> Value {
+    memory_once(env, job, |m| {
+        m["loaded_after_ms"].is_number() && m["handing_over"] == false
+    })
 }
 
 /// Whether restarted job `job`'s memory is still being handed over to write tracking.
@@ -505,26 +511,7 @@ fn memory_changed_every_way_during_the_hand_over_restarts_exactly() {
     assert_eq!(job.wait(), EXIT_CHECKPOINTED);
     let vars = [("STASIS_FAULT", "small-hand-over")];
     let mut restarted = env.restart_with_env(&job, &[], &vars);
-    // Once loaded (the supervisor answers once the job runs).
-    let m = loop {
-        let o = env.stasis(&["--json", "status", &name]);
-        if o.status.success() {
-            let v: Value = serde_json::from_slice(&o.stdout).expect("status prints JSON");
-            if v["memory"]["loaded_after_ms"].is_number() {
-                break v["memory"].clone();
-            }
-        }
-        assert!(
-            restarted
-                .child
-                .try_wait()
-                .expect("restart command")
-                .is_none(),
-            "the restart ended: {}",
-            env.stderr(&restarted)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    let m = memory_once(&env, &mut restarted, |m| m["loaded_after_ms"].is_number());
     let lazy = m["lazy"] == true;
     // Its mappings 300 ms apart take over a second: the steps come between them.
     assert!(!lazy || handing_over(&env, &restarted), "{m}");
